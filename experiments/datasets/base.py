@@ -1,0 +1,39 @@
+"""What every dataset yields: one referring-segmentation sample."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True, eq=False)
+class Sample:
+    """One image, what to segment in it, and the ground truth.
+
+    `id` is stable across runs and unique within its dataset; the mask cache and the
+    evaluation tables key on it. `target` is the noun phrase that candidate prompt
+    templates put in place of `{target}`; `expression` is the dataset's own referring
+    expression for the sample.
+    """
+
+    id: str
+    image: np.ndarray  # (H, W, 3) uint8 RGB
+    mask: np.ndarray  # (H, W) bool
+    expression: str
+    target: str
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.image.shape[0], self.image.shape[1]
+
+    def with_mask(self, mask: np.ndarray) -> "Sample":
+        return Sample(self.id, self.image, mask, self.expression, self.target)
+
+
+def render_prompt(template: str, sample: Sample) -> str:
+    """A candidate prompt for a sample: templates may name `{target}`; plain strings
+    (the Sa2VA vessel prompts) pass through unchanged."""
+    return template.replace("{target}", sample.target)

@@ -1,0 +1,134 @@
+"""Mask post-processing operations (OpenCV), the action set of the post-processing agent.
+
+Morphology acts on binary masks. Where the backend gives probabilities the mask is
+`prob > threshold` and the threshold itself can move; an editor keeps the threshold
+and the morphology applied so far so that moving the threshold re-derives the mask
+and re-applies the same morphology, whatever the order of the actions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import cv2
+import numpy as np
+
+MORPHOLOGY_OPS = ("dilate", "erode", "open", "close", "fill_holes", "drop_small", "bridge_gaps")
+THRESHOLD_OPS = ("threshold_up", "threshold_down")
+ALL_OPS = MORPHOLOGY_OPS + THRESHOLD_OPS
+STOP = "stop"
+
+
+@dataclass(frozen=True)
+class OpSettings:
+    kernel_size: int = 3
+    min_component_area: int = 12
+    bridge_size: int = 7
+    threshold: float = 0.5
+    threshold_step: float = 0.1
+
+
+def _ellipse(size: int) -> np.ndarray:
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """Background regions that do not touch the image border become foreground."""
+    m = mask.astype(np.uint8)
+    n, labels = cv2.connectedComponents(1 - m, connectivity=4)
+    if n <= 1:
+        return mask.copy()
+    border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    hole = ~np.isin(labels, border) & (m == 0)
+    return mask | hole
+
+
+def drop_small(mask: np.ndarray, min_area: int) -> np.ndarray:
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    if n <= 1:
+        return mask.copy()
+    keep = stats[:, cv2.CC_STAT_AREA] >= min_area
+    keep[0] = False
+    return keep[labels]
+
+
+def bridge_gaps(mask: np.ndarray, size: int) -> np.ndarray:
+    """Connectivity repair: a closing with a large kernel, of which only the pieces that
+    join two or more separate components are kept, so that gaps in a broken vessel
+    are bridged without thickening everything else."""
+    m = mask.astype(np.uint8)
+    n, labels = cv2.connectedComponents(m, connectivity=8)
+    if n <= 2:
+        return mask.copy()
+    closed = cv2.morphologyEx(m, cv2.MORPH_CLOSE, _ellipse(size)).astype(bool)
+    added = closed & ~mask
+    n_added, added_labels = cv2.connectedComponents(added.astype(np.uint8), connectivity=8)
+    out = mask.copy()
+    ring = np.ones((3, 3), np.uint8)
+    for piece in range(1, n_added):
+        piece_mask = added_labels == piece
+        neighbours = labels[cv2.dilate(piece_mask.astype(np.uint8), ring).astype(bool)]
+        if np.unique(neighbours[neighbours > 0]).size >= 2:
+            out |= piece_mask
+    return out
+
+
+def apply_morphology(mask: np.ndarray, op: str, settings: OpSettings) -> np.ndarray:
+    m = mask.astype(np.uint8)
+    k = _ellipse(settings.kernel_size)
+    if op == "dilate":
+        return cv2.dilate(m, k).astype(bool)
+    if op == "erode":
+        return cv2.erode(m, k).astype(bool)
+    if op == "open":
+        return cv2.morphologyEx(m, cv2.MORPH_OPEN, k).astype(bool)
+    if op == "close":
+        return cv2.morphologyEx(m, cv2.MORPH_CLOSE, k).astype(bool)
+    if op == "fill_holes":
+        return fill_holes(mask.astype(bool))
+    if op == "drop_small":
+        return drop_small(mask.astype(bool), settings.min_component_area)
+    if op == "bridge_gaps":
+        return bridge_gaps(mask.astype(bool), settings.bridge_size)
+    raise ValueError(f"unknown morphology operation {op!r}; known: {', '.join(MORPHOLOGY_OPS)}")
+
+
+@dataclass
+class MaskEditor:
+    """The current mask of a post-processing episode."""
+
+    mask: np.ndarray
+    prob: np.ndarray | None
+    settings: OpSettings
+    threshold: float = field(init=False)
+    applied: list[str] = field(default_factory=list, init=False)
+
+    def __post_init__(self) -> None:
+        self.threshold = self.settings.threshold
+        self._source = self.mask.astype(bool)
+
+    def apply(self, op: str) -> np.ndarray:
+        if op in THRESHOLD_OPS:
+            if self.prob is None:
+                return self.mask  # binary-only backend: thresholding cannot change anything
+            step = self.settings.threshold_step if op == "threshold_up" else -self.settings.threshold_step
+            self.threshold = float(np.clip(self.threshold + step, 0.05, 0.95))
+            self._source = self.prob > self.threshold
+            mask = self._source
+            for done in self.applied:
+                mask = apply_morphology(mask, done, self.settings)
+            self.mask = mask
+        else:
+            self.applied.append(op)
+            self.mask = apply_morphology(self.mask, op, self.settings)
+        return self.mask
+
+
+def apply_sequence(mask: np.ndarray, prob: np.ndarray | None, ops: Sequence[str], settings: OpSettings) -> np.ndarray:
+    editor = MaskEditor(mask.astype(bool), prob, settings)
+    for op in ops:
+        if op == STOP:
+            break
+        editor.apply(op)
+    return editor.mask

@@ -1,0 +1,404 @@
+"""The one typed configuration of a run, read from YAML and `--set` overrides.
+
+Every error a researcher can make in a config becomes a `ConfigError` whose message is
+one line naming the file (or the override) and the key path, so the CLI can print it
+and exit 2 without a traceback.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+EXPERIMENT_KINDS = ("prompt_rl", "postprocess_rl", "reward_net")
+
+
+class ConfigError(Exception):
+    """A config that cannot be used; `str()` is the one line to show."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --- dataset -----------------------------------------------------------------------
+
+
+class SplitSizes(Strict):
+    train: int = Field(800, ge=1)
+    val: int = Field(240, ge=1)
+    test: int = Field(240, ge=1)
+
+
+class DatasetConfig(Strict):
+    """`builtin`: the procedurally generated dataset; `folder`: ROOT/<split>/images and
+    ROOT/<split>/masks paired by file stem."""
+
+    kind: Literal["builtin", "folder"] = "builtin"
+    seed: int = 0
+    image_size: int = Field(128, ge=32, le=1024)
+    sizes: SplitSizes = SplitSizes()
+    #: Samples used per split at most (quick runs: 50); null means all.
+    limit: int | None = Field(None, ge=1)
+    root: Path | None = None
+    #: Referring expression for folder samples that the manifest does not describe.
+    expression: str = "the blood vessels"
+    #: What `{target}` means in prompt templates for folder samples.
+    target: str = "blood vessels"
+    #: CSV (columns stem, expression[, target]) or JSONL with the same keys.
+    manifest: Path | None = None
+
+    @model_validator(mode="after")
+    def _folder_needs_root(self) -> "DatasetConfig":
+        if self.kind == "folder" and self.root is None:
+            raise ValueError("root: a folder dataset needs root")
+        return self
+
+
+# --- backend -----------------------------------------------------------------------
+
+BUILTIN_PROMPTS = [
+    "the {target}",
+    "all {target}",
+    "{target}",
+    "the faint {target}",
+    "the bright {target}",
+    "the thin {target}",
+    "the thick {target}",
+    "{target} in the dark part of the image",
+    "{target} in the bright part of the image",
+    "the large {target}",
+    "the small {target}",
+]
+
+
+class BackendConfig(Strict):
+    kind: Literal["embedded", "sa2va"] = "embedded"
+    #: embedded: a weights file (null: the weights shipped with the package).
+    weights: Path | None = None
+    #: sa2va: a local checkpoint folder or a hub id already in the local cache.
+    model_path: str | None = None
+    trust_remote_code: bool = False
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    #: sa2va: null puts the model on the worker's GPU; "auto" spreads it over all visible GPUs.
+    device_map: Literal["auto"] | None = None
+    #: Candidate prompts the prompt agent chooses among; `{target}` is the sample's target.
+    prompts: list[str] = Field(default_factory=lambda: list(BUILTIN_PROMPTS), min_length=2)
+    #: Index into `prompts` of the baseline prompt.
+    default_prompt: int = Field(0, ge=0)
+    #: Where model outputs are kept across runs (null: logs/.mask_cache).
+    cache_dir: Path | None = None
+    #: Images per forward pass of the embedded model.
+    batch_size: int = Field(32, ge=1)
+
+    @model_validator(mode="after")
+    def _default_prompt_in_range(self) -> "BackendConfig":
+        if self.default_prompt >= len(self.prompts):
+            raise ValueError(f"default_prompt: {self.default_prompt} is not an index of the {len(self.prompts)} prompts")
+        if self.kind == "sa2va" and not self.model_path:
+            raise ValueError("model_path: the sa2va backend needs model_path")
+        return self
+
+
+# --- experiments -------------------------------------------------------------------
+
+
+class Faults(Strict):
+    """Fault injection for testing recovery on machines without a GPU."""
+
+    #: Raise a real torch.OutOfMemoryError at this training step.
+    oom_at_step: int | None = Field(None, ge=0)
+    #: Only while the batch size is at least this (so the halved restart gets through).
+    oom_min_batch_size: int = Field(1, ge=1)
+
+
+class PPOConfig(Strict):
+    learning_rate: float = Field(3e-4, gt=0)
+    n_steps: int = Field(256, gt=0)
+    batch_size: int = Field(64, gt=0)
+    n_epochs: int = Field(10, gt=0)
+    gamma: float = Field(0.99, ge=0, le=1)
+    gae_lambda: float = Field(0.95, ge=0, le=1)
+    clip_range: float = Field(0.2, gt=0)
+    ent_coef: float = Field(0.01, ge=0)
+    vf_coef: float = Field(0.5, ge=0)
+    max_grad_norm: float = Field(0.5, gt=0)
+    net_arch: list[int] = Field(default_factory=lambda: [64, 64])
+    n_envs: int = Field(8, gt=0)
+
+    @model_validator(mode="after")
+    def _batch_divides_rollout(self) -> "PPOConfig":
+        rollout = self.n_steps * self.n_envs
+        if rollout % self.batch_size:
+            raise ValueError(f"batch_size: {self.batch_size} must divide n_steps * n_envs = {rollout}")
+        return self
+
+
+class ExperimentBase(Strict):
+    enabled: bool = True
+    seed: int = 0
+    #: "cpu", "cuda" or "auto" (cuda when the worker has a GPU).
+    device: Literal["cpu", "cuda", "auto"] = "auto"
+    #: Pin a GPU index; null lets the supervisor pick the freest.
+    gpu: int | None = Field(None, ge=0)
+    faults: Faults = Faults()
+
+
+class RLExperimentBase(ExperimentBase):
+    total_timesteps: int = Field(5000, gt=0)
+    max_steps: int = Field(3, gt=0)
+    #: The reward of a step is reward_scale * (Dice change) - step_penalty.
+    reward_scale: float = Field(1.0, gt=0)
+    step_penalty: float = Field(0.0, ge=0)
+    checkpoint_every: int = Field(1000, gt=0)
+    eval_every: int = Field(1000, gt=0)
+    ppo: PPOConfig = PPOConfig()
+
+
+class PromptRLConfig(RLExperimentBase):
+    kind: Literal["prompt_rl"] = "prompt_rl"
+
+
+class PostprocessRLConfig(RLExperimentBase):
+    kind: Literal["postprocess_rl"] = "postprocess_rl"
+    operations: list[str] = Field(
+        default_factory=lambda: ["dilate", "erode", "open", "close", "fill_holes", "drop_small", "bridge_gaps",
+                                 "threshold_up", "threshold_down"],
+        min_length=1,
+    )
+    kernel_size: int = Field(3, ge=1)
+    min_component_area: int = Field(12, ge=1)
+    bridge_size: int = Field(7, ge=3)
+    threshold: float = Field(0.5, gt=0, lt=1)
+    threshold_step: float = Field(0.1, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _known_operations(self) -> "PostprocessRLConfig":
+        from experiments.postprocess import ALL_OPS
+
+        for i, op in enumerate(self.operations):
+            if op not in ALL_OPS:
+                raise ValueError(f"operations.{i}: unknown operation {op!r} (known: {', '.join(ALL_OPS)})")
+        return self
+
+
+class RewardNetTraining(Strict):
+    samples: int = Field(400, gt=0)
+    epochs: int = Field(20, gt=0)
+    batch_size: int = Field(32, gt=0)
+    learning_rate: float = Field(1e-3, gt=0)
+    input_size: int = Field(64, ge=16)
+    perturbations_per_mask: int = Field(2, ge=0)
+
+
+class FinetuneConfig(Strict):
+    steps: int = Field(200, gt=0)
+    batch_size: int = Field(16, gt=0)
+    learning_rate: float = Field(1e-4, gt=0)
+    #: Weight of the penalty that keeps masks close to the starting model's.
+    anchor_weight: float = Field(1.0, ge=0)
+
+
+class RewardNetConfig(ExperimentBase):
+    kind: Literal["reward_net"] = "reward_net"
+    reward: RewardNetTraining = RewardNetTraining()
+    finetune: FinetuneConfig = FinetuneConfig()
+
+
+ExperimentConfig = PromptRLConfig | PostprocessRLConfig | RewardNetConfig
+
+
+class RecoveryConfig(Strict):
+    max_oom_restarts: int = Field(3, ge=0)
+    min_batch_size: int = Field(4, ge=1)
+
+
+class RunConfig(Strict):
+    logs_dir: Path = Path("logs")
+    #: A label that goes into the run id.
+    name: str = "run"
+
+
+class Config(Strict):
+    run: RunConfig = RunConfig()
+    dataset: DatasetConfig = DatasetConfig()
+    backend: BackendConfig = BackendConfig()
+    recovery: RecoveryConfig = RecoveryConfig()
+    prompt_rl: PromptRLConfig = PromptRLConfig()
+    postprocess_rl: PostprocessRLConfig = PostprocessRLConfig()
+    reward_net: RewardNetConfig = RewardNetConfig()
+    #: More experiments derived from one of the three: name -> {base: <kind>, <fields to change>}.
+    variants: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    def experiments(self) -> dict[str, ExperimentConfig]:
+        """Every enabled experiment by name, the variants resolved over their base."""
+        found: dict[str, ExperimentConfig] = {}
+        for kind in EXPERIMENT_KINDS:
+            exp = getattr(self, kind)
+            if exp.enabled:
+                found[kind] = exp
+        for name, variant in self.variants.items():
+            exp = _resolve_variant(self, name, variant)
+            if exp.enabled:
+                found[name] = exp
+        return found
+
+    @model_validator(mode="after")
+    def _variants_are_valid(self) -> "Config":
+        for name, variant in self.variants.items():
+            _resolve_variant(self, name, variant)
+        return self
+
+
+def _resolve_variant(config: Config, name: str, variant: dict[str, Any]) -> ExperimentConfig:
+    if name in EXPERIMENT_KINDS:
+        raise ValueError(f"variants.{name}: a variant needs a name of its own")
+    changes = dict(variant)
+    base = changes.pop("base", None)
+    if base not in EXPERIMENT_KINDS:
+        raise ValueError(f"variants.{name}.base: must be one of {', '.join(EXPERIMENT_KINDS)}")
+    merged = _deep_merge(getattr(config, base).model_dump(mode="python"), changes)
+    model = type(getattr(config, base))
+    try:
+        return model.model_validate(merged)
+    except ValidationError as err:
+        raise ValueError(_first_error(err, prefix=f"variants.{name}")) from None
+
+
+def _deep_merge(base: dict, changes: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+# --- loading -----------------------------------------------------------------------
+
+_MESSAGES = {
+    "extra_forbidden": "unknown key",
+    "missing": "required",
+}
+
+
+def _describe(error: dict) -> str:
+    kind = error["type"]
+    ctx = error.get("ctx") or {}
+    if kind in _MESSAGES:
+        return _MESSAGES[kind]
+    if kind == "greater_than":
+        return f"must be > {ctx['gt']}"
+    if kind == "greater_than_equal":
+        return f"must be >= {ctx['ge']}"
+    if kind == "less_than":
+        return f"must be < {ctx['lt']}"
+    if kind == "less_than_equal":
+        return f"must be <= {ctx['le']}"
+    if kind == "literal_error":
+        return f"must be one of {ctx.get('expected')}, not {error.get('input')!r}"
+    if kind == "value_error":
+        return str(ctx.get("error", error["msg"]))
+    if kind.endswith("_type") or kind.endswith("_parsing"):
+        return f"{error['msg'].lower()}, got {error.get('input')!r}"
+    return error["msg"]
+
+
+def _first_error(err: ValidationError, prefix: str = "") -> str:
+    error = err.errors()[0]
+    loc = ".".join(str(part) for part in error["loc"])
+    message = _describe(error)
+    # Model validators report "key: message" themselves; join their key onto the path.
+    if error["type"] == "value_error" and ": " in message:
+        key, message = message.split(": ", 1)
+        loc = f"{loc}.{key}" if loc else key
+    if prefix:
+        loc = f"{prefix}.{loc}" if loc else prefix
+    return f"{loc}: {message}" if loc else message
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a", "b", "c"], yaml.safe_load(value))."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text}: expected KEY.PATH=VALUE")
+    key, raw = text.split("=", 1)
+    path = [part for part in key.strip().split(".")]
+    if not all(path):
+        raise ConfigError(f"--set {text}: empty key in {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {text}: value is not valid YAML ({_yaml_problem(err)})") from None
+    return path, value
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    mark = getattr(err, "problem_mark", None)
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else problem
+
+
+def read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML at {_yaml_problem(err)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, not a {type(data).__name__}")
+    return data
+
+
+def load_config(path: Path | str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read, override and validate. `path` None means all defaults."""
+    source = str(path) if path is not None else "<defaults>"
+    data = read_yaml(Path(path)) if path is not None else {}
+    overridden: dict[str, str] = {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for depth, key in enumerate(keys[:-1]):
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"--set {text}: {'.'.join(keys[: depth + 1])} is not a section")
+            node = child
+        node[keys[-1]] = value
+        overridden[".".join(keys)] = text
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as err:
+        line = _first_error(err)
+        loc = line.split(": ", 1)[0]
+        origin = next((f"--set {text}" for key, text in overridden.items() if loc == key or loc.startswith(key + ".")), source)
+        raise ConfigError(f"{origin}: {line}") from None
+    _resolve_paths(config, Path(path).parent if path is not None else Path.cwd())
+    return config
+
+
+def _resolve_paths(config: Config, base: Path) -> None:
+    """Relative data paths in a config file mean relative to the working directory, as a
+    researcher types them on the command line; nothing to do but make them absolute
+    once so that workers started elsewhere agree."""
+    del base
+    for section, key in (("dataset", "root"), ("dataset", "manifest"), ("backend", "weights"), ("backend", "cache_dir")):
+        obj = getattr(config, section)
+        value = getattr(obj, key)
+        if value is not None:
+            setattr(obj, key, Path(value).expanduser().resolve())
+    config.run.logs_dir = config.run.logs_dir.expanduser().resolve()
+
+
+def dump_config(config: Config) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol, Sequence, runtime_checkable
 
 import numpy as np
@@ -42,3 +43,7 @@ class TrainableSegmenter(Protocol):
     def mask_logits(self, images: Sequence[np.ndarray], prompts: Sequence[str]):
         """Per-pixel foreground logits with gradients, a torch tensor (N, H, W)."""
         ...
+
+
+#: The embedded model's weights as shipped in the package.
+EMBEDDED_WEIGHTS = Path(__file__).resolve().parent / "weights" / "embedded.pt"

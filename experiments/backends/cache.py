@@ -1,0 +1,158 @@
+"""Segmenter outputs kept in memory and on disk.
+
+Outputs are deterministic per (backend fingerprint, image, prompt), so a second run,
+or a second experiment on the same data, need not call the model at all. An entry is
+keyed by the image's content, not only its id, so two datasets that reuse ids never
+share masks. On disk a mask is packed bits and a probability map 8 bits per pixel;
+the same decoded form is returned on a hit and on a miss, so results never depend on
+what happened to be cached. Files are written to a temporary name and renamed, so
+several worker processes can fill one cache at once and none ever reads a torn file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from experiments.backends.base import Prediction, Segmenter
+from experiments.datasets.base import Sample, render_prompt
+
+ProgressCallback = Callable[[int, int], None]
+
+
+def _encode(prediction: Prediction) -> tuple[np.ndarray, np.ndarray | None, tuple[int, int]]:
+    shape = prediction.mask.shape
+    bits = np.packbits(prediction.mask.astype(bool), axis=None)
+    prob = None if prediction.prob is None else np.round(np.clip(prediction.prob, 0, 1) * 255).astype(np.uint8)
+    return bits, prob, shape
+
+
+def _decode(bits: np.ndarray, prob: np.ndarray | None, shape: tuple[int, int]) -> Prediction:
+    mask = np.unpackbits(bits, count=shape[0] * shape[1]).reshape(shape).astype(bool)
+    return Prediction(mask=mask, prob=None if prob is None else prob.astype(np.float32) / 255.0)
+
+
+class CachedSegmenter:
+    """A Segmenter in front of another, counting the calls it could not save."""
+
+    def __init__(self, segmenter: Segmenter, cache_dir: Path | None) -> None:
+        self.segmenter = segmenter
+        self.fingerprint = segmenter.fingerprint
+        self.gives_probabilities = segmenter.gives_probabilities
+        self.folder = None if cache_dir is None else Path(cache_dir) / _safe(segmenter.fingerprint)
+        self._memory: dict[str, tuple[np.ndarray, np.ndarray | None, tuple[int, int]]] = {}
+        self._image_keys: dict[int, str] = {}
+        #: (image, prompt) pairs the model was actually asked for.
+        self.model_calls = 0
+        self.disk_hits = 0
+
+    # --- keys --------------------------------------------------------------------
+
+    def _image_key(self, image: np.ndarray) -> str:
+        # Hashing is cheap next to a model call, but RL steps look the same image up
+        # thousands of times; the id() memo is safe because callers keep their images alive.
+        memo = self._image_keys.get(id(image))
+        if memo is None:
+            digest = hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=12)
+            digest.update(repr(image.shape).encode())
+            memo = self._image_keys[id(image)] = digest.hexdigest()
+        return memo
+
+    def _key(self, image: np.ndarray, prompt: str) -> str:
+        prompt_digest = hashlib.blake2b(prompt.encode(), digest_size=8).hexdigest()
+        return f"{self._image_key(image)}-{prompt_digest}"
+
+    def _path(self, key: str) -> Path:
+        assert self.folder is not None
+        return self.folder / key[:2] / f"{key}.npz"
+
+    # --- lookups -----------------------------------------------------------------
+
+    def _load(self, key: str):
+        entry = self._memory.get(key)
+        if entry is not None or self.folder is None:
+            return entry
+        path = self._path(key)
+        try:
+            with np.load(path) as data:
+                prob = data["prob"] if "prob" in data.files else None
+                entry = (data["bits"], prob, tuple(int(v) for v in data["shape"]))
+        except (FileNotFoundError, OSError, ValueError, KeyError):
+            return None
+        self.disk_hits += 1
+        self._memory[key] = entry
+        return entry
+
+    def _store(self, key: str, entry) -> None:
+        self._memory[key] = entry
+        if self.folder is None:
+            return
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        bits, prob, shape = entry
+        arrays = {"bits": bits, "shape": np.asarray(shape)}
+        if prob is not None:
+            arrays["prob"] = prob
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npz")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                np.savez(handle, **arrays)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def segment(
+        self,
+        images: Sequence[np.ndarray],
+        prompts: Sequence[str],
+        batch_size: int = 32,
+        on_progress: ProgressCallback | None = None,
+    ) -> list[Prediction]:
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
+        keys = [self._key(image, prompt) for image, prompt in zip(images, prompts)]
+        entries = [self._load(key) for key in keys]
+        missing: dict[str, int] = {}
+        for i, (key, entry) in enumerate(zip(keys, entries)):
+            if entry is None and key not in missing:
+                missing[key] = i
+        todo = list(missing.values())
+        done = len(keys) - len(todo)
+        if on_progress:
+            on_progress(done, len(keys))
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
+            predictions = self.segmenter.segment([images[i] for i in chunk], [prompts[i] for i in chunk])
+            self.model_calls += len(chunk)
+            for i, prediction in zip(chunk, predictions):
+                self._store(keys[i], _encode(prediction))
+            done += len(chunk)
+            if on_progress:
+                on_progress(min(done, len(keys)), len(keys))
+        return [_decode(*self._memory[key]) for key in keys]
+
+    def predict(self, sample: Sample, template: str) -> Prediction:
+        """The backend's answer for one sample and one candidate prompt template."""
+        return self.segment([sample.image], [render_prompt(template, sample)])[0]
+
+    def warm(
+        self,
+        samples: Sequence[Sample],
+        templates: Sequence[str],
+        batch_size: int = 32,
+        on_progress: ProgressCallback | None = None,
+    ) -> None:
+        """Fill the cache for every (sample, template) pair, reporting progress."""
+        images = [s.image for s in samples for _ in templates]
+        prompts = [render_prompt(t, s) for s in samples for t in templates]
+        self.segment(images, prompts, batch_size=batch_size, on_progress=on_progress)
+
+
+def _safe(fingerprint: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in fingerprint)[:80]

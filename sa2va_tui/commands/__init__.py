@@ -1,0 +1,3 @@
+"""Every CLI command module; importing this package registers them all on the app."""
+
+from sa2va_tui.commands import config_cmds  # noqa: F401

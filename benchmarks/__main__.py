@@ -1,0 +1,29 @@
+"""`python -m benchmarks [NAME ...]`: speed and memory measurements, printed as tables.
+
+Each benchmark is a module here with a `main() -> None`; none is run by the tests,
+because timings on a shared machine are noise to a pass/fail check. Ratios are
+measured inside one run so that the machine's load cancels out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+BENCHMARKS = {
+    "backend": "benchmarks.backend_speed",
+    "ppo": "benchmarks.ppo_speed",
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", choices=[*BENCHMARKS, []], help="which to run (default: all)")
+    args = parser.parse_args()
+    for name in args.names or list(BENCHMARKS):
+        print(f"\n== {name} ==")
+        importlib.import_module(BENCHMARKS[name]).main()
+
+
+if __name__ == "__main__":
+    main()

@@ -23,6 +23,8 @@ class Event:
     type: ClassVar[str] = "event"
     #: A newer event of the same type and experiment makes this one obsolete on screen.
     supersedes: ClassVar[bool] = False
+    #: Written to the run's events.jsonl; samples of the moment are only shown.
+    persist: ClassVar[bool] = True
 
     def to_dict(self) -> dict[str, Any]:
         return {"type": self.type, **dataclasses.asdict(self)}
@@ -120,9 +122,23 @@ class Restarting(Event):
     type: ClassVar[str] = "restarting"
 
 
+@dataclass
+class GpuSample(Event):
+    """The supervisor's once-a-second look at the GPUs (`experiment` is empty): whether
+    NVML answered, and per GPU a `sa2va_tui.gpus.GpuInfo` as a dict."""
+
+    available: bool
+    message: str = ""
+    gpus: list[dict[str, Any]] = field(default_factory=list)
+    type: ClassVar[str] = "gpu_sample"
+    supersedes: ClassVar[bool] = True
+    persist: ClassVar[bool] = False
+
+
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.type: cls
-    for cls in (Started, Phase, Progress, Metrics, Checkpoint, Failed, Finished, Paused, Resumed, Stopped, Restarting)
+    for cls in (Started, Phase, Progress, Metrics, Checkpoint, Failed, Finished, Paused, Resumed, Stopped, Restarting,
+                GpuSample)
 }
 
 

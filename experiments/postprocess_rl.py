@@ -1,0 +1,102 @@
+"""Experiment 2: a PPO agent learns a sequence of mask operations that improves the
+segmenter's mask for the default prompt.
+
+`run(ctx)` is the worker entry point (`python -m experiments.run_one postprocess_rl
+...` runs it alone). Phases: loading_model, caching_masks (the default prompt's masks
+of the train and val splits through the mask cache, and described), training,
+evaluating.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from stable_baselines3 import PPO
+
+from experiments.envs import POSTPROCESS_ENV_ID, PostProcessEnv, PostprocessTable, build_postprocess_table
+from experiments.harness import WorkerContext
+from experiments.postprocess import OpSettings
+from experiments.ppo_common import (
+    BEST_MODEL,
+    FINAL_MODEL,
+    EpisodeOutcome,
+    PhaseReporter,
+    PPOTask,
+    load_inputs,
+    run_episodes,
+    train,
+)
+from sa2va_tui.config import PostprocessRLConfig
+
+
+def op_settings(cfg: PostprocessRLConfig) -> OpSettings:
+    return OpSettings(kernel_size=cfg.kernel_size, min_component_area=cfg.min_component_area,
+                      bridge_size=cfg.bridge_size, threshold=cfg.threshold, threshold_step=cfg.threshold_step)
+
+
+def env_kwargs(table: PostprocessTable, cfg: PostprocessRLConfig) -> dict:
+    return {"table": table, "operations": cfg.operations, "settings": op_settings(cfg), "max_steps": cfg.max_steps,
+            "reward_scale": cfg.reward_scale, "step_penalty": cfg.step_penalty}
+
+
+def make_env(table: PostprocessTable, cfg: PostprocessRLConfig):
+    import gymnasium as gym
+
+    return gym.make(POSTPROCESS_ENV_ID, disable_env_checker=True, **env_kwargs(table, cfg))
+
+
+def edit_masks(model: PPO, table: PostprocessTable, cfg: PostprocessRLConfig) -> list[EpisodeOutcome]:
+    """Each sample's deterministic episode; `answer` is the mask it ends with."""
+    return run_episodes(model, [PostProcessEnv(**env_kwargs(table, cfg)) for _ in range(len(table))])
+
+
+def score(model: PPO, table: PostprocessTable, cfg: PostprocessRLConfig) -> dict[str, float]:
+    """Mean val Dice of the edited masks, of the starting masks, and the gain."""
+    outcomes = edit_masks(model, table, cfg)
+    gains = np.array([o.info["dice_gain"] for o in outcomes])
+    baseline = float(table.start_dice.mean())
+    return {"dice_gain": float(gains.mean()), "mean_dice": baseline + float(gains.mean()), "baseline_dice": baseline,
+            "mean_ops": float(np.mean([len(o.info["ops"]) for o in outcomes]))}
+
+
+def build_tables(ctx: WorkerContext, segmenter, splits: dict[str, Sequence]) -> dict[str, PostprocessTable]:
+    """The "caching_masks" phase: the default prompt's mask of every sample."""
+    backend = ctx.config.backend
+    cfg: PostprocessRLConfig = ctx.experiment
+    total = sum(2 * len(samples) for samples in splits.values())
+    report = PhaseReporter(ctx, "caching_masks")
+    tables, offset = {}, 0
+    for split, samples in splits.items():
+        tables[split] = build_postprocess_table(samples, segmenter, backend.prompts, backend.default_prompt,
+                                                cfg.min_component_area, on_progress=report.part(offset, total))
+        offset += 2 * len(samples)
+    return tables
+
+
+def run(ctx: WorkerContext) -> dict:
+    cfg: PostprocessRLConfig = ctx.experiment
+    segmenter, splits = load_inputs(ctx)
+    tables = build_tables(ctx, segmenter, splits)
+    calls_before_training = segmenter.model_calls
+    ctx.phase("training")
+    task = PPOTask(make_env=lambda: make_env(tables["train"], cfg), score=lambda model: score(model, tables["val"], cfg))
+    result = train(ctx, task)
+    ctx.phase("evaluating")
+    best_path = ctx.exp_dir / BEST_MODEL
+    best = PPO.load(best_path if best_path.is_file() else ctx.exp_dir / FINAL_MODEL, device="cpu")
+    final = score(best, tables["val"], cfg)
+    return {
+        "timesteps": result.timesteps,
+        "resumed_from": result.resumed_from,
+        "best_step": result.best.get("step"),
+        "operations": PostProcessEnv(**env_kwargs(tables["val"], cfg)).actions,
+        "val_baseline_dice": final["baseline_dice"],
+        "val_policy_dice": final["mean_dice"],
+        "val_dice_gain": final["dice_gain"],
+        "mean_ops": final["mean_ops"],
+        "steps_per_second": result.steps_per_second,
+        "model_calls": segmenter.model_calls,
+        "model_calls_in_training": segmenter.model_calls - calls_before_training,
+        "cache_disk_hits": segmenter.disk_hits,
+    }

@@ -1,0 +1,81 @@
+"""Experiment 1: a PPO agent learns which candidate prompt to send to the segmenter.
+
+`run(ctx)` is the worker entry point (`python -m experiments.run_one prompt_rl ...`
+runs it alone). Phases: loading_model, caching_masks (every candidate mask of the
+train and val splits through the mask cache, and described), training, evaluating.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from stable_baselines3 import PPO
+
+from experiments.envs import PROMPT_ENV_ID, PromptSelectEnv, PromptTable, build_prompt_table
+from experiments.harness import WorkerContext
+from experiments.ppo_common import BEST_MODEL, FINAL_MODEL, PhaseReporter, PPOTask, load_inputs, run_episodes, train
+from sa2va_tui.config import PromptRLConfig
+
+
+def make_env(table: PromptTable, cfg: PromptRLConfig):
+    import gymnasium as gym
+
+    return gym.make(PROMPT_ENV_ID, table=table, max_steps=cfg.max_steps, reward_scale=cfg.reward_scale,
+                    step_penalty=cfg.step_penalty, disable_env_checker=True)
+
+
+def choose_prompts(model: PPO, table: PromptTable, cfg: PromptRLConfig) -> np.ndarray:
+    """The prompt each sample's deterministic episode ends on."""
+    envs = [PromptSelectEnv(table, cfg.max_steps, cfg.reward_scale, cfg.step_penalty) for _ in range(len(table))]
+    return np.array([outcome.answer for outcome in run_episodes(model, envs)], np.int64)
+
+
+def score(model: PPO, table: PromptTable, cfg: PromptRLConfig) -> dict[str, float]:
+    """Mean val Dice of the policy's final prompt, of the default prompt, and the gain."""
+    chosen = choose_prompts(model, table, cfg)
+    rows = np.arange(len(table))
+    policy = float(table.dice[rows, chosen].mean())
+    baseline = float(table.dice[:, table.default_prompt].mean())
+    return {"dice_gain": policy - baseline, "mean_dice": policy, "baseline_dice": baseline,
+            "default_share": float(np.mean(chosen == table.default_prompt))}
+
+
+def build_tables(ctx: WorkerContext, segmenter, splits: dict[str, Sequence]) -> dict[str, PromptTable]:
+    """The "caching_masks" phase: one table per split, progress over all of them."""
+    backend = ctx.config.backend
+    k = len(backend.prompts)
+    total = sum(2 * k * len(samples) for samples in splits.values())
+    report = PhaseReporter(ctx, "caching_masks")
+    tables, offset = {}, 0
+    for split, samples in splits.items():
+        tables[split] = build_prompt_table(samples, segmenter, backend.prompts, backend.default_prompt,
+                                           on_progress=report.part(offset, total))
+        offset += 2 * k * len(samples)
+    return tables
+
+
+def run(ctx: WorkerContext) -> dict:
+    cfg: PromptRLConfig = ctx.experiment
+    segmenter, splits = load_inputs(ctx)
+    tables = build_tables(ctx, segmenter, splits)
+    calls_before_training = segmenter.model_calls
+    ctx.phase("training")
+    task = PPOTask(make_env=lambda: make_env(tables["train"], cfg), score=lambda model: score(model, tables["val"], cfg))
+    result = train(ctx, task)
+    ctx.phase("evaluating")
+    best_path = ctx.exp_dir / BEST_MODEL
+    best = PPO.load(best_path if best_path.is_file() else ctx.exp_dir / FINAL_MODEL, device="cpu")
+    final = score(best, tables["val"], cfg)
+    return {
+        "timesteps": result.timesteps,
+        "resumed_from": result.resumed_from,
+        "best_step": result.best.get("step"),
+        "val_baseline_dice": final["baseline_dice"],
+        "val_policy_dice": final["mean_dice"],
+        "val_dice_gain": final["dice_gain"],
+        "steps_per_second": result.steps_per_second,
+        "model_calls": segmenter.model_calls,
+        "model_calls_in_training": segmenter.model_calls - calls_before_training,
+        "cache_disk_hits": segmenter.disk_hits,
+    }

@@ -1,0 +1,201 @@
+"""The GPUs as NVML sees them, read so that nothing about them can crash the tool.
+
+In the spirit of nvitop's libnvml: every NVML call that fails (not supported, lost GPU,
+no permission, a function the driver lacks) becomes N/A (`None`) for that one value;
+no driver or no library at all becomes one clear "no NVIDIA GPU" state, and the tool
+runs on the CPU. The NVML module is a parameter (`pynvml` by default), so tests hand in
+a stand-in with the same API instead of patching the real library.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from sa2va_tui.events import GpuSample
+
+
+@dataclass
+class GpuProcess:
+    pid: int
+    #: Bytes; None where NVML does not say (e.g. Windows WDDM, containers).
+    used_memory: int | None
+    #: The experiment of ours running in this process, if any.
+    experiment: str | None = None
+
+
+@dataclass
+class GpuInfo:
+    index: int
+    name: str | None = None
+    #: Percent of the last sample period a kernel ran.
+    utilization: int | None = None
+    memory_used: int | None = None
+    memory_total: int | None = None
+    processes: list[GpuProcess] = field(default_factory=list)
+
+    @property
+    def memory_free(self) -> int | None:
+        if self.memory_used is None or self.memory_total is None:
+            return None
+        return self.memory_total - self.memory_used
+
+
+@dataclass
+class GpuSnapshot:
+    available: bool
+    message: str = ""
+    gpus: list[GpuInfo] = field(default_factory=list)
+
+    def to_event(self) -> GpuSample:
+        return GpuSample("", available=self.available, message=self.message,
+                         gpus=[dataclasses.asdict(g) for g in self.gpus])
+
+
+#: Why NVML could not start, by error code name, in words for the researcher.
+_INIT_FAILURES = {
+    "NVML_ERROR_LIBRARY_NOT_FOUND": "no NVIDIA GPU: the NVIDIA driver's NVML library was not found",
+    "NVML_ERROR_DRIVER_NOT_LOADED": "no NVIDIA GPU: the NVIDIA driver is not loaded",
+    "NVML_ERROR_NO_PERMISSION": "no NVIDIA GPU: no permission to query the NVIDIA driver",
+}
+
+
+class Nvml:
+    """One process's connection to NVML, initialised on first use and kept."""
+
+    def __init__(self, module: Any = None) -> None:
+        self._module = module
+        self._lock = threading.Lock()
+        self._ready = False
+        #: Why there is no GPU; set once, since a driver does not appear while we run.
+        self._unavailable: str | None = None
+
+    def _start(self) -> bool:
+        with self._lock:
+            if self._ready or self._unavailable:
+                return self._ready
+            if self._module is None:
+                try:
+                    self._module = importlib.import_module("pynvml")
+                except ImportError:
+                    self._unavailable = "no NVIDIA GPU: nvidia-ml-py is not installed"
+                    return False
+            nv = self._module
+            try:
+                nv.nvmlInit()
+            except nv.NVMLError as err:
+                names = {getattr(nv, name, None): text for name, text in _INIT_FAILURES.items()}
+                self._unavailable = names.get(getattr(err, "value", None), f"no NVIDIA GPU: NVML failed to start ({err})")
+                return False
+            except OSError as err:
+                self._unavailable = f"no NVIDIA GPU: NVML could not be loaded ({err})"
+                return False
+            self._ready = True
+            return True
+
+    def _call(self, function: str, *args: Any) -> Any:
+        """One NVML call; its failure, whatever the reason, is N/A."""
+        nv = self._module
+        fn = getattr(nv, function, None)
+        if fn is None:
+            return None
+        failures = (nv.NVMLError, getattr(nv, "NVMLLibraryMismatchError", nv.NVMLError), UnicodeDecodeError)
+        try:
+            return fn(*args)
+        except failures:
+            return None
+
+    def read(self, workers: dict[int, str] | None = None) -> GpuSnapshot:
+        """Every GPU now; `workers` maps our worker pids to experiment names."""
+        if not self._start():
+            return GpuSnapshot(available=False, message=self._unavailable or "")
+        count = self._call("nvmlDeviceGetCount")
+        if not count:
+            return GpuSnapshot(available=False, message="no NVIDIA GPU: the driver reports none")
+        gpus = [self._read_gpu(index, workers or {}) for index in range(count)]
+        return GpuSnapshot(available=True, message=f"{count} NVIDIA GPU{'s' if count > 1 else ''}", gpus=gpus)
+
+    def _read_gpu(self, index: int, workers: dict[int, str]) -> GpuInfo:
+        gpu = GpuInfo(index=index)
+        handle = self._call("nvmlDeviceGetHandleByIndex", index)
+        if handle is None:
+            return gpu
+        name = self._call("nvmlDeviceGetName", handle)
+        gpu.name = name.decode(errors="replace") if isinstance(name, bytes) else name
+        util = self._call("nvmlDeviceGetUtilizationRates", handle)
+        gpu.utilization = int(util.gpu) if util is not None else None
+        memory = self._call("nvmlDeviceGetMemoryInfo", handle)
+        if memory is not None:
+            gpu.memory_used, gpu.memory_total = int(memory.used), int(memory.total)
+        used: dict[int, int | None] = {}
+        for function in ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetGraphicsRunningProcesses"):
+            for proc in self._call(function, handle) or []:
+                # A process may be listed as both compute and graphics: keep what is known.
+                known = used.get(proc.pid)
+                used[proc.pid] = proc.usedGpuMemory if known is None else max(known, proc.usedGpuMemory or 0)
+        gpu.processes = [GpuProcess(pid=pid, used_memory=mem, experiment=workers.get(pid)) for pid, mem in used.items()]
+        return gpu
+
+    def shutdown(self) -> None:
+        with self._lock:
+            if self._ready:
+                self._call("nvmlShutdown")
+                self._ready = False
+
+
+def read_gpus(module: Any = None, workers: dict[int, str] | None = None) -> GpuSnapshot:
+    """One reading, for a command that asks once."""
+    nvml = Nvml(module)
+    try:
+        return nvml.read(workers)
+    finally:
+        nvml.shutdown()
+
+
+def choose_gpu(snapshot: GpuSnapshot, pinned: int | None = None, placed: Counter[int] | None = None) -> int | None:
+    """The GPU for a new worker: the pinned one, else the most free memory, then the
+    lowest utilisation; None (the CPU) when there is no GPU.
+
+    `placed` counts workers just started on each GPU that NVML does not list yet: the
+    memory they are about to take still shows as free, so a GPU with fewer of them wins
+    first, and several experiments launched together spread out."""
+    if not snapshot.available or not snapshot.gpus:
+        return None
+    if pinned is not None:
+        return pinned
+    placed = placed or Counter()
+
+    def key(gpu: GpuInfo) -> tuple:
+        free = gpu.memory_free
+        util = gpu.utilization
+        return (placed[gpu.index], free is None, -(free or 0), util is None, util or 0, gpu.index)
+
+    return min(snapshot.gpus, key=key).index
+
+
+class GpuSampler(threading.Thread):
+    """Reads the GPUs every `interval` seconds and hands each snapshot to `callback`.
+    With no NVIDIA GPU it reports that once and ends."""
+
+    def __init__(self, nvml: Nvml, workers: Callable[[], dict[int, str]], callback: Callable[[GpuSnapshot], None],
+                 interval: float = 1.0) -> None:
+        super().__init__(name="gpu-sampler", daemon=True)
+        self._nvml = nvml
+        self._workers = workers
+        self._callback = callback
+        self._interval = interval
+        self._stopped = threading.Event()
+
+    def run(self) -> None:
+        while True:
+            snapshot = self._nvml.read(self._workers())
+            self._callback(snapshot)
+            if not snapshot.available or self._stopped.wait(self._interval):
+                return
+
+    def stop(self) -> None:
+        self._stopped.set()

@@ -1,0 +1,271 @@
+"""What is known about each experiment of a run, folded from its events.
+
+One fold for every source: the supervisor's workers, log files tailed by `watch`, and
+`run.json` read back by `status` from another terminal all give the same
+`ExperimentState`, so every view shows the same thing the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from sa2va_tui.events import (
+    Checkpoint,
+    Event,
+    Failed,
+    Finished,
+    Metrics,
+    Paused,
+    Phase,
+    Progress,
+    Restarting,
+    Resumed,
+    Started,
+    Stopped,
+)
+
+log = logging.getLogger(__name__)
+
+STATES = ("pending", "running", "paused", "restarting", "failed", "finished", "stopped")
+TERMINAL_STATES = ("failed", "finished", "stopped")
+#: The metric that `status` and the UI show as "episode reward".
+EPISODE_REWARD = "rollout/ep_rew_mean"
+
+
+@dataclass
+class ExperimentState:
+    name: str
+    kind: str = ""
+    state: str = "pending"
+    phase: str | None = None
+    phase_done: int | None = None
+    phase_total: int | None = None
+    timesteps: int = 0
+    #: 0 when unknown (a log tailed without --total).
+    total: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    metrics_step: int | None = None
+    pid: int | None = None
+    gpu: int | None = None
+    batch_size: int | None = None
+    attempts: int = 0
+    oom_restarts: int = 0
+    last_checkpoint: str | None = None
+    checkpoint_step: int | None = None
+    #: Timesteps per second, smoothed.
+    rate: float | None = None
+    #: Seconds to finish at `rate`, as of `updated_at`.
+    eta_s: float | None = None
+    started_at: float | None = None
+    ended_at: float | None = None
+    #: kind, message, step, exit_code, log_tail of the last failure.
+    failure: dict[str, Any] | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
+    updated_at: float = field(default_factory=time.time)
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+    @property
+    def fraction(self) -> float | None:
+        return min(1.0, self.timesteps / self.total) if self.total else None
+
+    @property
+    def episode_reward(self) -> float | None:
+        return self.metrics.get(EPISODE_REWARD)
+
+    def eta_at(self, now: float) -> float | None:
+        """Seconds left as seen at `now` (the estimate ages while nobody updates it)."""
+        if self.state == "finished":
+            return 0.0
+        if self.eta_s is None or self.terminal:
+            return None
+        if self.state == "paused":
+            return self.eta_s
+        return max(0.0, self.eta_s - (now - self.updated_at))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ExperimentState":
+        # A run folder written by an older or newer version may have other keys.
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+class RateEstimator:
+    """Timesteps per second as an exponential moving average whose weight grows with
+    the time each sample covers, so a burst of reports and a quiet spell count the same
+    per second of training."""
+
+    def __init__(self, tau_s: float = 15.0) -> None:
+        self._tau = tau_s
+        self._last: tuple[float, int] | None = None
+        self.rate: float | None = None
+
+    def update(self, timesteps: int, now: float) -> float | None:
+        last, self._last = self._last, (now, timesteps)
+        if last is None or timesteps < last[1]:
+            # First sample, or a resume from an earlier checkpoint: a new baseline.
+            return self.rate
+        dt = now - last[0]
+        if dt <= 0:
+            self._last = last
+            return self.rate
+        sample = (timesteps - last[1]) / dt
+        weight = 1.0 - math.exp(-dt / self._tau)
+        self.rate = sample if self.rate is None else self.rate + weight * (sample - self.rate)
+        return self.rate
+
+    def restart_clock(self) -> None:
+        """After a pause or a new process: the gap was not training time."""
+        self._last = None
+
+
+class StateBook:
+    """Experiment states by name, updated by `apply(event)`. Not thread-safe: its owner
+    (the supervisor, a log watcher) serialises access."""
+
+    def __init__(self, states: dict[str, ExperimentState] | None = None) -> None:
+        self.states: dict[str, ExperimentState] = dict(states or {})
+        self._rates: dict[str, RateEstimator] = {}
+
+    def add(self, name: str, kind: str = "") -> ExperimentState:
+        state = self.states.get(name)
+        if state is None:
+            state = self.states[name] = ExperimentState(name=name, kind=kind)
+        return state
+
+    def apply(self, event: Event) -> ExperimentState | None:
+        if not event.experiment:
+            return None
+        s = self.add(event.experiment)
+        rate = self._rates.setdefault(event.experiment, RateEstimator())
+        now = event.time
+        if isinstance(event, Started):
+            s.state, s.pid, s.gpu, s.batch_size, s.attempts = "running", event.pid, event.gpu, event.batch_size, event.attempt
+            s.started_at = s.started_at or now
+            s.ended_at = None
+            rate.restart_clock()
+        elif isinstance(event, Phase):
+            s.phase, s.phase_done, s.phase_total = event.phase, event.done, event.total
+        elif isinstance(event, Progress):
+            s.timesteps, s.total = event.timesteps, event.total
+            s.rate = rate.update(event.timesteps, now)
+            if s.state == "pending":
+                s.state = "running"
+            s.eta_s = (max(0, s.total - s.timesteps) / s.rate) if s.rate and s.total else None
+        elif isinstance(event, Metrics):
+            s.metrics.update(event.values)
+            s.metrics_step = event.step
+        elif isinstance(event, Checkpoint):
+            s.last_checkpoint, s.checkpoint_step = event.path, event.step
+        elif isinstance(event, Paused):
+            s.state = "paused"
+        elif isinstance(event, Resumed):
+            s.state = "running"
+            rate.restart_clock()
+        elif isinstance(event, Restarting):
+            s.state, s.attempts = "restarting", event.attempt
+            s.oom_restarts += event.reason == "oom"
+            if "batch_size" in event.changes:
+                s.batch_size = event.changes["batch_size"][1]
+            if "gpu" in event.changes:
+                s.gpu = event.changes["gpu"][1]
+        elif isinstance(event, (Failed, Finished, Stopped)):
+            self._end(s, event, now)
+        s.updated_at = now
+        return s
+
+    @staticmethod
+    def _end(s: ExperimentState, event: Event, now: float) -> None:
+        s.pid, s.ended_at = None, now
+        if isinstance(event, Failed):
+            s.state, s.eta_s = "failed", None
+            s.failure = {k: getattr(event, k) for k in ("kind", "message", "step", "exit_code", "log_tail")}
+        elif isinstance(event, Finished):
+            s.state, s.eta_s, s.summary = "finished", 0.0, event.summary
+        else:
+            s.state, s.eta_s = "stopped", None
+
+    def finish_time(self, now: float | None = None) -> float | None:
+        """When the whole run should be done (experiments run side by side): None while
+        any unfinished experiment has no estimate."""
+        now = time.time() if now is None else now
+        etas = [s.eta_at(now) for s in self.states.values() if s.state not in ("finished", "failed", "stopped")]
+        if any(eta is None for eta in etas):
+            return None
+        return now + max(etas, default=0.0)
+
+    @property
+    def all_done(self) -> bool:
+        return all(s.terminal for s in self.states.values())
+
+
+Subscriber = Callable[[Event], None]
+
+
+class EventHub:
+    """What every event source (the supervisor, the log watcher) offers a view: the
+    experiments' states and a fan-out of events to subscribers."""
+
+    def __init__(self, prior: dict[str, ExperimentState] | None = None) -> None:
+        self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)
+        self._book = StateBook(prior)
+        self._subscribers: list[Subscriber] = []
+
+    def subscribe(self, callback: Subscriber) -> Callable[[], None]:
+        """Call `callback(event)` for every event from now on, on the source's own
+        thread (keep it short); returns a function that unsubscribes."""
+        with self._lock:
+            self._subscribers.append(callback)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                if callback in self._subscribers:
+                    self._subscribers.remove(callback)
+
+        return unsubscribe
+
+    def states(self) -> dict[str, ExperimentState]:
+        """A copy of every experiment's state."""
+        with self._lock:
+            return {name: ExperimentState.from_dict(s.to_dict()) for name, s in self._book.states.items()}
+
+    def finish_time(self) -> float | None:
+        with self._lock:
+            return self._book.finish_time()
+
+    @property
+    def done(self) -> bool:
+        """Nothing more will happen unless asked."""
+        raise NotImplementedError
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until `done`; False if `timeout` passed first."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self.done, timeout)
+
+    def shutdown(self, grace_s: float = 10.0) -> None:
+        """End the source; what it started gets `grace_s` to stop gracefully."""
+        raise NotImplementedError
+
+    def _deliver(self, events: list[Event]) -> None:
+        """Call the subscribers, without the lock held, so that they may call back."""
+        with self._lock:
+            subscribers = list(self._subscribers)
+        for event in events:
+            for callback in subscribers:
+                try:
+                    callback(event)
+                except Exception:  # noqa: BLE001 - a broken view must not stop the source
+                    log.exception("subscriber %r failed on %s", callback, event.type)

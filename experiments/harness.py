@@ -62,6 +62,8 @@ SUPERVISOR_LOST = "supervisor lost"
 ORPHAN_GRACE_S = 30.0
 #: How often the watchdog looks at the parent process.
 WATCHDOG_INTERVAL_S = 0.5
+#: Lines of its log a failed worker's report carries.
+LOG_TAIL_LINES = 20
 
 
 class StopRequested(Exception):
@@ -280,9 +282,6 @@ def run_experiment(ctx: WorkerContext, entry: str, log_path: Path | None = None)
     return Finished(ctx.name, summary=dict(summary or {}))
 
 
-LOG_TAIL_LINES = 20
-
-
 def read_log_tail(path: Path, lines: int = LOG_TAIL_LINES, max_bytes: int = 64 * 1024) -> list[str]:
     """The last lines of a log, read from its end (logs grow to gigabytes), any bytes."""
     try:
@@ -362,40 +361,57 @@ class PipeSink:
             self._on_lost()
 
 
+class Lifeline:
+    """Whether the supervisor is still there. Its loss, however noticed (the pipe's end
+    of file, a broken pipe, this process re-parented), asks the experiment to save and
+    stop, and starts the clock after which the process ends anyway."""
+
+    def __init__(self, control: Control) -> None:
+        self._control = control
+        self._lost_at: float | None = None
+
+    def lost(self) -> None:
+        if self._lost_at is None:
+            self._lost_at = time.monotonic()
+            log.warning("supervisor lost: saving and stopping")
+        self._control.stop(SUPERVISOR_LOST)
+
+    @property
+    def orphaned_for(self) -> float:
+        return 0.0 if self._lost_at is None else time.monotonic() - self._lost_at
+
+
 class Watchdog(threading.Thread):
-    """Notices a dead supervisor (this process re-parented) and asks the experiment to
-    save and stop; if it has not exited `ORPHAN_GRACE_S` later, ends the process. Also
+    """Twice a second: notices a dead supervisor by this process being re-parented;
+    ends the process if the experiment has not stopped `ORPHAN_GRACE_S` after the loss;
     delivers coalesced events that would otherwise wait for the next one."""
 
-    def __init__(self, supervisor_pid: int, control: Control, sink: PipeSink) -> None:
+    def __init__(self, supervisor_pid: int, lifeline: Lifeline, sink: PipeSink) -> None:
         super().__init__(name="watchdog", daemon=True)
         self._supervisor_pid = supervisor_pid
-        self._control = control
+        self._lifeline = lifeline
         self._sink = sink
 
     def run(self) -> None:
-        lost_since: float | None = None
         while True:
             if os.getppid() != self._supervisor_pid:
-                self._control.stop(SUPERVISOR_LOST)
-            if self._control.stopping and self._control.stop_reason == SUPERVISOR_LOST:
-                lost_since = lost_since or time.monotonic()
-                if time.monotonic() - lost_since > ORPHAN_GRACE_S:
-                    log.error("supervisor lost %.0f s ago and the experiment did not stop; exiting", ORPHAN_GRACE_S)
-                    logging.shutdown()
-                    os._exit(3)
+                self._lifeline.lost()
+            if self._lifeline.orphaned_for > ORPHAN_GRACE_S:
+                log.error("the experiment did not stop %.0f s after its supervisor was lost; exiting", ORPHAN_GRACE_S)
+                logging.shutdown()
+                os._exit(3)
             self._sink.flush()
             time.sleep(WATCHDOG_INTERVAL_S)
 
 
-def read_control(conn: Connection, control: Control) -> None:
+def read_control(conn: Connection, control: Control, lifeline: Lifeline) -> None:
     """The control channel: ("pause",), ("resume",), ("stop", reason). End of file means
     the supervisor's end closed, i.e. the supervisor died."""
     while True:
         try:
             command, *args = conn.recv()
         except (EOFError, OSError):
-            control.stop(SUPERVISOR_LOST)
+            lifeline.lost()
             return
         if command == "pause":
             control.pause()
@@ -435,9 +451,10 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
 
     control = Control()
     signal.signal(signal.SIGTERM, lambda *_: control.stop("terminated"))
-    sink = PipeSink(conn, on_lost=lambda: control.stop(SUPERVISOR_LOST))
-    threading.Thread(target=read_control, args=(conn, control), name="control", daemon=True).start()
-    Watchdog(spec.supervisor_pid, control, sink).start()
+    lifeline = Lifeline(control)
+    sink = PipeSink(conn, on_lost=lifeline.lost)
+    threading.Thread(target=read_control, args=(conn, control, lifeline), name="control", daemon=True).start()
+    Watchdog(spec.supervisor_pid, lifeline, sink).start()
 
     log.info("attempt %d of %s: pid %d, gpu %s, batch size override %s, resume from %s",
              spec.attempt, spec.name, os.getpid(), spec.gpu, spec.batch_size_override, spec.resume_from)

@@ -61,18 +61,21 @@ class DatasetConfig(Strict):
 
 # --- backend -----------------------------------------------------------------------
 
+# The referring expressions of the built-in dataset's image conditions (plain, faint,
+# thin, thick, small, large, dark part, bright part, noisy, blurry, crowded): the
+# embedded model was trained on them, and which one helps depends on the image.
 BUILTIN_PROMPTS = [
     "the {target}",
-    "all {target}",
-    "{target}",
     "the faint {target}",
-    "the bright {target}",
     "the thin {target}",
     "the thick {target}",
-    "{target} in the dark part of the image",
-    "{target} in the bright part of the image",
-    "the large {target}",
     "the small {target}",
+    "the large {target}",
+    "the {target} in the dark part of the image",
+    "the {target} in the bright part of the image",
+    "the {target} in the noisy image",
+    "the blurry {target}",
+    "all {target}",
 ]
 
 

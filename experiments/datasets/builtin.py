@@ -1,0 +1,335 @@
+"""The built-in referring-segmentation dataset, generated procedurally.
+
+Every image holds several kinds of structure (thin branching vessels, blobs with
+holes, rings, boxes) over a mottled background with faint vessel-like clutter,
+speckle, blur, noise and uneven illumination. One kind is the target; its mask is
+the ground truth (the visible pixels of every instance of that kind).
+
+Each image is also drawn under one *condition* (faint, thin, in a dark part, ...),
+and the sample's referring expression names it, as an annotator describes what
+makes an image hard ("the faint vessels"). The conditions are made so that the
+same local evidence means different things under different conditions: a faint
+target looks like the clutter of a plain image, a target in a dark or glaring part
+loses its contrast there, small objects look like speckle, a thick vessel's
+central reflex splits it in two. A model trained on these expressions segments an
+image better when its prompt names the image's condition, and which condition an
+image has shows in global image statistics (contrast, brightness, noise, scale):
+that is what gives a prompt-choosing agent something real to learn.
+
+Every sample is generated from its own random stream, seeded by (seed, split,
+index), so a sample is the same whatever the split size or sample limit.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from experiments.datasets.base import SPLITS, Sample
+from sa2va_tui.config import DatasetConfig
+
+KINDS = ("vessels", "blobs", "rings", "boxes")
+_LINE_KINDS = ("vessels", "rings")
+_OBJECT_KINDS = ("blobs", "rings", "boxes")
+#: How often each kind is the target: vessels, as in the real use case, most often.
+_TARGET_WEIGHTS = (0.4, 0.2, 0.2, 0.2)
+_SPLIT_CODE = {split: code for code, split in enumerate(SPLITS)}
+
+#: Direction and strength of each kind's colour change against the background:
+#: vessels and the clutter that mimics them are dark, blobs bright, rings and boxes tinted.
+_KIND_COLOUR = {
+    "vessels": np.array([-0.42, -0.30, -0.14], np.float32),
+    "blobs": np.array([0.30, 0.30, 0.10], np.float32),
+    "rings": np.array([-0.12, 0.22, 0.28], np.float32),
+    "boxes": np.array([0.14, -0.16, 0.26], np.float32),
+}
+
+
+@dataclass(frozen=True)
+class Condition:
+    """What makes an image hard, and the expression that describes it."""
+
+    name: str
+    template: str
+    kinds: tuple[str, ...]
+    weight: float
+
+
+CONDITIONS = (
+    Condition("plain", "the {target}", KINDS, 2.0),
+    Condition("faint", "the faint {target}", KINDS, 1.0),
+    Condition("thin", "the thin {target}", _LINE_KINDS, 1.0),
+    Condition("thick", "the thick {target}", _LINE_KINDS, 1.0),
+    Condition("small", "the small {target}", _OBJECT_KINDS, 1.0),
+    Condition("large", "the large {target}", _OBJECT_KINDS, 1.0),
+    Condition("dark_part", "the {target} in the dark part of the image", KINDS, 1.0),
+    Condition("bright_part", "the {target} in the bright part of the image", KINDS, 1.0),
+    Condition("noisy", "the {target} in the noisy image", KINDS, 1.0),
+    Condition("blurry", "the blurry {target}", KINDS, 1.0),
+    Condition("crowded", "all {target}", KINDS, 1.0),
+)
+CONDITION_BY_NAME = {c.name: c for c in CONDITIONS}
+#: The expression that describes no condition: what a model is asked by default.
+PLAIN_TEMPLATE = CONDITION_BY_NAME["plain"].template
+
+
+def builtin_split(config: DatasetConfig, split: str) -> list[Sample]:
+    """The first `sizes.<split>` samples of a split, at most `limit` of them."""
+    if split not in _SPLIT_CODE:
+        raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
+    count = getattr(config.sizes, split)
+    if config.limit is not None:
+        count = min(count, config.limit)
+    return [builtin_sample(config, split, index) for index in range(count)]
+
+
+def builtin_sample(config: DatasetConfig, split: str, index: int) -> Sample:
+    """Sample `index` of a split; indices past the split size continue the same
+    stream (the embedded model trains on more images than the split holds)."""
+    sample, _ = generate(config.seed, split, index, config.image_size)
+    return sample
+
+
+def generate(seed: int, split: str, index: int, size: int) -> tuple[Sample, Condition]:
+    """One sample and the condition it was drawn under."""
+    entropy = [seed % 2**32, _SPLIT_CODE[split], index]
+    rng = np.random.default_rng(np.random.SeedSequence(entropy))
+    kind = KINDS[rng.choice(len(KINDS), p=_TARGET_WEIGHTS)]
+    options = [c for c in CONDITIONS if kind in c.kinds]
+    weights = np.array([c.weight for c in options])
+    condition = options[rng.choice(len(options), p=weights / weights.sum())]
+    # A rare draw can leave the target hidden under other objects: draw again from
+    # the same stream, which keeps the sample deterministic.
+    while True:
+        image, mask = _Scene(rng, size, kind, condition.name).render()
+        if np.count_nonzero(mask) >= 8:
+            break
+    sample = Sample(
+        id=f"builtin-{split}-{index:05d}",
+        image=image,
+        mask=mask,
+        expression=condition.template.replace("{target}", kind),
+        target=kind,
+    )
+    return sample, condition
+
+
+class _Scene:
+    """One image under construction: background, objects in drawing order, then the
+    imaging effects (illumination, blur, noise, speckle)."""
+
+    def __init__(self, rng: np.random.Generator, size: int, target: str, condition: str) -> None:
+        self.rng = rng
+        self.size = size
+        self.scale = size / 128.0
+        self.target = target
+        self.condition = condition
+        self.signal = np.zeros((size, size, 3), np.float32)
+        self.label = np.zeros((size, size), np.int8)
+        # Faint images lower every structure's contrast, clutter included, so that a
+        # faint target looks like the clutter of a plain image.
+        self.contrast = rng.uniform(0.28, 0.38) if condition == "faint" else 1.0
+
+    # --- drawing ------------------------------------------------------------------
+
+    def render(self) -> tuple[np.ndarray, np.ndarray]:
+        rng = self.rng
+        background = self._background()
+        self._clutter()
+        others = [k for k in KINDS if k != self.target]
+        present = [self.target] + list(rng.choice(others, size=rng.integers(1, 3), replace=False))
+        layers = []
+        for kind in present:
+            layers += [(kind, draw) for draw in self._instances(kind, kind == self.target)]
+        # Random drawing order: objects occlude and touch each other whatever their kind.
+        for i in rng.permutation(len(layers)):
+            kind, (alpha, hard) = layers[i]
+            colour = _KIND_COLOUR[kind] * rng.uniform(0.85, 1.15, 3).astype(np.float32)
+            self.signal[hard] = 0.0
+            self.signal += alpha[..., None] * colour * self.contrast
+            self.label[hard] = KINDS.index(kind) + 1
+        image = self._imaging(background + self.signal)
+        return image, self.label == KINDS.index(self.target) + 1
+
+    def _background(self) -> np.ndarray:
+        rng = self.rng
+        palette = np.array([[0.72, 0.40, 0.22], [0.52, 0.52, 0.50], [0.34, 0.50, 0.52]], np.float32)
+        colour = palette[rng.integers(len(palette))] * rng.uniform(0.85, 1.15)
+        mottling = 1.0 + 0.10 * self._smooth_field(6)
+        return mottling[..., None] * colour
+
+    def _smooth_field(self, cells: int) -> np.ndarray:
+        """Low-frequency noise in about [-1, 1]."""
+        coarse = self.rng.normal(0, 0.6, (cells, cells)).astype(np.float32)
+        return cv2.resize(coarse, (self.size, self.size), interpolation=cv2.INTER_CUBIC)
+
+    def _clutter(self) -> None:
+        """Faint dark curvilinear texture that is not a target: what faint vessels
+        must be told apart from."""
+        rng = self.rng
+        for _ in range(rng.integers(4, 9)):
+            alpha = np.zeros((self.size, self.size), np.float32)
+            for x0, y0, x1, y1, _w, _m in self._walk(rng.uniform(25, 70), 1, 1, branch=0.0, dips=0.0):
+                cv2.line(alpha, (x0, y0), (x1, y1), 1.0, 1)
+            self.signal += alpha[..., None] * _KIND_COLOUR["vessels"] * rng.uniform(0.15, 0.26) * self.contrast
+
+    def _instances(self, kind: str, is_target: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(alpha, hard mask) per instance; conditions change only the target's instances."""
+        rng = self.rng
+        cond = self.condition if is_target else "plain"
+        if kind == "vessels":
+            trees = rng.integers(1, 3) if is_target else 1
+            if cond == "crowded":
+                trees = rng.integers(4, 6)
+            return [self._vessel_tree(cond) for _ in range(trees)]
+        count = {"small": rng.integers(9, 17), "large": rng.integers(1, 3), "crowded": rng.integers(7, 12)}.get(
+            cond, rng.integers(2, 4)
+        )
+        draw = {"blobs": self._blob, "rings": self._ring, "boxes": self._box}[kind]
+        out = []
+        for _ in range(count):
+            alpha, hard = draw(cond)
+            if cond == "crowded":
+                # Crowds mix salient and barely visible instances: "all" of them count.
+                alpha = alpha * rng.uniform(0.25, 1.0)
+            out.append((alpha, hard))
+        return out
+
+    def _walk(self, length: float, width: int, min_width: int, branch: float, dips: float):
+        """A branching random walk from the border inwards or from inside: segments
+        (x0, y0, x1, y1, width, contrast) where contrast dips in low-contrast stretches."""
+        rng, s = self.rng, self.size
+        if rng.random() < 0.6:
+            side = rng.integers(4)
+            t = rng.uniform(0.15, 0.85) * s
+            x, y, angle = [(t, 0.0, math.pi / 2), (t, s - 1.0, -math.pi / 2), (0.0, t, 0.0), (s - 1.0, t, math.pi)][side]
+            angle += rng.normal(0, 0.35)
+        else:
+            x, y, angle = rng.uniform(0.2, 0.8) * s, rng.uniform(0.2, 0.8) * s, rng.uniform(0, 2 * math.pi)
+        step = 2.0 * self.scale
+        stack = [(x, y, angle, width, 0, length * self.scale)]
+        segments = []
+        while stack:
+            x, y, angle, w, depth, budget = stack.pop()
+            n_dips = rng.poisson(dips)
+            centres = rng.uniform(0, budget, n_dips)
+            halves = rng.uniform(4, 10, n_dips) * self.scale
+            depths = rng.uniform(0.65, 0.9, n_dips)
+            travelled = 0.0
+            while travelled < budget:
+                angle += rng.normal(0, 0.18)
+                nx, ny = x + step * math.cos(angle), y + step * math.sin(angle)
+                dip = depths * np.exp(-(((travelled - centres) / halves) ** 2))
+                contrast = 1.0 - (dip.max() if n_dips else 0.0)
+                segments.append((int(round(x)), int(round(y)), int(round(nx)), int(round(ny)), w, contrast))
+                if not (-2 <= nx <= s + 1 and -2 <= ny <= s + 1):
+                    break
+                if depth < 3 and rng.random() < branch:
+                    turn = rng.choice([-1, 1]) * rng.uniform(0.5, 1.1)
+                    stack.append((nx, ny, angle + turn, max(min_width, w - 1), depth + 1, budget * rng.uniform(0.4, 0.7)))
+                x, y = nx, ny
+                travelled += step
+        return segments
+
+    def _vessel_tree(self, cond: str) -> tuple[np.ndarray, np.ndarray]:
+        rng, s = self.rng, self.scale
+        if cond == "thin":
+            width, min_width = 1, 1
+        elif cond == "thick":
+            width, min_width = int(round(rng.integers(5, 8) * s)), max(3, int(round(3 * s)))
+        else:
+            width, min_width = max(1, int(round(rng.integers(2, 4) * s))), 1
+        alpha = np.zeros((self.size, self.size), np.float32)
+        hard = np.zeros((self.size, self.size), np.uint8)
+        reflex = np.zeros((self.size, self.size), np.float32)
+        dips = 1.6 if cond in ("thin", "crowded") else 0.8
+        for x0, y0, x1, y1, w, contrast in self._walk(rng.uniform(70, 130), width, min_width, branch=0.07, dips=dips):
+            cv2.line(alpha, (x0, y0), (x1, y1), float(contrast), w)
+            cv2.line(hard, (x0, y0), (x1, y1), 1, w)
+            if w >= 4:
+                # The central light reflex of wide vessels: a bright stripe down the middle.
+                cv2.line(reflex, (x0, y0), (x1, y1), 0.8, max(1, w // 3))
+        alpha *= 1.0 - reflex
+        strength = rng.uniform(0.7, 1.0) if cond != "crowded" else rng.uniform(0.3, 1.0)
+        return alpha * strength, hard.astype(bool)
+
+    def _centre(self) -> tuple[float, float]:
+        return tuple(self.rng.uniform(0.1, 0.9, 2) * self.size)
+
+    def _blob(self, cond: str) -> tuple[np.ndarray, np.ndarray]:
+        rng = self.rng
+        radius = {"small": (2.0, 4.0), "large": (22.0, 34.0)}.get(cond, (7.0, 14.0))
+        r = rng.uniform(*radius) * self.scale
+        cx, cy = self._centre()
+        theta = np.linspace(0, 2 * math.pi, 48, endpoint=False)
+        bumps = sum(rng.uniform(0, 0.15) * np.cos(k * theta + rng.uniform(0, 2 * math.pi)) for k in (2, 3, 4))
+        points = np.stack([cx + r * (1 + bumps) * np.cos(theta), cy + r * (1 + bumps) * np.sin(theta)], 1)
+        hard = np.zeros((self.size, self.size), np.uint8)
+        cv2.fillPoly(hard, [np.round(points).astype(np.int32)], 1)
+        if r >= 6 * self.scale:
+            for _ in range(rng.integers(0, 3)):
+                hx, hy = cx + rng.uniform(-0.4, 0.4) * r, cy + rng.uniform(-0.4, 0.4) * r
+                axes = (max(1, int(r * rng.uniform(0.12, 0.3))), max(1, int(r * rng.uniform(0.12, 0.3))))
+                cv2.ellipse(hard, (int(hx), int(hy)), axes, rng.uniform(0, 180), 0, 360, 0, -1)
+        return hard.astype(np.float32) * rng.uniform(0.7, 1.0), hard.astype(bool)
+
+    def _ring(self, cond: str) -> tuple[np.ndarray, np.ndarray]:
+        rng, s = self.rng, self.scale
+        radius = {"small": (4.0, 6.0), "large": (24.0, 38.0)}.get(cond, (8.0, 16.0))
+        thickness = {"thin": (1, 2), "thick": (5, 8), "small": (1, 2), "large": (3, 5)}.get(cond, (2, 4))
+        r = rng.uniform(*radius) * s
+        axes = (max(2, int(r)), max(2, int(r * rng.uniform(0.6, 1.0))))
+        hard = np.zeros((self.size, self.size), np.uint8)
+        t = max(1, int(round(rng.integers(*thickness) * s)))
+        cx, cy = self._centre()
+        cv2.ellipse(hard, (int(cx), int(cy)), axes, rng.uniform(0, 180), 0, 360, 1, t)
+        return hard.astype(np.float32) * rng.uniform(0.7, 1.0), hard.astype(bool)
+
+    def _box(self, cond: str) -> tuple[np.ndarray, np.ndarray]:
+        rng = self.rng
+        side = {"small": (3.0, 6.0), "large": (30.0, 50.0)}.get(cond, (9.0, 20.0))
+        w, h = rng.uniform(*side, 2) * self.scale
+        cx, cy = self._centre()
+        corners = cv2.boxPoints(((cx, cy), (w, h), rng.uniform(0, 90)))
+        hard = np.zeros((self.size, self.size), np.uint8)
+        cv2.fillPoly(hard, [np.round(corners).astype(np.int32)], 1)
+        return hard.astype(np.float32) * rng.uniform(0.7, 1.0), hard.astype(bool)
+
+    # --- imaging ------------------------------------------------------------------
+
+    def _imaging(self, scene: np.ndarray) -> np.ndarray:
+        rng, n, cond = self.rng, self.size, self.condition
+        yy, xx = np.mgrid[0:n, 0:n].astype(np.float32) / n
+        # Uneven illumination: a gentle gradient, or a dark part where contrast fades.
+        angle = rng.uniform(0, 2 * math.pi)
+        along = (xx - 0.5) * math.cos(angle) + (yy - 0.5) * math.sin(angle)
+        low = rng.uniform(0.14, 0.28) if cond == "dark_part" else rng.uniform(0.8, 0.95)
+        ramp = np.clip((along - rng.uniform(-0.15, 0.15)) / 0.3 + 0.5, 0, 1)
+        image = scene * (1.0 - (1.0 - low) * ramp)[..., None]
+        # Glare: a bright part that washes structure out towards white.
+        if cond == "bright_part":
+            gx, gy = rng.uniform(0.25, 0.75, 2)
+            sigma = rng.uniform(0.18, 0.28)
+            glare = rng.uniform(0.7, 0.92) * np.exp(-((xx - gx) ** 2 + (yy - gy) ** 2) / (2 * sigma**2))
+            image = image + glare[..., None] * (1.0 - image)
+        sigma = rng.uniform(1.5, 2.2) if cond == "blurry" else rng.uniform(0.4, 0.8)
+        image = cv2.GaussianBlur(image, (0, 0), sigma * self.scale)
+        noise_sd = rng.uniform(0.05, 0.08) if cond == "noisy" else rng.uniform(0.01, 0.025)
+        image = image + rng.normal(0, noise_sd, (n, n, 1)).astype(np.float32)
+        image = self._speckle(image, cond == "noisy")
+        return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+    def _speckle(self, image: np.ndarray, heavy: bool) -> np.ndarray:
+        """Isolated bright and dark dots of one or two pixels."""
+        rng, n = self.rng, self.size
+        count = int(rng.integers(250, 450) if heavy else rng.integers(15, 45)) * self.scale**2
+        dots = np.zeros((n, n), np.float32)
+        xs, ys = rng.integers(0, n, (2, int(count)))
+        amplitude = rng.uniform(0.15, 0.45, int(count)) * rng.choice([-1.0, 1.0], int(count))
+        dots[ys, xs] = amplitude
+        big = rng.random(int(count)) < 0.3
+        dots[np.minimum(ys[big] + 1, n - 1), xs[big]] = amplitude[big]
+        return image + dots[..., None]

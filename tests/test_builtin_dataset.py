@@ -1,0 +1,86 @@
+"""The built-in procedural dataset: deterministic, split-disjoint, well-formed."""
+
+import hashlib
+
+import numpy as np
+import pytest
+
+from experiments.datasets.base import SPLITS, Sample
+from experiments.datasets.builtin import CONDITIONS, KINDS, builtin_split, generate
+from sa2va_tui.config import BUILTIN_PROMPTS, DatasetConfig
+
+
+def _digest(sample: Sample) -> str:
+    return hashlib.sha1(sample.image.tobytes() + np.packbits(sample.mask).tobytes()).hexdigest()
+
+
+def test_same_samples_on_every_call():
+    config = DatasetConfig(limit=12)
+    first, second = builtin_split(config, "val"), builtin_split(config, "val")
+    assert [s.id for s in first] == [s.id for s in second]
+    assert [_digest(s) for s in first] == [_digest(s) for s in second]
+    assert [s.expression for s in first] == [s.expression for s in second]
+
+
+def test_a_sample_does_not_depend_on_limit_or_split_size():
+    few = builtin_split(DatasetConfig(limit=5), "val")
+    many = builtin_split(DatasetConfig(limit=30, sizes={"train": 10, "val": 300, "test": 10}), "val")
+    assert len(few) == 5 and len(many) == 30
+    assert [_digest(s) for s in few] == [_digest(s) for s in many[:5]]
+
+
+def test_split_sizes_and_limit():
+    config = DatasetConfig(sizes={"train": 7, "val": 5, "test": 3})
+    assert [len(builtin_split(config, split)) for split in SPLITS] == [7, 5, 3]
+    assert len(builtin_split(config.model_copy(update={"limit": 4}), "train")) == 4
+    with pytest.raises(ValueError, match="unknown split"):
+        builtin_split(config, "dev")
+
+
+def test_splits_are_disjoint_and_seed_matters():
+    config = DatasetConfig(limit=40)
+    digests = {split: {_digest(s) for s in builtin_split(config, split)} for split in SPLITS}
+    assert all(len(d) == 40 for d in digests.values())
+    assert not digests["train"] & digests["val"]
+    assert not digests["train"] & digests["test"]
+    assert not digests["val"] & digests["test"]
+    other_seed = {_digest(s) for s in builtin_split(DatasetConfig(limit=40, seed=1), "val")}
+    assert not other_seed & digests["val"]
+
+
+@pytest.mark.parametrize("size", [64, 128])
+def test_shapes_types_ids_and_expressions(size):
+    samples = builtin_split(DatasetConfig(limit=20, image_size=size), "test")
+    for i, sample in enumerate(samples):
+        assert sample.id == f"builtin-test-{i:05d}"
+        assert sample.image.shape == (size, size, 3) and sample.image.dtype == np.uint8
+        assert sample.mask.shape == (size, size) and sample.mask.dtype == bool
+        assert sample.target in KINDS
+        assert sample.target in sample.expression
+        assert sample.mask.any()
+        # Ground truth is a part of the image, never all of it.
+        assert sample.mask.mean() < 0.6
+
+
+def test_every_kind_and_condition_occurs_with_nonempty_masks():
+    drawn = [generate(0, "val", i, 128) for i in range(240)]
+    assert {s.target for s, _ in drawn} == set(KINDS)
+    assert {c.name for _, c in drawn} == {c.name for c in CONDITIONS}
+    assert all(s.mask.sum() >= 8 for s, _ in drawn)
+    for sample, condition in drawn:
+        assert sample.target in condition.kinds
+        assert sample.expression == condition.template.replace("{target}", sample.target)
+
+
+def test_images_have_texture_and_vary():
+    samples = builtin_split(DatasetConfig(limit=30), "val")
+    # Noise and clutter: no flat images; the conditions spread brightness and contrast.
+    assert min(s.image.std() for s in samples) > 3
+    means = [s.image.mean() for s in samples]
+    assert max(means) - min(means) > 30
+
+
+def test_candidate_prompts_are_the_condition_expressions():
+    """The embedded model learned these expressions; the default prompt is the plain one."""
+    assert BUILTIN_PROMPTS == [c.template for c in CONDITIONS]
+    assert BUILTIN_PROMPTS[0] == "the {target}"

@@ -382,3 +382,43 @@ def test_the_ui_side_imports_nothing_heavy():
             "set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+LAUNCH_WITH_WORKLOAD = (
+    "import sys, experiments.harness as h; h.EXPERIMENT_ENTRY_POINTS.update(prompt_rl='sv_workload:run', "
+    "postprocess_rl='sv_workload:run'); sys.argv[0] = 'sa2va-tui'; from sa2va_tui.cli import main; main()"
+)
+
+
+def test_ctrl_c_stops_every_worker_gracefully(tmp_path):
+    logs = tmp_path / "logs"
+    args = ["launch", "--headless", "--set", f"run.logs_dir={logs}", "--set", "reward_net.enabled=false"]
+    for kind in ("prompt_rl", "postprocess_rl"):
+        args += ["--set", f"{kind}.total_timesteps=100000", "--set", f"{kind}.checkpoint_every=100000"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}
+    # Its own process group, as a terminal's foreground job: Ctrl+C reaches every process in it.
+    proc = subprocess.Popen([sys.executable, "-c", LAUNCH_WITH_WORKLOAD, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    try:
+        output = []
+        while sum("phase: training" in line for line in output) < 2:
+            line = proc.stdout.readline()
+            assert line, "".join(output)
+            output.append(line)
+        time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGINT)
+        rest, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    output = "".join(output) + rest
+    assert proc.returncode == 130, output
+    assert "interrupted: stopping every experiment" in output and "Traceback" not in output
+    (run_dir,) = logs.iterdir()
+    snapshot = load_run(run_dir)
+    assert not snapshot.active
+    for name, state in snapshot.experiments.items():
+        assert state.state == "stopped" and state.timesteps > 0, name
+        assert Path(state.last_checkpoint).is_file() and state.checkpoint_step == state.timesteps
+    stopped = [e for e in read_events(run_dir) if isinstance(e, Stopped)]
+    assert sorted(e.reason for e in stopped) == ["shutdown", "shutdown"]

@@ -197,3 +197,22 @@ def test_status_and_resume_fail_in_one_line(tmp_path):
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
         assert result.output.startswith("error: ")
+
+
+def test_resume_has_nothing_to_do_for_a_finished_run_and_refuses_a_live_one(config):
+    from sa2va_tui.app_cli import app
+    from sa2va_tui import commands  # noqa: F401
+
+    store = RunStore.create(config)
+    book = StateBook()
+    book.apply(Started("prompt_rl", pid=1, gpu=None, batch_size=8))
+    book.apply(Finished("prompt_rl"))
+    store.write_state(book.states, None, active=False)
+    logs = str(config.run.logs_dir)
+    done = CliRunner().invoke(app, ["resume", "latest", "--logs-dir", logs])
+    assert (done.exit_code, done.output.strip()) == (0, f"every experiment of {store.run_id} has finished")
+
+    store.write_state(book.states, None)  # as if this process still supervised it
+    live = CliRunner().invoke(app, ["resume", store.run_id, "--logs-dir", logs])
+    assert live.exit_code == 2
+    assert live.output.strip() == f"error: {store.run_id} is still supervised by pid {os.getpid()}"

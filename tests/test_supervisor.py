@@ -23,7 +23,19 @@ from typer.testing import CliRunner
 
 from fake_nvml import GiB, FakeGpu, FakeNvml
 from sa2va_tui.config import EXPERIMENT_KINDS, Config, load_config
-from sa2va_tui.events import Checkpoint, Event, Failed, Finished, Paused, Progress, Restarting, Resumed, Started, Stopped
+from sa2va_tui.events import (
+    Checkpoint,
+    Event,
+    Failed,
+    Finished,
+    GpuSample,
+    Paused,
+    Progress,
+    Restarting,
+    Resumed,
+    Started,
+    Stopped,
+)
 from sa2va_tui.runstore import RunStore, load_run, pid_alive, read_events
 from sa2va_tui.supervisor import Supervisor, SupervisorError, next_batch_size
 
@@ -232,10 +244,14 @@ def test_injected_oom_restarts_itself_with_half_the_batch_on_the_freest_gpu(tmp_
     nvml = FakeNvml([FakeGpu(used=1 * GiB), FakeGpu(used=40 * GiB)])
     config = make_config(tmp_path, "prompt_rl.device=auto", "prompt_rl.faults={oom_at_step: 60, oom_min_batch_size: 64}",
                          steps=120, every=25)
-    supervisor, rec = supervise(config, nvml=nvml)
+    supervisor, rec = supervise(config, nvml=nvml, gpu_interval=0.05)
     supervisor.start()
     first = rec.wait_for(lambda e: isinstance(e, Started))
     assert (first.gpu, first.batch_size) == (0, 64)
+    nvml.gpus[0].processes = {first.pid: 3 * GiB}
+    sample = rec.wait_for(lambda e: isinstance(e, GpuSample) and e.gpus[0]["processes"])
+    assert sample.available and sample.gpus[0]["processes"] == [
+        {"pid": first.pid, "used_memory": 3 * GiB, "experiment": "prompt_rl"}]
     nvml.gpus[0].used = 70 * GiB  # something else fills GPU 0 meanwhile
     assert supervisor.wait(60)
     supervisor.shutdown()

@@ -57,6 +57,16 @@ def next_batch_size(experiment: ExperimentConfig, current: int, floor: int) -> i
     return next((b for b in range(half, floor - 1, -1) if rollout % b == 0), None)
 
 
+def check_batch_size(experiment: ExperimentConfig, batch_size: int) -> None:
+    """Raise SupervisorError unless the experiment can run at `batch_size`."""
+    if batch_size < 1:
+        raise SupervisorError(f"batch size {batch_size}: must be at least 1")
+    if experiment.kind in PPO_KINDS:
+        rollout = experiment.ppo.n_steps * experiment.ppo.n_envs
+        if rollout % batch_size:
+            raise SupervisorError(f"batch size {batch_size}: must divide n_steps * n_envs = {rollout}")
+
+
 @dataclass
 class _Relaunch:
     """A new attempt the supervisor owes an experiment once its current process is gone."""
@@ -185,18 +195,21 @@ class Supervisor(EventHub):
             self._relaunch.pop(name, None)
             self._ask_stop(self._live(name), "stop", self._stop_grace_s)
 
-    def restart(self, name: str) -> None:
+    def restart(self, name: str, batch_size: int | None = None) -> None:
         """Stop (if running) and start a new process that resumes from the last
-        checkpoint, its timestep count carried on."""
+        checkpoint, its timestep count carried on; with `batch_size`, at that size
+        (after an out-of-memory failure that had no automatic restart left)."""
         with self._lock:
             self._known(name)
             if self._closing:
                 raise SupervisorError("shutting down")
             if self._book.states[name].state == "finished":
                 raise SupervisorError(f"{name} has finished; nothing to restart")
+            if batch_size is not None:
+                check_batch_size(self._experiments[name], batch_size)
             if name in self._relaunch:
                 return  # a restart is already on its way (after an out-of-memory failure)
-            self._relaunch[name] = _Relaunch("manual")
+            self._relaunch[name] = _Relaunch("manual", batch_size=batch_size)
             worker = self._workers.get(name)
             if worker is None:
                 self._launch(name, self._relaunch.pop(name))

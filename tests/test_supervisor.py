@@ -227,17 +227,21 @@ def test_sigkill_is_reported_and_a_restart_carries_the_timesteps_on(tmp_path):
     last = rec.of(Checkpoint)[-1]
     assert last.step >= ckpt.step
 
-    supervisor.restart("prompt_rl")
+    with pytest.raises(SupervisorError, match="must divide n_steps"):
+        supervisor.restart("prompt_rl", batch_size=48)
+    supervisor.restart("prompt_rl", batch_size=32)
     assert supervisor.wait(60)
     supervisor.shutdown()
     restart = rec.of(Restarting)[0]
     assert (restart.reason, restart.attempt, restart.changes["resume_from"]) == ("manual", 2, last.path)
+    assert restart.changes["batch_size"] == [64, 32]
     second = rec.of(Started)[1]
-    assert second.resumed_from == last.path and second.attempt == 2
+    assert (second.resumed_from, second.attempt, second.batch_size) == (last.path, 2, 32)
     after = [e.timesteps for e in rec.events[rec.events.index(second):] if isinstance(e, Progress)]
     assert min(after) == last.step + 1  # carried on, not from zero
     finished = rec.of(Finished)[0]
     assert finished.summary["resumed_at"] == last.step and finished.summary["timesteps"] == 300
+    assert finished.summary["batch_size"] == 32
 
 
 def test_injected_oom_restarts_itself_with_half_the_batch_on_the_freest_gpu(tmp_path):

@@ -4,6 +4,7 @@
         config.yaml           the resolved config the run started with
         run.json              every experiment's state (replaced atomically)
         events.jsonl          one JSON line per event, appended
+        gpus.jsonl            a GPU sample every few seconds (the report's GPU history)
         <experiment>/         train.log, metrics, checkpoints, ... of one experiment
 
 `status`, `resume`, `report` and `evaluate` read only this folder, so they work while
@@ -22,12 +23,13 @@ from pathlib import Path
 from typing import IO, Any, Iterator
 
 from sa2va_tui.config import Config, ConfigError, dump_config, load_config
-from sa2va_tui.events import Event, event_from_dict
+from sa2va_tui.events import Event, GpuSample, event_from_dict
 from sa2va_tui.runstate import ExperimentState
 
 CONFIG_FILE = "config.yaml"
 RUN_FILE = "run.json"
 EVENTS_FILE = "events.jsonl"
+GPUS_FILE = "gpus.jsonl"
 LOG_FILE = "train.log"
 
 
@@ -115,6 +117,12 @@ class RunStore:
             self._events = open(self.path / EVENTS_FILE, "a", encoding="utf-8", buffering=1)
         self._events.write(event.to_json() + "\n")
 
+    def append_gpu_sample(self, sample: GpuSample) -> None:
+        """Keep one GPU sample: events.jsonl does not (they come every second), but the
+        report needs the GPUs' recent history from the folder alone."""
+        with open(self.path / GPUS_FILE, "a", encoding="utf-8") as f:
+            f.write(sample.to_json() + "\n")
+
     def write_state(self, states: dict[str, ExperimentState], finish_time: float | None, active: bool = True) -> None:
         atomic_write_text(self.path / RUN_FILE, json.dumps({
             "run_id": self.run_id,
@@ -189,8 +197,17 @@ def load_run_config(run_dir: Path) -> Config:
 
 def read_events(run_dir: Path) -> Iterator[Event]:
     """The run's events in order; a line torn by a crash mid-write is skipped."""
+    return _read_event_lines(Path(run_dir) / EVENTS_FILE)
+
+
+def read_gpu_samples(run_dir: Path) -> list[GpuSample]:
+    """The GPU samples a run kept, oldest first."""
+    return [e for e in _read_event_lines(Path(run_dir) / GPUS_FILE) if isinstance(e, GpuSample)]
+
+
+def _read_event_lines(path: Path) -> Iterator[Event]:
     try:
-        f = open(Path(run_dir) / EVENTS_FILE, encoding="utf-8", errors="replace")
+        f = open(path, encoding="utf-8", errors="replace")
     except FileNotFoundError:
         return
     with f:

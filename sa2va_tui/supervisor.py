@@ -40,6 +40,8 @@ PPO_KINDS = ("prompt_rl", "postprocess_rl")
 STATE_WRITE_INTERVAL_S = 0.5
 #: How long the drain thread sleeps when nothing arrives (deadlines, exits, run.json).
 TICK_S = 0.25
+#: A GPU sample is kept in the run folder at most this often (the report's history).
+GPU_RECORD_INTERVAL_S = 10.0
 
 
 class SupervisorError(Exception):
@@ -116,6 +118,7 @@ class Supervisor(EventHub):
         nvml: Any = None,
         gpu_interval: float = 1.0,
         stop_grace_s: float = 30.0,
+        gpu_record_interval: float = GPU_RECORD_INTERVAL_S,
         prior: dict[str, ExperimentState] | None = None,
     ) -> None:
         super().__init__(prior)
@@ -126,6 +129,8 @@ class Supervisor(EventHub):
         self._nvml = Nvml(nvml)
         self._gpu_interval = gpu_interval
         self._stop_grace_s = stop_grace_s
+        self._gpu_record_interval = gpu_record_interval
+        self._gpu_recorded_at: float | None = None
         self._mp = multiprocessing.get_context("spawn")
         self._workers: dict[str, _Worker] = {}
         self._relaunch: dict[str, _Relaunch] = {}
@@ -375,9 +380,14 @@ class Supervisor(EventHub):
         self._relaunch[name] = _Relaunch("oom", batch_size=smaller)
 
     def _on_gpus(self, snapshot: GpuSnapshot) -> None:
+        sample = snapshot.to_event()
         with self._lock:
             self.gpus = snapshot
-        self._dispatch(snapshot.to_event())
+            now = time.monotonic()
+            if self._gpu_recorded_at is None or now - self._gpu_recorded_at >= self._gpu_record_interval:
+                self.store.append_gpu_sample(sample)
+                self._gpu_recorded_at = now
+        self._dispatch(sample)
 
     def _wake(self) -> None:
         try:

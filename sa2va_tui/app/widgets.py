@@ -1,0 +1,273 @@
+"""The panels of the dashboard. Each widget is given a plain "view" (a frozen value of
+what it shows) and redraws only when the view changed, so a calm run costs nothing."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from textual.content import Content
+from textual.message import Message
+from textual.widget import Widget
+
+from sa2va_tui.analysis import PPO_METRICS, REWARD_NET_METRICS, Hint, hints, reward_trend
+from sa2va_tui.events import GpuSample
+from sa2va_tui.headless import format_clock, format_duration
+from sa2va_tui.runstate import ExperimentState
+
+from sa2va_tui.app.render import STATE_MARKS, STATE_STYLES, bar, number, sparkline, state_label
+
+#: The screen class (a vertical breakpoint) under which cards get a fourth line.
+TALL = "-tall"
+GIB = 1024**3
+
+
+class ViewWidget(Widget):
+    """A widget drawn from a view value; `show(view)` refreshes only on a change."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.view: Any = None
+
+    def show(self, view: Any) -> None:
+        if view != self.view:
+            self.view = view
+            self.refresh(layout=True)
+
+
+def is_reward_net(state: ExperimentState) -> bool:
+    return state.kind == "reward_net" or any(key.startswith("reward/") for key in state.metrics)
+
+
+@dataclass(frozen=True)
+class CardView:
+    number: int
+    name: str
+    state: str
+    details: tuple[str, ...]
+    fraction: float | None
+    progress: str
+    figures: str
+    rewards: tuple[float, ...]
+    trend: str | None
+    extra: tuple[str, ...]
+
+    @classmethod
+    def of(cls, index: int, s: ExperimentState, rewards: Sequence[float], now: float) -> "CardView":
+        phase = (s.phase or "").replace("_", " ")
+        if phase and s.phase_total:
+            phase += f" {s.phase_done or 0}/{s.phase_total} ({(s.phase_done or 0) / s.phase_total:.0%})"
+        details = [phase] if phase else []
+        if s.pid is not None or s.state in ("running", "paused"):
+            details.append("CPU" if s.gpu is None else f"GPU {s.gpu}")
+        if s.pid is not None:
+            details.append(f"pid {s.pid}")
+        if s.batch_size:
+            details.append(f"batch {s.batch_size}")
+        progress = f"{s.timesteps:,}/{s.total:,}" if s.total else f"{s.timesteps:,} steps"
+        if s.fraction is not None:
+            progress += f" {s.fraction:4.0%}"
+        if not s.terminal:
+            eta = s.eta_at(now)
+            progress += f"  ETA {format_duration(eta)}" if eta is not None else "  ETA ?"
+        if is_reward_net(s):
+            figures = " · ".join(f"{row.label} {row.format(s.metrics)}" for row in REWARD_NET_METRICS
+                                 if row.key in s.metrics) or "no figures yet"
+            rewards, trend = (), None
+        else:
+            length = s.metrics.get("rollout/ep_len_mean")
+            figures = f"ep len {number(length, '.3g')}"
+            rewards, trend = tuple(rewards), reward_trend(rewards)
+        extra = [f"attempt {s.attempts}"] if s.attempts > 1 else []
+        if s.oom_restarts:
+            extra.append(f"{s.oom_restarts} OOM restart{'s' if s.oom_restarts > 1 else ''}")
+        if s.checkpoint_step is not None:
+            extra.append(f"checkpoint at {s.checkpoint_step:,}")
+        if s.state == "failed" and s.failure:
+            extra.append(f"{s.failure.get('kind')}: {s.failure.get('message')}")
+        state = s.state
+        if state == "failed" and s.failure:
+            state += f" ({s.failure.get('kind')})"
+        return cls(index, s.name, state, tuple(details), s.fraction, progress, figures, rewards, trend, tuple(extra))
+
+
+class ExperimentCard(ViewWidget):
+    """One experiment at a glance; a click selects it."""
+
+    class Chosen(Message):
+        def __init__(self, name: str) -> None:
+            super().__init__()
+            self.name = name
+
+    def __init__(self, name: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.experiment = name
+
+    @property
+    def lines(self) -> int:
+        """Three lines; a fourth (attempts, checkpoint, failure) where the terminal is tall."""
+        return 4 if self.screen.has_class(TALL) else 3
+
+    def get_content_height(self, container: Any, viewport: Any, width: int) -> int:
+        return self.lines
+
+    def render(self) -> Content:
+        v: CardView | None = self.view
+        if v is None:
+            return Content(self.experiment)
+        width = self.size.width
+        head = Content.assemble((f"{v.number} {v.name}", "bold"), "  ", state_label(v.state))
+        if v.details:
+            head += Content.styled("  " + " · ".join(v.details), "$text-muted")
+        progress = bar(v.fraction, max(8, width - len(v.progress) - 1)) + " " + v.progress
+        lines = [head, progress, self._figures(v, width)]
+        if self.lines == 4:
+            lines.append(Content.styled(" · ".join(v.extra), "$error" if v.state == "failed" else "$text-muted"))
+        return Content("\n").join(line.truncate(width, ellipsis=True) for line in lines)
+
+    @staticmethod
+    def _figures(v: CardView, width: int) -> Content:
+        if not v.rewards and v.trend is None:
+            reward = "reward -" if v.figures.startswith("ep len") else ""
+            return Content(f"{reward}   {v.figures}" if reward else v.figures)
+        latest = v.rewards[-1]
+        spark_width = max(8, min(40, width // 3))
+        trend_style = {"rising": "$success", "falling": "$error"}.get(v.trend or "", "$text-muted")
+        return Content.assemble(
+            "reward ", (f"{latest:.4g}", "bold"), " ", (sparkline(v.rewards, spark_width), "$accent"), " ",
+            (v.trend or "", trend_style), "   ", v.figures,
+        )
+
+    def on_click(self) -> None:
+        self.post_message(self.Chosen(self.experiment))
+
+
+class TitleBar(ViewWidget):
+    """The run, how many experiments are in each state, and when it all should end."""
+
+    def render(self) -> Content:
+        title, counts, finish = self.view or ("", (), "")
+        parts = [Content.styled("sa2va-tui", "bold"), f"  {title}  ", Content.styled(finish, "bold")]
+        for state, n in counts:
+            parts += ["  ", Content.styled(f"{STATE_MARKS[state]} {n} {state}", STATE_STYLES[state])]
+        return Content.assemble(*parts).truncate(self.size.width, ellipsis=True)
+
+    @staticmethod
+    def view_of(title: str, states: dict[str, ExperimentState], finish: float | None, now: float) -> tuple:
+        counts = tuple((state, n) for state in STATE_MARKS
+                       if (n := sum(s.state == state for s in states.values())))
+        if states and all(s.terminal for s in states.values()):
+            when = "all ended at " + format_clock(max((s.ended_at or 0) for s in states.values()) or None)
+        elif finish is None:
+            when = "finish: not known yet"
+        else:
+            when = f"finish {format_clock(finish)} (in {format_duration(finish - now)})"
+        return title, counts, when
+
+
+@dataclass(frozen=True)
+class MetricsView:
+    names: tuple[str, ...]
+    #: (label, cells) where a cell is (text, flagged).
+    rows: tuple[tuple[str, tuple[tuple[str, bool], ...]], ...]
+    hints: tuple[tuple[str, Hint], ...]
+
+    @classmethod
+    def of(cls, states: dict[str, ExperimentState], rewards: dict[str, Sequence[float]]) -> "MetricsView":
+        names = tuple(states)
+        found = {name: hints(s.metrics, rewards.get(name, ())) for name, s in states.items()}
+        flagged = {(name, h.key) for name, hs in found.items() for h in hs if h.level == "warn"}
+        rows = []
+        for row in (*PPO_METRICS, *REWARD_NET_METRICS):
+            if any(row.key in s.metrics for s in states.values()):
+                rows.append((row.label, tuple((row.format(s.metrics), (name, row.key) in flagged)
+                                              for name, s in states.items())))
+        return cls(names, tuple(rows), tuple((name, h) for name, hs in found.items() for h in hs))
+
+
+class MetricsPanel(ViewWidget):
+    """The training metrics of every experiment side by side, and what they suggest."""
+
+    LABEL = 19
+
+    def render(self) -> Content:
+        v: MetricsView | None = self.view
+        if v is None or not v.rows:
+            return Content.styled("no metrics yet", "$text-muted")
+        width = self.size.width
+        column = max(8, min(16, (width - self.LABEL) // max(1, len(v.names))))
+        lines = [Content.assemble(" " * self.LABEL, *(Content.styled(self._cell(n, column), "bold") for n in v.names))]
+        for label, cells in v.rows:
+            lines.append(Content.assemble(
+                Content.styled(label.ljust(self.LABEL), "$text-muted"),
+                *((self._cell(text, column), "bold $warning" if flagged else "") for text, flagged in cells),
+            ))
+        lines = [line.truncate(width, ellipsis=True) for line in lines]
+        # Hints wrap: they are sentences, cut short they say nothing.
+        for name, hint in v.hints:
+            style = "$warning" if hint.level == "warn" else "$text-muted"
+            lines.append(Content.assemble(("! " if hint.level == "warn" else "· ", style), (name, "bold"),
+                                          ": ", (hint.text, style)))
+        return Content("\n").join(lines)
+
+    @staticmethod
+    def _cell(text: str, width: int) -> str:
+        return (text if len(text) < width else text[: width - 2] + "…").rjust(width)
+
+
+@dataclass(frozen=True)
+class GpuView:
+    available: bool | None
+    message: str
+    gpus: tuple[tuple[Any, ...], ...]
+
+    @classmethod
+    def of(cls, sample: GpuSample | None, states: dict[str, ExperimentState]) -> "GpuView":
+        if sample is None:
+            return cls(None, "GPUs: not sampled yet", ())
+        gpus = []
+        for gpu in sample.gpus:
+            users = tuple((p.get("experiment") or f"pid {p['pid']}", p.get("used_memory")) for p in gpu["processes"])
+            # Ours placed on this GPU but not (yet) listed by NVML, e.g. still loading.
+            listed = {u for u, _ in users}
+            users += tuple((s.name, None) for s in states.values()
+                           if s.gpu == gpu["index"] and s.pid and s.name not in listed)
+            gpus.append((gpu["index"], (gpu.get("name") or "N/A").removeprefix("NVIDIA "), gpu.get("utilization"), gpu.get("memory_used"),
+                         gpu.get("memory_total"), users))
+        return cls(sample.available, sample.message, tuple(gpus))
+
+
+class GpuPanel(ViewWidget):
+    """Per GPU: utilisation and memory bars, and the experiments on it."""
+
+    def render(self) -> Content:
+        v: GpuView | None = self.view
+        if v is None or v.available is None:
+            return Content.styled("GPUs: not sampled", "$text-muted")
+        if not v.available:
+            return Content.styled(f"{v.message}: experiments run on the CPU", "$warning")
+        width = self.size.width
+        # Everything on a GPU's line but its two bars takes 52 cells.
+        bar_width = max(4, min(20, (width - 52) // 2))
+        lines = []
+        for index, name, util, used, total, users in v.gpus:
+            util_text = "N/A" if util is None else f"{util:3d}%"
+            mem_fraction = used / total if used is not None and total else None
+            mem_text = "N/A" if mem_fraction is None else f"{used / GIB:.1f}/{total / GIB:.0f} GiB"
+            lines.append(Content.assemble(
+                (f"GPU {index} ", "bold"), (f"{name[:14]:<14} ", "$text-muted"),
+                "util ", bar(None if util is None else util / 100, bar_width, "$accent"), f" {util_text}  ",
+                "mem ", bar(mem_fraction, bar_width, "$accent"), f" {mem_text}",
+            ))
+            who = " · ".join(f"{user} {'?' if memory is None else f'{memory / GIB:.1f} GiB'}" for user, memory in users)
+            lines.append(Content.styled(f"      {who or 'no processes'}", "$text-muted"))
+        return Content("\n").join(line.truncate(width, ellipsis=True) for line in lines)
+
+
+def event_line(when: float, who: str, text: str, style: str = "") -> str:
+    """One event-log line in Rich markup (`text` is markup already)."""
+    from rich.markup import escape
+
+    body = f"[{style}]{text}[/]" if style else text
+    return f"[dim]{time.strftime('%H:%M:%S', time.localtime(when))}[/] [bold]{escape(who)}[/] {body}"

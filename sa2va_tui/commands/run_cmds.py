@@ -13,12 +13,12 @@ from sa2va_tui.app_cli import ConfigOption, SetOption, app, fail, load_config_or
 if TYPE_CHECKING:
     from rich.table import Table
 
+    from sa2va_tui.app import AppSource
     from sa2va_tui.gpus import GpuSnapshot
     from sa2va_tui.runstate import EventHub
 
 LogsDirOption = typer.Option(Path("logs"), "--logs-dir", help="Where the run folders are.")
 HeadlessOption = typer.Option(False, "--headless", help="No Textual app: progress bars and one line per event.")
-APP_PENDING = "note: the Textual app is not available yet; running headless"
 
 
 def _show(source: "EventHub") -> NoReturn:
@@ -27,12 +27,21 @@ def _show(source: "EventHub") -> NoReturn:
     raise typer.Exit(run_headless(source))
 
 
+def _show_app(source: "AppSource") -> NoReturn:
+    """The Textual app over a source it starts itself, once it listens."""
+    from sa2va_tui.app import run_app
+
+    raise typer.Exit(run_app(source))
+
+
 def _run_supervisor(supervisor, names: list[str] | None, headless: bool) -> NoReturn:
     from sa2va_tui.supervisor import SupervisorError
 
-    if not headless:
-        typer.echo(APP_PENDING, err=True)
     typer.echo(f"run {supervisor.store.run_id}: {supervisor.run_dir}")
+    if not headless:
+        from sa2va_tui.app import AppSource
+
+        _show_app(AppSource.of_supervisor(supervisor, names))
     try:
         supervisor.start(names)
     except SupervisorError as err:
@@ -205,8 +214,10 @@ def watch(
     missing = [str(p) for p in logs if not p.is_file()]
     if missing and not follow:
         fail(f"no such log file: {', '.join(missing)}")
-    if not headless:
-        typer.echo(APP_PENDING, err=True)
     watcher = LogWatcher(logs, total=total, follow=follow)
+    if not headless:
+        from sa2va_tui.app import AppSource
+
+        _show_app(AppSource.of_watcher(watcher))
     watcher.start()
     _show(watcher)

@@ -24,6 +24,10 @@ TREND_SIGNIFICANCE = 2.0
 
 TRENDS = ("rising", "flat", "falling")
 
+KL_ADVICE = "a lower learning rate or clip range steadies them"
+CLIP_ADVICE = "fewer epochs per update or a lower learning rate clip less"
+FALLING_ADVICE = "look at the last checkpoints and approx_kl: the policy may be collapsing"
+
 
 @dataclass(frozen=True)
 class MetricRow:
@@ -69,6 +73,8 @@ class Hint:
     #: "note" for something to know, "warn" for something to look at.
     level: str
     text: str
+    #: What a researcher usually does about it; empty when nothing needs doing.
+    advice: str = ""
 
 
 def reward_trend(rewards: Sequence[float]) -> str | None:
@@ -100,17 +106,30 @@ def hints(metrics: Mapping[str, float], rewards: Sequence[float] = ()) -> list[H
                           f"value function still learning (explained variance {ev:.2g} < {LOW_EXPLAINED_VARIANCE:g})"))
     kl = metrics.get("train/approx_kl")
     if kl is not None and kl > HIGH_APPROX_KL:
-        found.append(Hint("train/approx_kl", "warn",
-                          f"large policy updates (approx_kl {kl:.3g} > {HIGH_APPROX_KL:g}): "
-                          "a lower learning rate or clip range steadies them"))
+        found.append(Hint("train/approx_kl", "warn", f"large policy updates (approx_kl {kl:.3g} > {HIGH_APPROX_KL:g})",
+                          KL_ADVICE))
     clip = metrics.get("train/clip_fraction")
     if clip is not None and clip > HIGH_CLIP_FRACTION:
         found.append(Hint("train/clip_fraction", "warn",
-                          f"most updates clipped (clip_fraction {clip:.2g} > {HIGH_CLIP_FRACTION:g})"))
+                          f"most updates clipped (clip_fraction {clip:.2g} > {HIGH_CLIP_FRACTION:g})",
+                          CLIP_ADVICE))
     trend = reward_trend(rewards)
     if trend is not None:
-        found.append(Hint("rollout/ep_rew_mean", "warn" if trend == "falling" else "note", f"reward {trend}"))
+        falling = trend == "falling"
+        found.append(Hint("rollout/ep_rew_mean", "warn" if falling else "note", f"reward {trend}",
+                          FALLING_ADVICE if falling else ""))
     return found
+
+
+def legend() -> list[str]:
+    """Each rule in one sentence, for a help screen or a report's footnote."""
+    return [
+        f"explained variance below {LOW_EXPLAINED_VARIANCE:g}: the value function is still learning",
+        f"approx_kl above {HIGH_APPROX_KL:g}: large policy updates; {KL_ADVICE}",
+        f"clip_fraction above {HIGH_CLIP_FRACTION:g}: most of an update was clipped; {CLIP_ADVICE}",
+        f"reward rising, flat or falling: the later half of the last readings (at least {MIN_TREND_POINTS}) against "
+        f"the earlier half, beyond {TREND_SIGNIFICANCE:g} standard errors",
+    ]
 
 
 def _mean(values: Sequence[float]) -> float:

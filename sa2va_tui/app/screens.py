@@ -9,7 +9,7 @@ from textual.content import Content
 from textual.screen import ModalScreen
 from textual.widgets import Button, Static
 
-from sa2va_tui.analysis import HIGH_APPROX_KL, HIGH_CLIP_FRACTION, LOW_EXPLAINED_VARIANCE
+from sa2va_tui.analysis import legend
 
 
 class ConfirmScreen(ModalScreen[bool]):
@@ -59,11 +59,8 @@ class HelpScreen(ModalScreen[None]):
         lines += [
             Content("  mouse     click a card to select it, a button to act on it"),
             Content(""),
-            Content.styled("Hints", "bold"),
-            Content(f"  explained variance < {LOW_EXPLAINED_VARIANCE:g}: the value function is still learning"),
-            Content(f"  approx_kl > {HIGH_APPROX_KL:g}: large policy updates (yellow in the table)"),
-            Content(f"  clip_fraction > {HIGH_CLIP_FRACTION:g}: most of an update was clipped"),
-            Content("  reward rising / flat / falling: the recent half of the readings against the earlier half"),
+            Content.styled("Hints (values that call for a look are yellow in the table)", "bold"),
+            *(Content(f"  {rule}") for rule in legend()),
         ]
         if self._watching:
             lines += [Content(""), Content.styled(

@@ -32,8 +32,15 @@ class ViewWidget(Widget):
 
     def show(self, view: Any) -> None:
         if view != self.view:
+            # A new layout only when the height changes: laying out the screen costs
+            # several times more than repainting one widget.
+            layout = self.height_of(view) != self.height_of(self.view)
             self.view = view
-            self.refresh(layout=True)
+            self.refresh(layout=layout)
+
+    def height_of(self, view: Any) -> int | None:
+        """The lines a view takes, as far as it differs between views (default: never)."""
+        return None if view is None else 0
 
 
 def is_reward_net(state: ExperimentState) -> bool:
@@ -203,13 +210,14 @@ class MetricsPanel(ViewWidget):
                 Content.styled(label.ljust(self.LABEL), "$text-muted"),
                 *((self._cell(text, column), "bold $warning" if flagged else "") for text, flagged in cells),
             ))
-        lines = [line.truncate(width, ellipsis=True) for line in lines]
-        # Hints wrap: they are sentences, cut short they say nothing.
         for name, hint in v.hints:
             style = "$warning" if hint.level == "warn" else "$text-muted"
             lines.append(Content.assemble(("! " if hint.level == "warn" else "· ", style), (name, "bold"),
                                           ": ", (hint.text, style)))
-        return Content("\n").join(lines)
+        return Content("\n").join(line.truncate(width, ellipsis=True) for line in lines)
+
+    def height_of(self, view: MetricsView | None) -> int | None:
+        return None if view is None else 1 + len(view.rows) + len(view.hints)
 
     @staticmethod
     def _cell(text: str, width: int) -> str:
@@ -240,6 +248,9 @@ class GpuView:
 
 class GpuPanel(ViewWidget):
     """Per GPU: utilisation and memory bars, and the experiments on it."""
+
+    def height_of(self, view: GpuView | None) -> int | None:
+        return None if view is None else (2 * len(view.gpus) if view.available else 1)
 
     def render(self) -> Content:
         v: GpuView | None = self.view

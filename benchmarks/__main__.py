@@ -13,6 +13,7 @@ import importlib
 BENCHMARKS = {
     "backend": "benchmarks.backend_speed",
     "ppo": "benchmarks.ppo_speed",
+    "ui": "benchmarks.ui_speed",
     "supervisor": "benchmarks.supervisor_latency",
 }
 

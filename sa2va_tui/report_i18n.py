@@ -1,0 +1,279 @@
+"""Every sentence and heading of the status report, in English and Chinese.
+
+One table of messages, one entry per key, both languages side by side, so that a
+sentence is never added in one language only (a test renders real reports in both
+and checks that no English sentence is left in the Chinese one). Identifiers, paths,
+commands and metric names stay as they are: the report puts them in code spans.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+LANGUAGES = ("en", "zh")
+
+#: key -> (English, Chinese); placeholders in str.format syntax.
+MESSAGES: dict[str, tuple[str, str]] = {
+    # header
+    "header.title": ("Status report of run {run}", "运行 {run} 的状态报告"),
+    "header.folder": ("Run folder", "运行目录"),
+    "header.started": ("Started", "开始时间"),
+    "header.updated": ("Last update", "最近更新"),
+    "header.generated": ("Report written", "报告生成时间"),
+    "header.live": ("Running: supervisor pid {pid}", "正在运行：监督进程号 {pid}"),
+    "header.not_live": ("Not running: no supervisor is running this run", "未在运行：没有监督进程在运行此实验组"),
+    # sections
+    "section.overview": ("Overview", "概览"),
+    "section.experiment": ("Experiment {name}", "实验 {name}"),
+    "section.gpus": ("GPU usage", "GPU 使用情况"),
+    "section.finish": ("Expected finish", "预计完成时间"),
+    "section.comparison": ("Comparison of the experiments", "实验对比"),
+    "section.problems": ("Problems and how they were resolved", "问题及处理方式"),
+    "section.files": ("Output files", "输出文件"),
+    "section.next": ("Next steps", "后续步骤"),
+    "section.indicators": ("Success indicators", "成功指标"),
+    "section.evaluation": ("Evaluation", "评估结果"),
+    "section.curves": ("Learning curves", "学习曲线"),
+    # table columns
+    "col.experiment": ("experiment", "实验"),
+    "col.state": ("state", "状态"),
+    "col.progress": ("progress", "进度"),
+    "col.episode_reward": ("episode reward", "回合奖励"),
+    "col.metric": ("metric", "指标"),
+    "col.value": ("value", "数值"),
+    "col.name": ("name", "名称"),
+    "col.utilisation": ("utilisation", "利用率"),
+    "col.memory": ("memory", "显存"),
+    "col.experiments": ("experiments on it", "其上的实验"),
+    "col.while_ours": ("while ours ran", "我们的实验运行期间"),
+    "col.remaining_steps": ("timesteps left", "剩余时间步"),
+    "col.rate": ("steps/s", "步/秒"),
+    "col.remaining_time": ("time left", "剩余时间"),
+    "col.finish": ("finish", "完成时间"),
+    "col.stability": ("policy stability (approx_kl)", "策略稳定性（approx_kl）"),
+    "col.value_estimate": ("value estimate (explained_variance)", "价值估计（explained_variance）"),
+    "col.row": ("row", "行"),
+    "col.readings": ("readings", "记录数"),
+    "col.first": ("first", "首个值"),
+    "col.last": ("last", "最新值"),
+    # one experiment
+    "exp.state": ("State", "状态"),
+    "exp.pid": ("Process id", "进程号"),
+    "exp.device": ("Device", "设备"),
+    "exp.progress": ("Progress", "进度"),
+    "exp.episode_reward": ("Episode reward", "回合奖励"),
+    "exp.batch_size": ("batch size", "批大小"),
+    "exp.attempts": ("attempts", "尝试次数"),
+    "exp.episode_length": ("episode length", "回合长度"),
+    "exp.failure": ("Last failure ({kind})", "最近一次失败（{kind}）"),
+    "exp.at_step": (" (at step {step})", "（第 {step} 步）"),
+    "exp.latest_metrics": ("Latest metrics", "最新指标"),
+    "exp.analysis": ("Analysis", "分析"),
+    "exp.no_hints": ("Nothing to remark yet.", "暂无需要注意的情况。"),
+    "exp.files": ("Files", "文件"),
+    "exp.log": ("Log", "日志"),
+    "exp.follow": ("follow it with", "实时查看"),
+    "exp.open": ("open it with", "打开方式"),
+    "exp.no_files": ("No log or TensorBoard file yet.", "尚无日志或 TensorBoard 文件。"),
+    # what each experiment does
+    "desc.prompt_rl": (
+        "A PPO agent picks which candidate text prompt to send to the segmenter; its reward is the Dice gain each "
+        "choice brings over the previous mask.",
+        "PPO 智能体选择发送给分割模型的候选文本提示；奖励是每次选择相对上一个掩码带来的 Dice 增益。"),
+    "desc.postprocess_rl": (
+        "A PPO agent edits the segmenter's mask with a sequence of operations (dilate, erode, fill holes, ...) "
+        "until it stops; its reward is the change in Dice of each step.",
+        "PPO 智能体用一系列操作（膨胀、腐蚀、填洞等）修改分割模型的掩码直到停止；奖励是每一步带来的 Dice 变化。"),
+    "desc.reward_net": (
+        "A small CNN learns to predict a mask's Dice, then guides fine-tuning of the segmenter on images without "
+        "their labels.",
+        "一个小型 CNN 学习预测掩码的 Dice，然后在不使用标注的图像上引导分割模型微调。"),
+    "desc.other": ("An experiment of kind {kind}.", "类型为 {kind} 的实验。"),
+    # states, phases, trends, statuses
+    "state.pending": ("pending", "等待中"),
+    "state.running": ("running", "运行中"),
+    "state.paused": ("paused", "已暂停"),
+    "state.restarting": ("restarting", "重启中"),
+    "state.failed": ("failed", "失败"),
+    "state.finished": ("finished", "已完成"),
+    "state.stopped": ("stopped", "已停止"),
+    "state.interrupted": ("interrupted", "已中断"),
+    "phase.loading_model": ("loading the model", "加载模型"),
+    "phase.caching_masks": ("caching masks", "缓存掩码"),
+    "phase.training": ("training", "训练中"),
+    "phase.evaluating": ("evaluating", "评估中"),
+    "phase.saving": ("saving", "保存中"),
+    "trend.rising": ("rising", "上升"),
+    "trend.flat": ("flat", "持平"),
+    "trend.falling": ("falling", "下降"),
+    "status.pass": ("passed", "通过"),
+    "status.fail": ("not met", "未通过"),
+    "status.unknown": ("cannot tell", "无法判断"),
+    "failure.oom": ("out of memory", "显存不足"),
+    "failure.error": ("error", "错误"),
+    "failure.killed": ("killed", "被终止"),
+    "restart.oom": ("automatically after running out of memory", "因显存不足自动重启"),
+    "restart.manual": ("by hand", "手动重启"),
+    "restart.resume": ("when the run was resumed", "继续运行时重启"),
+    # hints (the same remarks as sa2va_tui.analysis, which words them in English)
+    "hint.train/explained_variance": (
+        "value function still learning (explained_variance {value:.2g} < {limit:g})",
+        "价值函数仍在学习（explained_variance {value:.2g} < {limit:g}）"),
+    "hint.train/approx_kl": (
+        "large policy updates (approx_kl {value:.3g} > {limit:g}): a lower learning rate or clip range steadies them",
+        "策略更新幅度过大（approx_kl {value:.3g} > {limit:g}）：降低学习率或裁剪范围可使其平稳"),
+    "hint.train/clip_fraction": (
+        "most updates clipped (clip_fraction {value:.2g} > {limit:g})",
+        "大部分更新被裁剪（clip_fraction {value:.2g} > {limit:g}）"),
+    "hint.trend": ("reward {trend}", "奖励{trend}"),
+    # GPUs
+    "gpu.no_samples": ("This run recorded no GPU information.", "此运行没有记录 GPU 信息。"),
+    "gpu.none": ("No NVIDIA GPU ({message}): every experiment ran on the CPU.",
+                 "没有 NVIDIA GPU（{message}）：所有实验都在 CPU 上运行。"),
+    "gpu.as_of": ("Latest sample: {time}.", "最近一次采样：{time}。"),
+    "gpu.history": ("mean {mean:.0f}%, spread {std:.0f} points over {n} samples",
+                    "平均 {mean:.0f}%，{n} 次采样的波动 {std:.0f} 个百分点"),
+    # finish
+    "finish.done": ("The whole run finished at {time}.", "整个运行已于 {time} 完成。"),
+    "finish.expected": ("The whole run should finish at {time} (in {left}).", "整个运行预计于 {time} 完成（还需 {left}）。"),
+    "finish.unknown": ("The whole run's finish time is not known yet.", "整个运行的完成时间尚无法估计。"),
+    "finish.not_running": ("Nothing runs now; {command} continues what is unfinished.",
+                           "当前没有任何实验在运行；{command} 可继续未完成的实验。"),
+    # comparison
+    "cmp.stable": ("steady", "平稳"),
+    "cmp.unstable": ("large updates", "更新过大"),
+    "cmp.value_learning": ("still learning", "仍在学习"),
+    "cmp.value_good": ("explains the returns", "能解释回报"),
+    # problems
+    "problems.none": ("No problem: no failure and no restart was recorded.", "没有问题：未记录任何失败或重启。"),
+    "problem.failed": ("failed ({kind}) at step {step}, batch size {batch}, on {gpu}",
+                       "在第 {step} 步失败（{kind}），批大小 {batch}，位于 {gpu}"),
+    "problem.exit_code": (", exit code {code}", "，退出码 {code}"),
+    "problem.restart": ("restarted", "被重启"),
+    "problem.unresolved": ("Not restarted", "未重启"),
+    "problem.restarted": ("Restarted {reason} (attempt {attempt}): {changes}",
+                          "{reason}（第 {attempt} 次尝试）：{changes}"),
+    "problem.changed": ("{what} {old} → {new}", "{what} {old} → {new}"),
+    "problem.from_checkpoint": ("resumed from checkpoint {path}", "从检查点 {path} 继续"),
+    "problem.from_start": ("started over from the beginning", "从头开始"),
+    "problem.outcome": ("Now: {state}", "当前：{state}"),
+    "problem.interrupted": ("left unfinished at step {step}: its supervisor is gone.",
+                            "在第 {step} 步时中断：其监督进程已不在运行。"),
+    "problem.sentence": ("{what}. {resolution}. {outcome}.", "{what}。{resolution}。{outcome}。"),
+    "change.batch_size": ("batch size", "批大小"),
+    "change.gpu": ("device", "设备"),
+    # next steps
+    "next.evaluate": ("Evaluate the finished experiments ({names}) on the {split} split",
+                      "在 {split} 划分上评估已完成的实验（{names}）"),
+    "next.resume": ("Continue the unfinished experiments ({names}) from their last checkpoints",
+                    "从最近的检查点继续未完成的实验（{names}）"),
+    "next.status": ("Follow the run", "查看运行状态"),
+    "next.report": ("Write this report to a file, with its curves", "将本报告连同曲线写入文件"),
+    "next.tensorboard": ("Look at every curve in one TensorBoard", "在同一个 TensorBoard 中查看所有曲线"),
+    # indicators
+    "ind.reward_rising": ("Episode reward rising", "回合奖励上升"),
+    "ind.no_crash": ("No crash", "没有崩溃"),
+    "ind.checkpoints_saved": ("Checkpoints saved", "检查点已保存"),
+    "ind.tensorboard_written": ("TensorBoard curves written", "TensorBoard 曲线已写入"),
+    "ind.gpu_steady": ("GPU use steady", "GPU 使用平稳"),
+    "ind.trend": ("{name} {trend}", "{name} {trend}"),
+    "ind.too_few": ("{name} has {n} readings, too few to judge", "{name} 只有 {n} 条记录，不足以判断"),
+    "ind.no_rewards": ("no episode reward recorded yet", "尚未记录回合奖励"),
+    "ind.crashed": ("crashed: {names}", "崩溃：{names}"),
+    "ind.failed": ("failed for good: {names}", "最终失败：{names}"),
+    "ind.oom": ("out-of-memory failures: {n}, restarted: {restarted}", "显存不足失败 {n} 次，已重启 {restarted} 次"),
+    "ind.no_failure": ("no failure recorded", "未记录任何失败"),
+    "ind.checkpoint": ("{name} at step {step}", "{name} 于第 {step} 步"),
+    "ind.no_checkpoint": ("{name} has none on disk", "{name} 磁盘上没有检查点"),
+    "ind.nothing_trained": ("no experiment has trained yet", "尚无实验开始训练"),
+    "ind.records": ("{name}: {n} records", "{name}：{n} 条记录"),
+    "ind.gpu_std": ("GPU {gpu} utilisation spread {std:.0f} points (limit {limit:g})",
+                    "GPU {gpu} 利用率波动 {std:.0f} 个百分点（上限 {limit:g}）"),
+    "ind.gpu_no_samples": ("the run recorded no GPU information", "此运行没有记录 GPU 信息"),
+    "ind.gpu_no_gpu": ("no NVIDIA GPU ({message}): the experiments ran on the CPU",
+                       "没有 NVIDIA GPU（{message}）：实验在 CPU 上运行"),
+    "ind.gpu_too_few": ("too few GPU samples with our experiments running", "我们的实验运行期间 GPU 采样太少"),
+    # evaluation
+    "eval.none": ("Not evaluated yet: {command} evaluates every finished experiment.",
+                  "尚未评估：{command} 会评估所有已完成的实验。"),
+    "eval.intro": ("On the {split} split, {n} images, every row on the same images (evaluated {time}).",
+                   "在 {split} 划分上，共 {n} 张图像，每一行使用相同的图像（评估于 {time}）。"),
+    "eval.missing": ("Not evaluated: {names}.", "未评估：{names}。"),
+    "row.baseline": ("baseline: default prompt", "基线：默认提示"),
+    "row.prompt_policy": ("prompt policy", "提示选择策略"),
+    "row.postprocess_policy": ("post-processing policy on the default prompt's mask", "默认提示掩码上的后处理策略"),
+    "row.combined": ("prompt policy, then post-processing policy", "提示选择策略加后处理策略"),
+    "row.oracle_prompt": ("oracle prompt (chosen with labels: upper bound)", "最优提示（使用标注选择：上界）"),
+    # curves
+    "curve.episode_reward": ("Episode reward over timesteps", "回合奖励随时间步变化"),
+    "curve.ppo_metrics": ("PPO metrics over timesteps", "PPO 指标随时间步变化"),
+    "curve.reward_net": ("Reward network over its steps", "奖励网络随训练步变化"),
+    "curves.not_written": ("Write the report with -o FILE to draw the learning curves as PNG images next to it.",
+                           "使用 -o FILE 写出报告时，学习曲线会以 PNG 图像保存在其旁边。"),
+}
+
+
+class Translator:
+    """The report's words in one language."""
+
+    def __init__(self, lang: str) -> None:
+        if lang not in LANGUAGES:
+            raise ValueError(f"language {lang!r}: one of {', '.join(LANGUAGES)}")
+        self.lang = lang
+        self._column = LANGUAGES.index(lang)
+
+    def __call__(self, key: str, **values: Any) -> str:
+        return MESSAGES[key][self._column].format(**values)
+
+    def optional(self, key: str, **values: Any) -> str | None:
+        """The message, or None when there is none under `key`."""
+        return self(key, **values) if key in MESSAGES else None
+
+    def _word(self, group: str, word: str | None) -> str:
+        # An unknown word (a state a newer version adds) shows as the identifier it is.
+        return self.optional(f"{group}.{word}") or f"`{word}`"
+
+    def state(self, state: str | None) -> str:
+        return self._word("state", state)
+
+    def phase(self, phase: str | None) -> str:
+        return self._word("phase", phase)
+
+    def trend(self, trend: str | None) -> str:
+        return self._word("trend", trend)
+
+    def status(self, status: str) -> str:
+        return self._word("status", status)
+
+    def failure_kind(self, kind: str | None) -> str:
+        return self._word("failure", kind)
+
+    def restart_reason(self, reason: str) -> str:
+        return self._word("restart", reason)
+
+    def description(self, kind: str) -> str:
+        """What an experiment of this kind does, in one line."""
+        return self.optional(f"desc.{kind}") or self("desc.other", kind=f"`{kind}`")
+
+    def row_label(self, row: Any) -> str:
+        """An evaluation row's label: the table's own in English (it names the default
+        prompt), a translation by row name otherwise, else the row's name."""
+        if self.lang == "en":
+            return row.label
+        return self.optional(f"row.{row.name}") or f"`{row.name}`"
+
+    def join(self, items: Iterable[str]) -> str:
+        """Clauses of one sentence."""
+        return ("; " if self.lang == "en" else "；").join(items)
+
+    def names(self, items: Iterable[str]) -> str:
+        """A list of names."""
+        return (", " if self.lang == "en" else "、").join(items)
+
+    def item(self, label: str, value: Any) -> str:
+        """`label: value`, with the language's colon."""
+        return f"{label}{': ' if self.lang == 'en' else '：'}{value}"
+
+    def items(self, *pairs: tuple[str, Any]) -> str:
+        """Several `label: value` on one line."""
+        return (", " if self.lang == "en" else "，").join(self.item(label, value) for label, value in pairs)

@@ -2,3 +2,4 @@
 
 from sa2va_tui.commands import config_cmds  # noqa: F401
 from sa2va_tui.commands import run_cmds  # noqa: F401
+from sa2va_tui.commands import report_cmds  # noqa: F401

@@ -1,0 +1,242 @@
+"""`report`, `evaluate`, `tensorboard`, `runs`: what runs produced, from their folders."""
+
+from __future__ import annotations
+
+import enum
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from sa2va_tui.app_cli import app, fail
+from sa2va_tui.commands.run_cmds import LogsDirOption, _find_run_or_exit
+
+RunArgument = typer.Argument(None, help="A run folder or run id (default: the latest run).")
+#: TensorBoard binds here only: its pages must not be reachable from other machines.
+LOCALHOST = "127.0.0.1"
+#: How long TensorBoard may take to answer before the command gives up on it.
+TENSORBOARD_START_S = 60.0
+
+
+class ReportFormat(str, enum.Enum):
+    md = "md"
+    json = "json"
+
+
+class ReportLang(str, enum.Enum):
+    en = "en"
+    zh = "zh"
+
+
+@app.command()
+def report(
+    run: Optional[str] = RunArgument,
+    format_: ReportFormat = typer.Option(ReportFormat.md, "--format", help="Markdown or JSON."),
+    lang: ReportLang = typer.Option(ReportLang.en, "--lang", help="English or Chinese."),
+    output: Optional[Path] = typer.Option(
+        None, "--output", "-o", metavar="FILE",
+        help="Write the report to FILE and its learning curves as PNG images next to it "
+             "(default: show it in the terminal)."),
+    logs_dir: Path = LogsDirOption,
+) -> None:
+    """The status report of a run, from its folder alone: during the run or after it."""
+    from sa2va_tui.report import read_report, render_json, render_markdown, write_curves
+    from sa2va_tui.runstore import RunStoreError
+
+    try:
+        data = read_report(_find_run_or_exit(run, logs_dir))
+    except RunStoreError as err:
+        fail(str(err))
+    render = render_json if format_ is ReportFormat.json else render_markdown
+    if output is None:
+        text = render(data, lang.value)
+        if format_ is ReportFormat.json:
+            typer.echo(text)
+        else:
+            from rich.console import Console
+            from rich.markdown import Markdown
+
+            Console().print(Markdown(text))
+        return
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        curves = write_curves(data, output)
+        output.write_text(render(data, lang.value, curves), encoding="utf-8")
+    except OSError as err:
+        fail(f"{output}: {err.strerror or err}")
+    typer.echo(f"report: {output}")
+    for path in curves.values():
+        typer.echo(f"curves: {path}")
+
+
+@app.command()
+def evaluate(
+    run: str = typer.Argument(..., help="A run folder, a run id under --logs-dir, or 'latest'."),
+    split: str = typer.Option("val", "--split", help="The dataset split to score on: train, val or test."),
+    logs_dir: Path = LogsDirOption,
+) -> None:
+    """Score every finished experiment of a run on one split, all rows on the same images;
+    print the table and keep it in the run folder (evaluation.json) for the report."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from experiments.datasets.base import SPLITS
+    from sa2va_tui.runstore import RunStoreError, load_run, load_run_config
+
+    if split not in SPLITS:
+        fail(f"--split {split}: one of {', '.join(SPLITS)}")
+    run_dir = _find_run_or_exit(run, logs_dir)
+    try:
+        snapshot, config = load_run(run_dir), load_run_config(run_dir)
+    except RunStoreError as err:
+        fail(str(err))
+    finished = [name for name, s in snapshot.experiments.items() if s.state == "finished"]
+    if not finished:
+        states = ", ".join(f"{name} {s.state}" for name, s in snapshot.experiments.items())
+        fail(f"{snapshot.run_id}: no experiment has finished yet ({states})")
+    console = Console()
+    for name, s in snapshot.experiments.items():
+        if s.state != "finished":
+            console.print(f"note: {name} has not finished ({s.state}); a model it saved so far is evaluated if any",
+                          highlight=False, soft_wrap=True)
+
+    from experiments.evaluate import EVALUATION_FILE, evaluate_run, format_table
+
+    columns = (TextColumn(f"evaluating on {split}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task("evaluate", total=None)
+        table = evaluate_run(config, run_dir, split,
+                             on_progress=lambda done, total: bar.update(task, completed=done, total=total))
+    console.print(format_table(table))
+    console.print(f"saved: {run_dir / EVALUATION_FILE}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def tensorboard(
+    run: Optional[str] = RunArgument,
+    port: int = typer.Option(6006, "--port", min=1, max=65535, help="The port, on 127.0.0.1 only."),
+    logs_dir: Path = LogsDirOption,
+) -> None:
+    """One TensorBoard over every experiment of a run, each its own named run, on one
+    port of this machine only (127.0.0.1). Ctrl+C stops it."""
+    from sa2va_tui.report import tensorboard_dir
+    from sa2va_tui.runstore import RunStoreError, load_run
+
+    run_dir = _find_run_or_exit(run, logs_dir)
+    try:
+        snapshot = load_run(run_dir)
+    except RunStoreError as err:
+        fail(str(err))
+    folders = {name: tensorboard_dir(run_dir / name) for name in snapshot.experiments}
+    spec = {name: folder.resolve() for name, folder in folders.items() if folder is not None}
+    if not spec:
+        fail(f"{snapshot.run_id}: no experiment has written TensorBoard files yet")
+    for name, folder in spec.items():
+        if ":" in name or "," in str(folder) or ":" in str(folder):
+            fail(f"{folder}: TensorBoard's --logdir_spec cannot name a run or folder with ':' or ','")
+    _check_port_free(port)
+    log = Path(tempfile.mkstemp(prefix="sa2va-tensorboard-", suffix=".log")[1])
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tensorboard.main", "--logdir_spec",
+             ",".join(f"{name}:{folder}" for name, folder in spec.items()), "--host", LOCALHOST, "--port", str(port)],
+            stdout=out, stderr=subprocess.STDOUT)
+    try:
+        _wait_until_serving(process, port, log)
+        missing = [name for name, folder in folders.items() if folder is None]
+        typer.echo(f"TensorBoard at http://{LOCALHOST}:{port}/ with runs {', '.join(spec)}"
+                   + (f" (no TensorBoard files yet: {', '.join(missing)})" if missing else "")
+                   + f"; its log: {log}; Ctrl+C stops it")
+        code = process.wait()
+    except KeyboardInterrupt:
+        code = 0
+    finally:
+        _stop(process)
+    if code:
+        fail(f"tensorboard exited with code {code}: {_last_line(log)}")
+
+
+def _check_port_free(port: int) -> None:
+    """Fail now, in one line, rather than let TensorBoard fail in its own words."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((LOCALHOST, port))
+        except OSError:
+            fail(f"port {port} on {LOCALHOST} is in use; choose another with --port")
+
+
+def _wait_until_serving(process: subprocess.Popen, port: int, log: Path) -> None:
+    """Return once TensorBoard accepts connections; fail if it exits or takes too long."""
+    deadline = time.monotonic() + TENSORBOARD_START_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            fail(f"tensorboard exited with code {process.returncode}: {_last_line(log)}")
+        try:
+            with socket.create_connection((LOCALHOST, port), timeout=1.0):
+                return
+        except OSError:
+            time.sleep(0.2)
+    _stop(process)
+    fail(f"tensorboard did not answer on port {port} within {TENSORBOARD_START_S:g} s; its log: {log}")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _last_line(log: Path) -> str:
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-1].strip() if lines else f"no output (see {log})"
+
+
+@app.command()
+def runs(logs_dir: Path = LogsDirOption) -> None:
+    """The runs under --logs-dir: id, start, each experiment's state (interrupted: its
+    supervisor is gone before it ended), and the best val Dice if evaluated."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from sa2va_tui.report import format_time, shown_state
+    from sa2va_tui.runstore import RunStoreError, list_runs, load_run
+
+    found = list_runs(logs_dir)
+    if not found:
+        typer.echo(f"{logs_dir}: no runs yet")
+        return
+    table = Table(box=None, pad_edge=False)
+    for column in ("run", "started", "experiments", "val Dice"):
+        table.add_column(column, no_wrap=True)
+    for run_dir in found:
+        try:
+            snapshot = load_run(run_dir)
+        except RunStoreError:
+            continue  # removed or rewritten since it was listed
+        live = snapshot.supervised
+        states = "\n".join(f"{name} {shown_state(s, live)}" for name, s in snapshot.experiments.items()) or "-"
+        table.add_row(snapshot.run_id, format_time(snapshot.created_at), states, _headline_dice(run_dir))
+    Console().print(table)
+
+
+def _headline_dice(run_dir: Path) -> str:
+    """`0.7312 combined (+0.0210)`: the best method on val and its gain over the baseline."""
+    from sa2va_tui.report import headline, load_evaluation
+
+    table = load_evaluation(run_dir)
+    if table is None or table.split != "val":
+        return "-"
+    best = headline(table)
+    if best is None:
+        return "-"
+    name, dice, delta = best
+    return f"{dice:.4f} {name} ({delta:+.4f})"

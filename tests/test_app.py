@@ -243,6 +243,23 @@ async def test_watch_mode_shows_worker_keys_as_unavailable(tmp_path):
                     "the watched log shown")
 
 
+@run_async
+async def test_more_experiments_than_fit_scroll_into_view_when_selected():
+    hub = RecordedHub()
+    names = [f"seed{n}" for n in range(1, 10)]
+    app = Sa2vaApp(AppSource(hub=hub, title="nine", log_path=lambda name: None), clock=lambda: T0 + 60)
+    async with app.run_test(size=(80, 24)) as pilot:
+        hub.feed([Started(name, pid=5000 + i, gpu=None, batch_size=32, time=T0) for i, name in enumerate(names)])
+        await until(pilot, lambda: len(app.query(ExperimentCard)) == 9, "nine cards")
+        main = app.query_one("#main")
+        card = {c.experiment: c for c in app.query(ExperimentCard)}
+        assert not main.region.contains_region(card["seed9"].region)
+        await pilot.press("9")
+        await pilot.pause(0.2)
+        assert app.dashboard.selected == "seed9"
+        assert main.region.contains_region(card["seed9"].region)
+
+
 def test_the_ui_imports_no_training_library():
     code = ("import sys, sa2va_tui.app, sa2va_tui.app.main, sa2va_tui.supervisor, sa2va_tui.logtail; "
             "print(sorted(m for m in ('torch', 'stable_baselines3', 'transformers') if m in sys.modules))")

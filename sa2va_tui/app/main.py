@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 import time
 from multiprocessing import resource_tracker
 from pathlib import Path
@@ -120,6 +121,7 @@ class Dashboard(Screen):
         self._cards: dict[str, ExperimentCard] = {}
         self._last_draw = float("-inf")
         self._tailing: str | None = None
+        self._quitting = False
         self._unsubscribe: Callable[[], None] | None = None
         self._log_handler = ProblemLogHandler(self.post_message)
 
@@ -184,7 +186,7 @@ class Dashboard(Screen):
         self.query_one(TitleBar).show(
             TitleBar.view_of(self.source.title, states, StateBook(states).finish_time(now), now))
         self.query_one(MetricsPanel).show(MetricsView.of(states, rewards))
-        self.query_one(GpuPanel).show(GpuView.of(self.inbox.gpus(), states))
+        self.query_one(GpuPanel).show(GpuView.of(self.inbox.gpus(), states, self.source.samples_gpus))
         current = states.get(self.selected or "")
         if previous is None or current is None or previous.state != current.state:
             self._controls_changed()
@@ -290,7 +292,7 @@ class Dashboard(Screen):
     # --- quitting --------------------------------------------------------------------
 
     def confirm_quit(self) -> None:
-        if isinstance(self.app.screen, ConfirmScreen):
+        if self._quitting or isinstance(self.app.screen, ConfirmScreen):
             return
         running = [s.name for s in self.states.values() if not s.terminal and s.pid is not None]
         if self.source.control is None:
@@ -303,12 +305,13 @@ class Dashboard(Screen):
             body = "No experiment is running."
 
         def answered(yes: bool | None) -> None:
-            if yes:
+            if yes and not self._quitting:
+                self._quitting = True
                 self._quit()
 
         self.app.push_screen(ConfirmScreen("Quit sa2va-tui?", body, yes="Quit"), answered)
 
-    @work(thread=True, exit_on_error=False, group="quit", exclusive=True)
+    @work(thread=True, exit_on_error=False, group="quit")
     def _quit(self) -> None:
         self.post_message(Note("sa2va-tui", "stopping every worker gracefully…"))
         self.source.hub.shutdown(self.source.stop_grace_s)
@@ -401,10 +404,10 @@ class Dashboard(Screen):
             self.problem(f"{event.worker.name}: {event.worker.error}")
 
     def action_help(self) -> None:
-        keys = [(b.key_display or b.key, b.description, self.check_action(b.action, ()) is not None
-                 or self.source.control is not None)
+        watching = self.source.control is None
+        keys = [(b.key_display or b.key, b.description, not (watching and b.action in self.CONTROL_ACTIONS))
                 for b in self.BINDINGS if isinstance(b, Binding) and b.show]
-        self.app.push_screen(HelpScreen(keys, watching=self.source.control is None))
+        self.app.push_screen(HelpScreen(keys, watching))
 
 
 def restart_question(name: str, plan: RestartPlan) -> Content:
@@ -459,6 +462,9 @@ def run_app(source: AppSource) -> int:
     try:
         app.run()
     finally:
+        if source.control is not None and not source.hub.done:
+            # The app ended without its own graceful quit (it failed): say why we wait.
+            print(f"sa2va-tui: stopping every experiment (at most {source.stop_grace_s:g} s)", file=sys.stderr)
         source.hub.shutdown(source.stop_grace_s)
     if app.return_code not in (0, None):
         return app.return_code

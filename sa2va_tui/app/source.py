@@ -99,6 +99,8 @@ class AppSource:
     start: Callable[[], None] | None = None
     #: Seconds each worker gets to save and stop when the app quits.
     stop_grace_s: float = 30.0
+    #: Whether the source reads the GPUs (the log watcher does not).
+    samples_gpus: bool = True
 
     @classmethod
     def of_supervisor(cls, supervisor: "Supervisor", names: list[str] | None = None) -> "AppSource":
@@ -111,4 +113,4 @@ class AppSource:
         paths = {tail.name: tail.path for tail in watcher.tails}
         count = len(paths)
         return cls(hub=watcher, title=f"watching {count} log{'s' if count != 1 else ''}", log_path=paths.get,
-                   start=watcher.start, stop_grace_s=0.0)
+                   start=watcher.start, stop_grace_s=0.0, samples_gpus=False)

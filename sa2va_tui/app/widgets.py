@@ -3,10 +3,10 @@ what it shows) and redraws only when the view changed, so a calm run costs nothi
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from rich.markup import escape
 from textual.content import Content
 from textual.message import Message
 from textual.widget import Widget
@@ -231,9 +231,11 @@ class GpuView:
     gpus: tuple[tuple[Any, ...], ...]
 
     @classmethod
-    def of(cls, sample: GpuSample | None, states: dict[str, ExperimentState]) -> "GpuView":
+    def of(cls, sample: GpuSample | None, states: dict[str, ExperimentState], sampled: bool = True) -> "GpuView":
+        """`sampled` is False for a source that never reads the GPUs (the log watcher)."""
         if sample is None:
-            return cls(None, "GPUs: not sampled yet", ())
+            return cls(None, "GPUs: not read yet" if sampled else
+                       "GPUs are not read while watching logs; `sa2va-tui gpus` shows them", ())
         gpus = []
         for gpu in sample.gpus:
             users = tuple((p.get("experiment") or f"pid {p['pid']}", p.get("used_memory")) for p in gpu["processes"])
@@ -255,7 +257,7 @@ class GpuPanel(ViewWidget):
     def render(self) -> Content:
         v: GpuView | None = self.view
         if v is None or v.available is None:
-            return Content.styled("GPUs: not sampled", "$text-muted")
+            return Content.styled(v.message if v else "", "$text-muted")
         if not v.available:
             return Content.styled(f"{v.message}: experiments run on the CPU", "$warning")
         width = self.size.width
@@ -278,7 +280,5 @@ class GpuPanel(ViewWidget):
 
 def event_line(when: float, who: str, text: str, style: str = "") -> str:
     """One event-log line in Rich markup (`text` is markup already)."""
-    from rich.markup import escape
-
     body = f"[{style}]{text}[/]" if style else text
-    return f"[dim]{time.strftime('%H:%M:%S', time.localtime(when))}[/] [bold]{escape(who)}[/] {body}"
+    return f"[dim]{format_clock(when)}[/] [bold]{escape(who)}[/] {body}"

@@ -55,17 +55,16 @@ class HelpScreen(ModalScreen[None]):
         for key, description, available in self._keys:
             text = Content.assemble((f"  {key:<10}", "bold $accent"), description)
             lines.append(text if available else text.stylize("$text-disabled") + Content.styled(
-                "  (unavailable: not started by this sa2va-tui)", "$text-muted"))
+                "  (unavailable when watching)", "$text-muted"))
         lines += [
             Content("  mouse     click a card to select it, a button to act on it"),
-            Content(""),
             Content.styled("Hints (values that call for a look are yellow in the table)", "bold"),
             *(Content(f"  {rule}") for rule in legend()),
         ]
         if self._watching:
-            lines += [Content(""), Content.styled(
+            lines.append(Content.styled(
                 "Watching logs of experiments started elsewhere: they cannot be paused, stopped or restarted here.",
-                "$warning")]
+                "$warning"))
         with Vertical(id="dialog") as dialog:
             dialog.border_title = "Help"
             dialog.border_subtitle = "esc to close"

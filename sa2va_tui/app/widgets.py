@@ -66,10 +66,8 @@ class CardView:
         if phase and s.phase_total:
             phase += f" {s.phase_done or 0}/{s.phase_total} ({(s.phase_done or 0) / s.phase_total:.0%})"
         details = [phase] if phase else []
-        if s.pid is not None or s.state in ("running", "paused"):
-            details.append("CPU" if s.gpu is None else f"GPU {s.gpu}")
-        if s.pid is not None:
-            details.append(f"pid {s.pid}")
+        if s.pid is not None:  # a process of ours: where it runs is known
+            details += ["CPU" if s.gpu is None else f"GPU {s.gpu}", f"pid {s.pid}"]
         if s.batch_size:
             details.append(f"batch {s.batch_size}")
         progress = f"{s.timesteps:,}/{s.total:,}" if s.total else f"{s.timesteps:,} steps"

@@ -14,7 +14,13 @@ from typing import Sequence
 import numpy as np
 from stable_baselines3 import PPO
 
-from experiments.envs import POSTPROCESS_ENV_ID, PostProcessEnv, PostprocessTable, build_postprocess_table
+from experiments.envs import (
+    POSTPROCESS_ENV_ID,
+    PostProcessEnv,
+    PostprocessTable,
+    build_postprocess_table,
+    prefill_first_operations,
+)
 from experiments.harness import WorkerContext
 from experiments.postprocess import OpSettings
 from experiments.ppo_common import (
@@ -61,16 +67,23 @@ def score(model: PPO, table: PostprocessTable, cfg: PostprocessRLConfig) -> dict
 
 
 def build_tables(ctx: WorkerContext, segmenter, splits: dict[str, Sequence]) -> dict[str, PostprocessTable]:
-    """The "caching_masks" phase: the default prompt's mask of every sample."""
+    """The "caching_masks" phase: the default prompt's mask of every sample, and, for
+    the train split, the states after each first operation. Progress counts each
+    sample three times (mask fetched, described, first operations applied)."""
     backend = ctx.config.backend
     cfg: PostprocessRLConfig = ctx.experiment
-    total = sum(2 * len(samples) for samples in splits.values())
+    total = sum(3 * len(samples) for samples in splits.values())
     report = PhaseReporter(ctx, "caching_masks")
     tables, offset = {}, 0
     for split, samples in splits.items():
-        tables[split] = build_postprocess_table(samples, segmenter, backend.prompts, backend.default_prompt,
-                                                cfg.min_component_area, on_progress=report.part(offset, total))
+        table = build_postprocess_table(samples, segmenter, backend.prompts, backend.default_prompt,
+                                        cfg.min_component_area, on_progress=report.part(offset, total))
         offset += 2 * len(samples)
+        if split == "train":
+            prefill_first_operations(table, cfg.operations, op_settings(cfg), on_progress=report.part(offset, total))
+        offset += len(samples)
+        tables[split] = table
+    report(total, total)
     return tables
 
 

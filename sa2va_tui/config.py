@@ -120,8 +120,12 @@ class Faults(Strict):
 
 
 class PPOConfig(Strict):
-    learning_rate: float = Field(3e-4, gt=0)
-    n_steps: int = Field(256, gt=0)
+    # Defaults tuned for short runs (5,000 timesteps on the embedded default, val Dice
+    # gain over 3 seeds): rollouts of 32 x 8 steps give about 20 updates where 256 x 8
+    # gave 3, and the higher learning rate and wider layers learn the image-dependent
+    # choice within them (prompt choice +0.054 against +0.005 with SB3's defaults).
+    learning_rate: float = Field(1e-3, gt=0)
+    n_steps: int = Field(32, gt=0)
     batch_size: int = Field(64, gt=0)
     n_epochs: int = Field(10, gt=0)
     gamma: float = Field(0.99, ge=0, le=1)
@@ -130,7 +134,7 @@ class PPOConfig(Strict):
     ent_coef: float = Field(0.01, ge=0)
     vf_coef: float = Field(0.5, ge=0)
     max_grad_norm: float = Field(0.5, gt=0)
-    net_arch: list[int] = Field(default_factory=lambda: [64, 64])
+    net_arch: list[int] = Field(default_factory=lambda: [128, 128])
     n_envs: int = Field(8, gt=0)
 
     @model_validator(mode="after")

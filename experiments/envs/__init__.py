@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import gymnasium as gym
 
-from experiments.envs.postprocess import PostProcessEnv, effective_operations
+from experiments.envs.postprocess import PostProcessEnv, effective_operations, prefill_first_operations
 from experiments.envs.prompt import PromptSelectEnv
 from experiments.envs.tables import PostprocessTable, PromptTable, build_postprocess_table, build_prompt_table
 
@@ -34,4 +34,5 @@ __all__ = [
     "build_postprocess_table",
     "build_prompt_table",
     "effective_operations",
+    "prefill_first_operations",
 ]

@@ -344,7 +344,7 @@ def recorded_app(monkeypatch) -> Callable[[], tuple[Sa2vaApp, RecordedHub]]:
         return Sa2vaApp(source, clock=lambda: T0 + 60), hub
 
     yield make
-    monkeypatch.delenv("TZ")
+    monkeypatch.undo()
     time.tzset()
 
 

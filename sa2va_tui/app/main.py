@@ -82,8 +82,8 @@ class LogLines(Message):
 
 
 class ProblemLogHandler(logging.Handler):
-    """Warnings of the tool's own loggers become event-log lines instead of text printed
-    across the screen."""
+    """Warnings logged in this process (the supervisor's among them) become event-log
+    lines, instead of text printed across the screen."""
 
     def __init__(self, post: Callable[[Message], object]) -> None:
         super().__init__(logging.WARNING)

@@ -22,6 +22,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
+from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection, wait as wait_for_connections
 from pathlib import Path
 from typing import Any
@@ -144,6 +145,10 @@ class Supervisor(EventHub):
         self._dirty = False
         self._last_write = 0.0
         self.gpus = GpuSnapshot(available=False, message="not read yet")
+        # Multiprocessing hands sys.stderr's descriptor to the resource tracker it starts
+        # with the first spawned worker; a front end started after this (Textual's stderr
+        # has fileno() -1) would make that fail. Start the tracker while stderr is real.
+        resource_tracker.ensure_running()
 
     @classmethod
     def for_run(cls, run_dir: Path, **kwargs: Any) -> "Supervisor":

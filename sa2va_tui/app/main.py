@@ -14,7 +14,6 @@ import os
 import re
 import sys
 import time
-from multiprocessing import resource_tracker
 from pathlib import Path
 from typing import Callable
 
@@ -439,11 +438,6 @@ class Sa2vaApp(App[int]):
 
     def __init__(self, source: AppSource, clock: Callable[[], float] = time.time) -> None:
         super().__init__()
-        if source.control is not None:
-            # While it runs, Textual replaces sys.stderr with an object whose fileno() is
-            # -1; multiprocessing hands sys.stderr's descriptor to the resource tracker it
-            # starts with the first spawned worker, and fails on -1. Start it now.
-            resource_tracker.ensure_running()
         self.source = source
         self.dashboard = Dashboard(source, clock)
 

@@ -142,3 +142,38 @@ def test_threshold_actions_only_where_the_backend_gives_probabilities():
     assert effective_operations(ALL_OPS, gives_probabilities=True) == list(ALL_OPS)
     with pytest.raises(ValueError, match="unknown"):
         effective_operations(["dilate", "smooth"], True)
+
+
+def test_a_policy_is_scored_on_the_mask_it_ends_on_not_the_best_it_saw(setup):
+    """A scripted policy picks each image's best prompt, then its worst: the answer
+    run_episodes reports (and the evaluation scores) is the worst."""
+    from experiments.envs import PromptSelectEnv
+    from experiments.ppo_common import run_episodes
+
+    config, segmenter, samples = setup
+    prompt_table, _ = _tables(config, segmenter, samples)
+    best, worst = prompt_table.dice.argmax(axis=1), prompt_table.dice.argmin(axis=1)
+    width = prompt_table.context.shape[1]
+
+    class BestThenWorst:
+        """Knows each image by its context features, and how often it has acted on it."""
+
+        def __init__(self):
+            self.acted = np.zeros(len(samples), int)
+
+        def predict(self, obs, deterministic=False):
+            assert deterministic
+            actions = []
+            for row in obs:
+                i = int(np.flatnonzero((prompt_table.context == row[:width]).all(axis=1))[0])
+                actions.append(best[i] if self.acted[i] == 0 else worst[i])
+                self.acted[i] += 1
+            return np.array(actions), None
+
+    outcomes = run_episodes(BestThenWorst(), [PromptSelectEnv(prompt_table, max_steps=2) for _ in samples])
+    assert any(outcome.answer != best[i] for i, outcome in enumerate(outcomes))  # the test has teeth
+    for i, outcome in enumerate(outcomes):
+        # Choosing the prompt already in use ends an episode: only then is the best kept.
+        kept_best = best[i] == prompt_table.default_prompt
+        assert outcome.actions[0] == best[i]
+        assert outcome.answer == (best[i] if kept_best else worst[i])

@@ -1,20 +1,22 @@
 """The built-in referring-segmentation dataset, generated procedurally.
 
 Every image holds several kinds of structure (thin branching vessels, blobs with
-holes, rings, boxes) over a mottled background with faint vessel-like clutter,
+holes, rings, boxes) over a mottled background, with out-of-focus copies of every
+kind (pale, not part of any target, as the choroidal vessels behind retinal ones),
 speckle, blur, noise and uneven illumination. One kind is the target; its mask is
-the ground truth (the visible pixels of every instance of that kind).
+the ground truth (the visible pixels of every in-focus instance of that kind).
 
-Each image is also drawn under one *condition* (faint, thin, in a dark part, ...),
-and the sample's referring expression names it, as an annotator describes what
-makes an image hard ("the faint vessels"). The conditions are made so that the
+Each image is also drawn under one *condition* (faint, thin, crowded, in a dark
+part, ...), and the sample's referring expression names it, as an annotator says
+what makes an image hard ("the faint vessels"). The conditions are made so that the
 same local evidence means different things under different conditions: a faint
-target looks like the clutter of a plain image, a target in a dark or glaring part
-loses its contrast there, small objects look like speckle, a thick vessel's
-central reflex splits it in two. A model trained on these expressions segments an
-image better when its prompt names the image's condition, and which condition an
-image has shows in global image statistics (contrast, brightness, noise, scale):
-that is what gives a prompt-choosing agent something real to learn.
+target looks like the out-of-focus copies of a plain image, and so do the weak
+members of a crowd, a thin vessel after blur, a target in a dark or glaring part;
+small objects look like speckle; a thick vessel's central reflex splits it in two.
+A model that sees locally, as the embedded one does, segments such an image better
+when its prompt names the condition, and the condition shows in global image
+statistics (contrast, brightness, noise, scale): that gives a prompt-choosing agent
+something real to learn.
 
 Every sample is generated from its own random stream, seeded by (seed, split,
 index), so a sample is the same whatever the split size or sample limit.
@@ -129,16 +131,16 @@ class _Scene:
         self.condition = condition
         self.signal = np.zeros((size, size, 3), np.float32)
         self.label = np.zeros((size, size), np.int8)
-        # Faint images lower every structure's contrast, clutter included, so that a
-        # faint target looks like the clutter of a plain image.
-        self.contrast = rng.uniform(0.28, 0.38) if condition == "faint" else 1.0
+        # Faint images lower every structure's contrast, out-of-focus copies included,
+        # so that a faint target looks like the out-of-focus copies of a plain image.
+        self.contrast = rng.uniform(0.22, 0.32) if condition == "faint" else 1.0
 
     # --- drawing ------------------------------------------------------------------
 
     def render(self) -> tuple[np.ndarray, np.ndarray]:
         rng = self.rng
         background = self._background()
-        self._clutter()
+        self._ghosts()
         others = [k for k in KINDS if k != self.target]
         present = [self.target] + list(rng.choice(others, size=rng.integers(1, 3), replace=False))
         layers = []
@@ -147,9 +149,8 @@ class _Scene:
         # Random drawing order: objects occlude and touch each other whatever their kind.
         for i in rng.permutation(len(layers)):
             kind, (alpha, hard) = layers[i]
-            colour = _KIND_COLOUR[kind] * rng.uniform(0.85, 1.15, 3).astype(np.float32)
             self.signal[hard] = 0.0
-            self.signal += alpha[..., None] * colour * self.contrast
+            self._add(alpha, kind)
             self.label[hard] = KINDS.index(kind) + 1
         image = self._imaging(background + self.signal)
         return image, self.label == KINDS.index(self.target) + 1
@@ -166,15 +167,26 @@ class _Scene:
         coarse = self.rng.normal(0, 0.6, (cells, cells)).astype(np.float32)
         return cv2.resize(coarse, (self.size, self.size), interpolation=cv2.INTER_CUBIC)
 
-    def _clutter(self) -> None:
-        """Faint dark curvilinear texture that is not a target: what faint vessels
-        must be told apart from."""
+    def _ghosts(self) -> None:
+        """Pale out-of-focus copies of every kind, drawn under the objects and part of
+        no mask: what faint and weak targets must be told apart from."""
         rng = self.rng
-        for _ in range(rng.integers(4, 9)):
+        for _ in range(rng.integers(3, 7)):
             alpha = np.zeros((self.size, self.size), np.float32)
-            for x0, y0, x1, y1, _w, _m in self._walk(rng.uniform(25, 70), 1, 1, branch=0.0, dips=0.0):
-                cv2.line(alpha, (x0, y0), (x1, y1), 1.0, 1)
-            self.signal += alpha[..., None] * _KIND_COLOUR["vessels"] * rng.uniform(0.15, 0.26) * self.contrast
+            for x0, y0, x1, y1, w, m in self._walk(rng.uniform(30, 80), int(rng.integers(1, 3)), 1, branch=0.04, dips=0.8):
+                cv2.line(alpha, (x0, y0), (x1, y1), float(m), w)
+            self._add(alpha * self._ghost_level(), "vessels")
+        for _ in range(rng.integers(1, 4)):
+            kind = _OBJECT_KINDS[rng.integers(len(_OBJECT_KINDS))]
+            alpha, _ = {"blobs": self._blob, "rings": self._ring, "boxes": self._box}[kind]("plain")
+            self._add(alpha * self._ghost_level(), kind)
+
+    def _ghost_level(self) -> float:
+        return float(self.rng.uniform(0.18, 0.32))
+
+    def _add(self, alpha: np.ndarray, kind: str) -> None:
+        colour = _KIND_COLOUR[kind] * self.rng.uniform(0.85, 1.15, 3).astype(np.float32)
+        self.signal += alpha[..., None] * colour * self.contrast
 
     def _instances(self, kind: str, is_target: bool) -> list[tuple[np.ndarray, np.ndarray]]:
         """(alpha, hard mask) per instance; conditions change only the target's instances."""
@@ -193,10 +205,14 @@ class _Scene:
         for _ in range(count):
             alpha, hard = draw(cond)
             if cond == "crowded":
-                # Crowds mix salient and barely visible instances: "all" of them count.
-                alpha = alpha * rng.uniform(0.25, 1.0)
+                alpha = alpha * self._crowd_level()
             out.append((alpha, hard))
         return out
+
+    def _crowd_level(self) -> float:
+        """Crowds mix salient instances with ones as pale as out-of-focus copies:
+        "all" of them count."""
+        return float(self.rng.uniform(0.25, 0.45) if self.rng.random() < 0.6 else self.rng.uniform(0.6, 1.0))
 
     def _walk(self, length: float, width: int, min_width: int, branch: float, dips: float):
         """A branching random walk from the border inwards or from inside: segments
@@ -241,19 +257,19 @@ class _Scene:
         elif cond == "thick":
             width, min_width = int(round(rng.integers(5, 8) * s)), max(3, int(round(3 * s)))
         else:
-            width, min_width = max(1, int(round(rng.integers(2, 4) * s))), 1
+            width, min_width = max(1, int(round(rng.integers(1, 4) * s))), 1
         alpha = np.zeros((self.size, self.size), np.float32)
         hard = np.zeros((self.size, self.size), np.uint8)
         reflex = np.zeros((self.size, self.size), np.float32)
-        dips = 1.6 if cond in ("thin", "crowded") else 0.8
+        dips = 2.0 if cond == "thin" else 1.2
         for x0, y0, x1, y1, w, contrast in self._walk(rng.uniform(70, 130), width, min_width, branch=0.07, dips=dips):
             cv2.line(alpha, (x0, y0), (x1, y1), float(contrast), w)
             cv2.line(hard, (x0, y0), (x1, y1), 1, w)
             if w >= 4:
                 # The central light reflex of wide vessels: a bright stripe down the middle.
-                cv2.line(reflex, (x0, y0), (x1, y1), 0.8, max(1, w // 3))
+                cv2.line(reflex, (x0, y0), (x1, y1), 0.9, max(1, w // 3))
         alpha *= 1.0 - reflex
-        strength = rng.uniform(0.7, 1.0) if cond != "crowded" else rng.uniform(0.3, 1.0)
+        strength = self._crowd_level() if cond == "crowded" else rng.uniform(0.7, 1.0)
         return alpha * strength, hard.astype(bool)
 
     def _centre(self) -> tuple[float, float]:
@@ -261,7 +277,7 @@ class _Scene:
 
     def _blob(self, cond: str) -> tuple[np.ndarray, np.ndarray]:
         rng = self.rng
-        radius = {"small": (2.0, 4.0), "large": (22.0, 34.0)}.get(cond, (7.0, 14.0))
+        radius = {"small": (1.5, 3.5), "large": (22.0, 34.0)}.get(cond, (7.0, 14.0))
         r = rng.uniform(*radius) * self.scale
         cx, cy = self._centre()
         theta = np.linspace(0, 2 * math.pi, 48, endpoint=False)
@@ -278,7 +294,7 @@ class _Scene:
 
     def _ring(self, cond: str) -> tuple[np.ndarray, np.ndarray]:
         rng, s = self.rng, self.scale
-        radius = {"small": (4.0, 6.0), "large": (24.0, 38.0)}.get(cond, (8.0, 16.0))
+        radius = {"small": (3.0, 5.0), "large": (24.0, 38.0)}.get(cond, (8.0, 16.0))
         thickness = {"thin": (1, 2), "thick": (5, 8), "small": (1, 2), "large": (3, 5)}.get(cond, (2, 4))
         r = rng.uniform(*radius) * s
         axes = (max(2, int(r)), max(2, int(r * rng.uniform(0.6, 1.0))))
@@ -315,7 +331,7 @@ class _Scene:
             sigma = rng.uniform(0.18, 0.28)
             glare = rng.uniform(0.7, 0.92) * np.exp(-((xx - gx) ** 2 + (yy - gy) ** 2) / (2 * sigma**2))
             image = image + glare[..., None] * (1.0 - image)
-        sigma = rng.uniform(1.5, 2.2) if cond == "blurry" else rng.uniform(0.4, 0.8)
+        sigma = rng.uniform(1.5, 2.2) if cond == "blurry" else rng.uniform(0.5, 1.0)
         image = cv2.GaussianBlur(image, (0, 0), sigma * self.scale)
         noise_sd = rng.uniform(0.05, 0.08) if cond == "noisy" else rng.uniform(0.01, 0.025)
         image = image + rng.normal(0, noise_sd, (n, n, 1)).astype(np.float32)
@@ -323,13 +339,15 @@ class _Scene:
         return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
 
     def _speckle(self, image: np.ndarray, heavy: bool) -> np.ndarray:
-        """Isolated bright and dark dots of one or two pixels."""
+        """Isolated dots of one to three pixels, grey or in the colour of a kind: the
+        coloured ones look like small objects."""
         rng, n = self.rng, self.size
-        count = int(rng.integers(250, 450) if heavy else rng.integers(15, 45)) * self.scale**2
-        dots = np.zeros((n, n), np.float32)
-        xs, ys = rng.integers(0, n, (2, int(count)))
-        amplitude = rng.uniform(0.15, 0.45, int(count)) * rng.choice([-1.0, 1.0], int(count))
-        dots[ys, xs] = amplitude
-        big = rng.random(int(count)) < 0.3
-        dots[np.minimum(ys[big] + 1, n - 1), xs[big]] = amplitude[big]
-        return image + dots[..., None]
+        count = int((rng.integers(250, 450) if heavy else rng.integers(20, 50)) * self.scale**2)
+        dots = np.zeros((n, n, 3), np.float32)
+        kinds = [_KIND_COLOUR[k] for k in KINDS] + [np.full(3, 0.6, np.float32), np.full(3, -0.6, np.float32)]
+        for _ in range(count):
+            x, y = rng.integers(0, n, 2)
+            side = int(rng.choice([1, 1, 2, 2, 3]))
+            colour = kinds[rng.integers(len(kinds))] * rng.uniform(0.4, 0.9)
+            dots[y:y + side, x:x + side] = colour
+        return image + dots

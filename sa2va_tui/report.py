@@ -258,7 +258,7 @@ def _experiment(run_dir: Path, state: ExperimentState, series: dict[str, list[tu
         finish_at=finish_at,
         log=log if log.is_file() else None,
         tensorboard=tensorboard,
-        tensorboard_records=sum(count_event_records(p) for p in exp_dir.rglob(TFEVENTS_GLOB)) if exp_dir.is_dir() else 0,
+        tensorboard_records=sum(count_event_records(p) for p in exp_dir.rglob(TFEVENTS_GLOB)),
         checkpoint_exists=bool(state.last_checkpoint) and Path(state.last_checkpoint).is_file(),
     )
 
@@ -777,10 +777,12 @@ def _problem_text(p: Problem, tr: Translator) -> str:
                    new=_change_value(key, new))
                 for key, value in changes.items() if isinstance(value, list) for old, new in [value]]
         origin = changes.get("resume_from")
-        done.append(tr("problem.from_checkpoint", path=_code(Path(origin).name)) if origin else tr("problem.from_start"))
+        done.append(tr("problem.from_checkpoint", path=_code(Path(origin).name)) if origin
+                    else tr("problem.from_start"))
         resolution = tr("problem.restarted", reason=tr.restart_reason(p.restart["reason"]),
                         attempt=p.restart["attempt"], changes=tr.join(done))
-    return tr("problem.sentence", what=what, resolution=resolution, outcome=tr("problem.outcome", state=tr.state(p.outcome)))
+    outcome = tr("problem.outcome", state=tr.state(p.outcome))
+    return tr("problem.sentence", what=what, resolution=resolution, outcome=outcome)
 
 
 def _change_value(key: str, value: Any) -> str:

@@ -50,8 +50,8 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "col.rate": ("steps/s", "步/秒"),
     "col.remaining_time": ("time left", "剩余时间"),
     "col.finish": ("finish", "完成时间"),
-    "col.stability": ("policy stability (approx_kl)", "策略稳定性（approx_kl）"),
-    "col.value_estimate": ("value estimate (explained_variance)", "价值估计（explained_variance）"),
+    "col.stability": ("policy stability (`approx_kl`)", "策略稳定性（`approx_kl`）"),
+    "col.value_estimate": ("value estimate (`explained_variance`)", "价值估计（`explained_variance`）"),
     "col.row": ("row", "行"),
     "col.readings": ("readings", "记录数"),
     "col.first": ("first", "首个值"),
@@ -118,21 +118,21 @@ MESSAGES: dict[str, tuple[str, str]] = {
     # hints (the same remarks as sa2va_tui.analysis, which words them in English)
     "hint.train/explained_variance": (
         "value function still learning (explained_variance {value:.2g} < {limit:g})",
-        "价值函数仍在学习（explained_variance {value:.2g} < {limit:g}）"),
+        "价值函数仍在学习（`explained_variance` {value:.2g} < {limit:g}）"),
     "hint.train/approx_kl": (
         "large policy updates (approx_kl {value:.3g} > {limit:g}): a lower learning rate or clip range steadies them",
-        "策略更新幅度过大（approx_kl {value:.3g} > {limit:g}）：降低学习率或裁剪范围可使其平稳"),
+        "策略更新幅度过大（`approx_kl` {value:.3g} > {limit:g}）：降低学习率或裁剪范围可使其平稳"),
     "hint.train/clip_fraction": (
         "most updates clipped (clip_fraction {value:.2g} > {limit:g})",
-        "大部分更新被裁剪（clip_fraction {value:.2g} > {limit:g}）"),
+        "大部分更新被裁剪（`clip_fraction` {value:.2g} > {limit:g}）"),
     "hint.trend": ("reward {trend}", "奖励{trend}"),
     # GPUs
     "gpu.no_samples": ("This run recorded no GPU information.", "此运行没有记录 GPU 信息。"),
     "gpu.none": ("No NVIDIA GPU ({message}): every experiment ran on the CPU.",
                  "没有 NVIDIA GPU（{message}）：所有实验都在 CPU 上运行。"),
     "gpu.as_of": ("Latest sample: {time}.", "最近一次采样：{time}。"),
-    "gpu.history": ("mean {mean:.0f}%, spread {std:.0f} points over {n} samples",
-                    "平均 {mean:.0f}%，{n} 次采样的波动 {std:.0f} 个百分点"),
+    "gpu.history": ("mean {mean:.0f}%, spread {std:.1f} points over {n} samples",
+                    "平均 {mean:.0f}%，{n} 次采样的波动 {std:.1f} 个百分点"),
     # finish
     "finish.done": ("The whole run finished at {time}.", "整个运行已于 {time} 完成。"),
     "finish.expected": ("The whole run should finish at {time} (in {left}).", "整个运行预计于 {time} 完成（还需 {left}）。"),
@@ -187,8 +187,8 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "ind.no_checkpoint": ("{name} has none on disk", "{name} 磁盘上没有检查点"),
     "ind.nothing_trained": ("no experiment has trained yet", "尚无实验开始训练"),
     "ind.records": ("{name}: {n} records", "{name}：{n} 条记录"),
-    "ind.gpu_std": ("GPU {gpu} utilisation spread {std:.0f} points (limit {limit:g})",
-                    "GPU {gpu} 利用率波动 {std:.0f} 个百分点（上限 {limit:g}）"),
+    "ind.gpu_std": ("GPU {gpu} utilisation spread {std:.1f} points (limit {limit:g})",
+                    "GPU {gpu} 利用率波动 {std:.1f} 个百分点（上限 {limit:g}）"),
     "ind.gpu_no_samples": ("the run recorded no GPU information", "此运行没有记录 GPU 信息"),
     "ind.gpu_no_gpu": ("no NVIDIA GPU ({message}): the experiments ran on the CPU",
                        "没有 NVIDIA GPU（{message}）：实验在 CPU 上运行"),

@@ -159,6 +159,7 @@ def tensorboard(
         _stop(process)
     if code:
         fail(f"tensorboard exited with code {code}: {_last_line(log)}")
+    log.unlink(missing_ok=True)  # kept only when something went wrong
 
 
 def _check_port_free(port: int) -> None:
@@ -225,7 +226,10 @@ def runs(logs_dir: Path = LogsDirOption) -> None:
         live = snapshot.supervised
         states = "\n".join(f"{name} {shown_state(s, live)}" for name, s in snapshot.experiments.items()) or "-"
         table.add_row(snapshot.run_id, format_time(snapshot.created_at), states, _headline_dice(run_dir))
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=240)  # piped: whole lines for grep, not the 80 columns rich would assume
+    console.print(table)
 
 
 def _headline_dice(run_dir: Path) -> str:

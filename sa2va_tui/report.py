@@ -871,11 +871,12 @@ def _evaluation_section(data: ReportData, tr: Translator) -> list[str]:
 
 def _curves_section(data: ReportData, tr: Translator, curves: dict[str, Path] | None) -> list[str]:
     lines = [f"## {tr('section.curves')}", ""]
-    if curves:
-        for curve, path in curves.items():
-            lines += [f"![{tr(f'curve.{curve}')}]({path.name})", ""]
-    else:
+    if curves is None:
         lines += [tr("curves.not_written"), ""]
+    elif not curves:
+        lines += [tr("curves.no_data"), ""]
+    for curve, path in (curves or {}).items():
+        lines += [f"![{tr(f'curve.{curve}')}]({path.name})", ""]
     panels = curve_panels(data)
     keys = [*panels.get("episode_reward", []), *panels.get("reward_net", [])]
     rows = [(_code(name), _code(key), len(points), _number(points[0][1]), _number(points[-1][1]))

@@ -208,6 +208,8 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "curve.episode_reward": ("Episode reward over timesteps", "回合奖励随时间步变化"),
     "curve.ppo_metrics": ("PPO metrics over timesteps", "PPO 指标随时间步变化"),
     "curve.reward_net": ("Reward network over its steps", "奖励网络随训练步变化"),
+    "curves.no_data": ("No metric has been recorded yet: there is no curve to draw.",
+                       "尚未记录任何指标：没有可绘制的曲线。"),
     "curves.not_written": ("Write the report with -o FILE to draw the learning curves as PNG images next to it.",
                            "使用 -o FILE 写出报告时，学习曲线会以 PNG 图像保存在其旁边。"),
 }
@@ -272,7 +274,7 @@ class Translator:
 
     def item(self, label: str, value: Any) -> str:
         """`label: value`, with the language's colon."""
-        return f"{label}{': ' if self.lang == 'en' else '：'}{value}"
+        return f"{label}{': ' if self.lang == 'en' else '：'}{value}".rstrip()
 
     def items(self, *pairs: tuple[str, Any]) -> str:
         """Several `label: value` on one line."""

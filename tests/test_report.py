@@ -43,7 +43,7 @@ from sa2va_tui.report import (
 )
 from sa2va_tui.report_i18n import MESSAGES
 from sa2va_tui.runstate import EPISODE_REWARD
-from sa2va_tui.runstore import RUN_FILE, RunStore, load_run, read_events
+from sa2va_tui.runstore import RUN_FILE, RunStore, load_run, read_events, read_gpu_samples
 from sa2va_tui.supervisor import Supervisor
 
 EXPERIMENTS = ("prompt_rl", "postprocess_rl", "reward_net")
@@ -65,9 +65,11 @@ def run(tmp_path_factory):
     config = load_config(QUICK_CONFIG, [
         f"run.logs_dir={base / 'logs'}",
         f"prompt_rl.faults={{oom_at_step: {OOM_AT_STEP}, oom_min_batch_size: 32}}",
-        # The reward network at its smallest: two epochs, then ten fine-tuning steps.
-        "reward_net.reward={samples: 8, epochs: 2, batch_size: 16}",
-        "reward_net.finetune={steps: 10, batch_size: 4}",
+        # Smaller still, to keep the module within a couple of minutes on two cores: fewer
+        # images to cache masks for, one epoch of the reward network, three fine-tuning steps.
+        "dataset.limit=12",
+        "reward_net.reward={samples: 4, epochs: 1, batch_size: 64, perturbations_per_mask: 0}",
+        "reward_net.finetune={steps: 3, batch_size: 2}",
     ])
     # No NVIDIA library, deterministically, whatever machine runs the tests.
     nvml = FakeNvml(init_error=pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
@@ -221,10 +223,31 @@ def test_problems_tell_the_oom_and_its_restart_from_events(run):
 
 
 def test_gpu_section_says_there_was_no_gpu(run):
+    assert len(read_gpu_samples(run["dir"])) == 1  # without a GPU the sampler reports once, and stops
     data = read_report(run["dir"])
     assert data.gpu_available is False and "NVML library was not found" in data.gpu_message
     gpus = _section(render_markdown(data, "en"), "GPU usage")
     assert f"No NVIDIA GPU (`{data.gpu_message}`): every experiment ran on the CPU." in gpus
+
+
+def test_the_supervisor_keeps_a_gpu_sample_per_record_interval(tmp_path):
+    """The GPU history the report reads: one sample kept per interval, not one per read."""
+    config = load_config(QUICK_CONFIG, [f"run.logs_dir={tmp_path}", "postprocess_rl.enabled=false",
+                                        "reward_net.enabled=false"])
+    supervisor = Supervisor(config, RunStore.create(config), entry_points={"prompt_rl": "sv_workload:run"},
+                            nvml=FakeNvml([FakeGpu(utilization=40)]), gpu_interval=0.05, gpu_record_interval=0.5)
+    started = time.monotonic()
+    supervisor.start()
+    try:
+        assert supervisor.wait(120)
+    finally:
+        supervisor.shutdown()
+    elapsed = time.monotonic() - started
+    samples = read_gpu_samples(supervisor.run_dir)
+    assert 2 <= len(samples) <= elapsed / 0.5 + 1
+    assert all(s.available and s.gpus[0]["utilization"] == 40 for s in samples)
+    assert "| 0 | NVIDIA H100 80GB HBM3 | 40% |" in _section(render_markdown(read_report(supervisor.run_dir)),
+                                                             "GPU usage")
 
 
 def test_gpu_section_and_steadiness_from_a_recorded_gpu_history(run, tmp_path):
@@ -421,13 +444,15 @@ def test_curves_are_png_images_next_to_the_report_and_referenced_from_it(run):
 
 def test_the_report_command_reads_files_without_torch_or_matplotlib(run):
     code = (
-        "import sys\n"
+        "import json, sys\n"
         "from typer.testing import CliRunner\n"
         "from sa2va_tui.app_cli import app\n"
         "from sa2va_tui import commands\n"
         f"result = CliRunner().invoke(app, ['report', {str(run['dir'])!r}, '--lang', 'zh'])\n"
         "assert result.exit_code == 0, result.output\n"
         "assert '成功指标' in result.output, result.output\n"
+        f"result = CliRunner().invoke(app, ['report', {str(run['dir'])!r}, '--format', 'json'])\n"
+        "assert result.exit_code == 0 and json.loads(result.output)['lang'] == 'en', result.output\n"
         "heavy = [m for m in ('torch', 'stable_baselines3', 'matplotlib') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )

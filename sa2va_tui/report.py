@@ -39,7 +39,7 @@ from sa2va_tui.analysis import (
     hints,
     reward_trend,
 )
-from sa2va_tui.events import Checkpoint, Event, Failed, Metrics, Restarting, Started
+from sa2va_tui.events import Checkpoint, Event, Failed, GpuSample, Metrics, Restarting, Started
 from sa2va_tui.headless import format_duration
 from sa2va_tui.report_i18n import Translator
 from sa2va_tui.runstate import EPISODE_REWARD, ExperimentState, StateBook
@@ -56,8 +56,6 @@ GPU_STEADY_STD = 20.0
 TREE_ENTRIES = 12
 TENSORBOARD_DIR = "tensorboard"
 TFEVENTS_GLOB = "events.out.tfevents.*"
-#: The curve images, by the stem they add to the report's file name.
-CURVES = ("episode_reward", "ppo_metrics", "reward_net")
 
 
 # --- the facts --------------------------------------------------------------------------
@@ -326,7 +324,7 @@ def count_event_records(path: Path) -> int:
         return count
 
 
-def gpu_usage(samples: Sequence[Any]) -> list[GpuReport]:
+def gpu_usage(samples: Sequence[GpuSample]) -> list[GpuReport]:
     """Per GPU: its latest sample, and its utilisation and memory over the samples in
     which one of our experiments ran on it."""
     if not samples or not samples[-1].available:
@@ -694,7 +692,8 @@ def _gpu_section(data: ReportData, tr: Translator) -> list[str]:
     for g in data.gpus:
         memory = f"{format_bytes(g.memory_used)} / {format_bytes(g.memory_total)}"
         ours = ", ".join(f"{_code(name)} ({format_bytes(used)})" for name, used in g.experiments) or "-"
-        steady = (tr("gpu.history", mean=g.util_mean, std=g.util_std, n=g.busy_samples)
+        steady = (tr("gpu.history", mean=g.util_mean, std=g.util_std, peak=format_bytes(g.memory_peak),
+                     n=g.busy_samples)
                   if g.util_std is not None else "-")
         rows.append((g.index, g.name or "N/A", "N/A" if g.utilization is None else f"{g.utilization}%", memory, ours,
                      steady))

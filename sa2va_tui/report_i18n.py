@@ -131,8 +131,8 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "gpu.none": ("No NVIDIA GPU ({message}): every experiment ran on the CPU.",
                  "没有 NVIDIA GPU（{message}）：所有实验都在 CPU 上运行。"),
     "gpu.as_of": ("Latest sample: {time}.", "最近一次采样：{time}。"),
-    "gpu.history": ("mean {mean:.0f}%, spread {std:.1f} points over {n} samples",
-                    "平均 {mean:.0f}%，{n} 次采样的波动 {std:.1f} 个百分点"),
+    "gpu.history": ("mean {mean:.0f}%, spread {std:.1f} points, memory up to {peak}, over {n} samples",
+                    "平均 {mean:.0f}%，波动 {std:.1f} 个百分点，显存最高 {peak}（{n} 次采样）"),
     # finish
     "finish.done": ("The whole run finished at {time}.", "整个运行已于 {time} 完成。"),
     "finish.expected": ("The whole run should finish at {time} (in {left}).", "整个运行预计于 {time} 完成（还需 {left}）。"),

@@ -265,8 +265,8 @@ def test_gpu_section_and_steadiness_from_a_recorded_gpu_history(run, tmp_path):
     table = _section(render_markdown(data, "en"), "GPU usage")
     assert "| 0 | NVIDIA H100 80GB HBM3 | 61% | 20.0 GiB / 80.0 GiB | `prompt_rl` (6.0 GiB) |" in table
     assert "| 1 | NVIDIA H100 80GB HBM3 | 90% | 30.0 GiB / 80.0 GiB | `reward_net` (9.0 GiB) |" in table
-    assert "| mean 60%, spread 1.5 points over 4 samples |" in table  # 60, 62, 58, 61
-    assert "| mean 50%, spread 40.0 points over 4 samples |" in table  # 10, 90, 10, 90
+    assert "| mean 60%, spread 1.5 points, memory up to 20.0 GiB, over 4 samples |" in table  # 60, 62, 58, 61
+    assert "| mean 50%, spread 40.0 points, memory up to 30.0 GiB, over 4 samples |" in table  # 10, 90, 10, 90
     steady = next(i for i in data.indicators if i.name == "gpu_steady")
     assert steady.status == "fail" and steady.facts["std"][0] < 20 < steady.facts["std"][1]
 

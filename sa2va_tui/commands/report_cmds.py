@@ -80,8 +80,9 @@ def evaluate(
     split: str = typer.Option("val", "--split", help="The dataset split to score on: train, val or test."),
     logs_dir: Path = LogsDirOption,
 ) -> None:
-    """Score every finished experiment of a run on one split, all rows on the same images;
-    print the table and keep it in the run folder (evaluation.json) for the report."""
+    """Score every finished experiment of a run, all rows on the same images.
+
+    Prints the table and keeps it in the run folder (evaluation.json) for the report."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -122,8 +123,9 @@ def tensorboard(
     port: int = typer.Option(6006, "--port", min=1, max=65535, help="The port, on 127.0.0.1 only."),
     logs_dir: Path = LogsDirOption,
 ) -> None:
-    """One TensorBoard over every experiment of a run, each its own named run, on one
-    port of this machine only (127.0.0.1). Ctrl+C stops it."""
+    """One TensorBoard over every experiment of a run, on 127.0.0.1 only.
+
+    Each experiment is its own named run, on one port; Ctrl+C stops it."""
     from sa2va_tui.report import tensorboard_dir
     from sa2va_tui.runstore import RunStoreError, load_run
 
@@ -203,8 +205,9 @@ def _last_line(log: Path) -> str:
 
 @app.command()
 def runs(logs_dir: Path = LogsDirOption) -> None:
-    """The runs under --logs-dir: id, start, each experiment's state (interrupted: its
-    supervisor is gone before it ended), and the best val Dice if evaluated."""
+    """The runs under --logs-dir: id, start, each experiment's state, best val Dice.
+
+    An experiment shows as interrupted when its supervisor went away before it ended."""
     from rich.console import Console
     from rich.table import Table
 

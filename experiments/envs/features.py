@@ -56,7 +56,6 @@ def image_features(image: np.ndarray) -> np.ndarray:
     gradient = np.sqrt(gx * gx + gy * gy)
     # Sharpness: fine detail (Laplacian) relative to edges; blur lowers it.
     laplacian = np.abs(cv2.Laplacian(g, cv2.CV_32F, ksize=1))
-    h, w = g.shape
     cells = cv2.resize(g, (GRID, GRID), interpolation=cv2.INTER_AREA)
     local_sd = np.sqrt(np.maximum(
         cv2.resize(g * g, (GRID, GRID), interpolation=cv2.INTER_AREA) - cells * cells, 0.0))
@@ -69,7 +68,7 @@ def image_features(image: np.ndarray) -> np.ndarray:
         [cells.max() - cells.min(), cells.min()],
         cells.ravel(), local_sd.ravel() * 8,
     ]).astype(np.float32)
-    assert out.size == IMAGE_FEATURES and h > 0 and w > 0
+    assert out.size == IMAGE_FEATURES
     return out
 
 
@@ -107,11 +106,19 @@ MASK_FEATURES = 17
 
 
 class MaskDescriber:
-    """Statistics of masks on one image: shape (area, components, holes, thinness,
-    border contact), appearance (intensity inside and outside, backend confidence
-    inside), and agreement with a reference mask (the episode's starting mask).
+    """Statistics of masks on one image, built once per image so that the image's
+    sums are not recomputed per mask. `describe` returns, in this order:
 
-    Built once per image so that the image's sums are not recomputed per mask.
+    0 sqrt of the area fraction        1 empty flag
+    2 components (log)                 3 largest component's share of the area
+    4 share in components < min area   5 holes (log)
+    6 hole area share                  7 boundary share (thin masks are all boundary)
+    8 border contact                   9, 10 mean intensity inside, outside
+    11 their contrast                  12 intensity spread inside
+    13, 14 backend probability inside, outside (0 without probabilities)
+    15 IoU with the reference mask     16 area against the reference's (log ratio)
+
+    The reference is the mask an episode starts from (the default prompt's).
     """
 
     def __init__(self, grey_image: np.ndarray, prob: np.ndarray | None, reference: np.ndarray | None,
@@ -133,9 +140,10 @@ class MaskDescriber:
         area = float(np.count_nonzero(m8))
         fraction = area / self.pixels
         out[0] = np.sqrt(fraction)
+        out[15] = self._iou(mask, area)
+        out[16] = np.clip(np.log((area + 1) / (self.reference_area + 1)) / 4 + 0.5, 0, 1)
         if area == 0:
-            out[1] = 1.0  # empty
-            out[15] = self._iou(mask, 0.0)
+            out[1] = 1.0
             return out
         n, areas = _component_areas(m8, 8)
         out[2] = _log_count(n)
@@ -157,8 +165,6 @@ class MaskDescriber:
             prob_inside = cv2.mean(self.prob, mask=m8)[0]
             out[13] = prob_inside
             out[14] = (self.prob_sum - prob_inside * area) / rest * 4 if rest else 0.0
-        out[15] = self._iou(mask, area)
-        out[16] = np.clip(np.log((area + 1) / (self.reference_area + 1)) / 4 + 0.5, 0, 1)
         return out
 
     def _holes(self, m8: np.ndarray) -> tuple[int, float]:

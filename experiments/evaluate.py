@@ -5,13 +5,15 @@ Rows, all computed on the same samples of one split (val by default):
     prompt_policy    the prompt agent's final choice
     postprocess      the post-processing agent on the default prompt's mask
     combined         the prompt agent's choice, then the post-processing agent on its mask
+    finetuned        the reward-guided fine-tuned segmenter with the default prompt
+    reward_rerank    per image, the candidate (prompt x post-processing) mask that the
+                     reward network scores highest, no labels used
     oracle_prompt    the best candidate prompt per image, chosen with the labels: an
                      upper bound, not a method (kind "upper_bound")
 Each policy plays one deterministic episode per image and is scored on the mask it
 ends on, never on the best mask it passed through. Every row keeps its per-sample
-values and the sample ids they belong to, so a row added later (the reward-network
-experiment adds the fine-tuned model and reward-network reranking with
-`EvaluationTable.add`) is checked to be on the same images.
+values and the sample ids they belong to, and `EvaluationTable.add` refuses a row
+computed on other images.
 
     python -m experiments.evaluate RUN_DIR [-c CONFIG] [--split val]
 """
@@ -176,8 +178,8 @@ def evaluate_run(config: Config, run_dir: Path, split: str = "val",
     backend = config.backend
     k = len(backend.prompts)
     # Progress: every candidate mask fetched and described (2 k per sample), then one
-    # unit per sample for each policy row.
-    total = 2 * k * len(samples) + 3 * len(samples)
+    # unit per sample for each policy row and for the reward network's two rows.
+    total = 2 * k * len(samples) + 5 * len(samples)
     prompts_table = build_prompt_table(samples, segmenter, backend.prompts, backend.default_prompt,
                                        on_progress=lambda fetched, _pairs: progress(fetched, total))
     done = 2 * k * len(samples)
@@ -219,6 +221,15 @@ def evaluate_run(config: Config, run_dir: Path, split: str = "val",
             progress(done, total)
     if chosen is None:
         table.missing["combined"] = "needs both policies"
+
+    from experiments.reward_net import evaluation_rows as reward_net_rows
+
+    rows, missing = reward_net_rows(config, run_dir, samples, segmenter)
+    for row in rows:
+        table.add(row)
+    table.missing.update(missing)
+    done += 2 * len(samples)
+    progress(done, total)
 
     oracle = prompts_table.dice.argmax(axis=1)
     table.add(row_from_masks("oracle_prompt", "oracle prompt (chosen with labels: upper bound)", "upper_bound", ids,

@@ -282,6 +282,21 @@ def _print_report(head: dict, learn: dict | None) -> None:
           f"gain {learn['chosen_postprocess_gain']:+.4f}")
 
 
+def print_headroom(config, split: str = "val", train_images: int = 400) -> None:
+    """Measure and print everything: the `headroom` command."""
+    import torch
+
+    from experiments.backends import make_segmenter
+
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    segmenter = make_segmenter(config)
+    samples = load_split(config.dataset, split)
+    table = prompt_table(segmenter, samples, config.backend.prompts, config.backend.default_prompt)
+    head = measure_headroom(config, segmenter, split, table=table)
+    learn = measure_learnability(config, segmenter, table, train_images) if train_images else None
+    _print_report(head, learn)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.headroom", description=__doc__.split("\n\n")[0])
     parser.add_argument("-c", "--config", type=Path, default=None, help="config file (default: all defaults)")
@@ -293,17 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2
-    import torch
-
-    from experiments.backends import make_segmenter
-
-    torch.set_num_threads(min(2, torch.get_num_threads()))
-    segmenter = make_segmenter(config)
-    samples = load_split(config.dataset, args.split)
-    table = prompt_table(segmenter, samples, config.backend.prompts, config.backend.default_prompt)
-    head = measure_headroom(config, segmenter, args.split, table=table)
-    learn = measure_learnability(config, segmenter, table, args.train_images) if args.train_images else None
-    _print_report(head, learn)
+    print_headroom(config, args.split, args.train_images)
     return 0
 
 

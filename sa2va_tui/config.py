@@ -95,8 +95,8 @@ class BackendConfig(Strict):
     default_prompt: int = Field(0, ge=0)
     #: Where model outputs are kept across runs (null: logs/.mask_cache).
     cache_dir: Path | None = None
-    #: Images per forward pass of the embedded model.
-    batch_size: int = Field(32, ge=1)
+    #: Images per forward pass of the embedded model (8 is fastest per image on a CPU).
+    batch_size: int = Field(8, ge=1)
 
     @model_validator(mode="after")
     def _default_prompt_in_range(self) -> "BackendConfig":
@@ -198,12 +198,16 @@ class PostprocessRLConfig(RLExperimentBase):
 
 
 class RewardNetTraining(Strict):
-    samples: int = Field(400, gt=0)
-    epochs: int = Field(20, gt=0)
+    #: Train images; each gives one mask per candidate prompt plus perturbed copies.
+    samples: int = Field(200, gt=0)
+    epochs: int = Field(8, gt=0)
     batch_size: int = Field(32, gt=0)
     learning_rate: float = Field(1e-3, gt=0)
+    #: Side of the square the network sees images and masks at.
     input_size: int = Field(64, ge=16)
-    perturbations_per_mask: int = Field(2, ge=0)
+    perturbations_per_mask: int = Field(1, ge=0)
+    #: Channels of the first convolution (the others are multiples).
+    width: int = Field(16, ge=4)
 
 
 class FinetuneConfig(Strict):

@@ -204,6 +204,9 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "row.postprocess_policy": ("post-processing policy on the default prompt's mask", "默认提示掩码上的后处理策略"),
     "row.combined": ("prompt policy, then post-processing policy", "提示选择策略加后处理策略"),
     "row.oracle_prompt": ("oracle prompt (chosen with labels: upper bound)", "最优提示（使用标注选择：上界）"),
+    "row.finetuned": ("reward-guided fine-tuned model, default prompt", "奖励网络引导微调后的模型（默认提示）"),
+    "row.reward_rerank": ("reward-network reranking (prompts x post-processing, no labels)",
+                          "奖励网络重排序（提示 × 后处理，不使用标注）"),
     # curves
     "curve.episode_reward": ("Episode reward over timesteps", "回合奖励随时间步变化"),
     "curve.ppo_metrics": ("PPO metrics over timesteps", "PPO 指标随时间步变化"),

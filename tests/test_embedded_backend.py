@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from experiments.backends.base import Segmenter, TrainableSegmenter
-from experiments.backends.embedded import SHIPPED_WEIGHTS, load_embedded
+from experiments.backends.base import EMBEDDED_WEIGHTS
+from experiments.backends.embedded import load_embedded
 from experiments.datasets.base import render_prompt
 from experiments.datasets.builtin import PLAIN_TEMPLATE, builtin_split
 from experiments.metrics import dice
@@ -28,7 +29,7 @@ def _mean_dice(model, samples, prompts):
 
 
 def test_shipped_weights_are_small_and_load_on_cpu(model, val):
-    assert SHIPPED_WEIGHTS.is_file() and SHIPPED_WEIGHTS.stat().st_size <= 5 * 2**20
+    assert EMBEDDED_WEIGHTS.is_file() and EMBEDDED_WEIGHTS.stat().st_size <= 5 * 2**20
     assert isinstance(model, Segmenter) and isinstance(model, TrainableSegmenter)
     assert model.gives_probabilities
     assert next(model.net.parameters()).device.type == "cpu"

@@ -18,7 +18,7 @@ def make_segmenter(config: Config, device: str = "cpu") -> Segmenter:
     if backend.kind == "embedded":
         from experiments.backends.embedded import load_embedded
 
-        return load_embedded(backend.weights, device=device)
+        return load_embedded(backend.weights, device=device, batch_size=backend.batch_size)
     from experiments.backends.sa2va import load_sa2va
 
     assert backend.model_path is not None  # the config validator guarantees it

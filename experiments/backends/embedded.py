@@ -25,11 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from experiments.backends.base import Prediction
+from experiments.backends.base import EMBEDDED_WEIGHTS, Prediction
 
 #: Part of the fingerprint: bump it when a code change alters what the same weights output.
 CODE_VERSION = "embedded-1"
-SHIPPED_WEIGHTS = Path(__file__).resolve().parent / "weights" / "embedded.pt"
 #: The U-Net downsamples twice: inputs are padded to a multiple of this.
 _STRIDE = 4
 
@@ -247,5 +246,5 @@ def load_net(weights: Path) -> tuple[FiLMUNet, dict]:
 
 def load_embedded(weights: Path | None = None, device: str | torch.device = "cpu", batch_size: int = 32) -> EmbeddedSegmenter:
     """The embedded segmenter; `weights` None means the weights shipped with the package."""
-    net, _ = load_net(Path(weights) if weights is not None else SHIPPED_WEIGHTS)
+    net, _ = load_net(Path(weights) if weights is not None else EMBEDDED_WEIGHTS)
     return EmbeddedSegmenter(net, device=device, batch_size=batch_size)

@@ -1,0 +1,130 @@
+"""Experiment 3 end to end on the embedded default, small."""
+
+import hashlib
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from experiments.backends import make_cached_segmenter
+from experiments.backends.base import EMBEDDED_WEIGHTS
+from experiments.datasets import load_split
+from experiments.harness import ListSink, WorkerContext
+from experiments.reward_net import (
+    BEST_REWARD_NET,
+    CHECKPOINT,
+    FINAL_REWARD_NET,
+    FINETUNED_SEGMENTER,
+    load_reward_net,
+    pearson,
+    perturb,
+    PERTURBATIONS,
+    evaluation_rows,
+    pick_best_accuracy,
+    run,
+    spearman,
+)
+from sa2va_tui.config import load_config
+from sa2va_tui.events import Checkpoint, Metrics, Progress
+
+from conftest import QUICK_CONFIG
+
+
+def sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_rank_statistics_against_hand_values():
+    a = np.array([1.0, 2.0, 3.0, 4.0])
+    assert pearson(a, 2 * a + 1) == pytest.approx(1.0)
+    assert spearman(a, a**3) == pytest.approx(1.0)  # monotone, not linear
+    assert spearman(a, -a) == pytest.approx(-1.0)
+    # ties share their mean rank: ranks [1, 2.5, 2.5, 4] against [1, 2, 3, 4]
+    assert spearman(np.array([1.0, 2.0, 2.0, 3.0]), a) == pytest.approx(0.9486832980505138)
+    groups = np.array([0, 0, 0, 1, 1])
+    truth = np.array([0.2, 0.9, 0.5, 0.7, 0.1])
+    assert pick_best_accuracy(np.array([0.1, 0.8, 0.3, 0.2, 0.6]), truth, groups) == 0.5
+
+
+def test_perturbations_make_worse_masks():
+    mask = np.zeros((64, 64), bool)
+    mask[16:48, 16:48] = True
+    rng = np.random.default_rng(0)
+    for kind in PERTURBATIONS:
+        changed = perturb(mask, kind, rng)
+        assert changed.shape == mask.shape and changed.dtype == bool
+        assert (changed != mask).any(), kind
+
+
+@pytest.fixture
+def small_run(tmp_path):
+    weights = tmp_path / "start.pt"
+    shutil.copy(EMBEDDED_WEIGHTS, weights)
+    config = load_config(
+        QUICK_CONFIG,
+        [f"backend.weights={weights}", f"backend.cache_dir={tmp_path / 'cache'}",
+         "reward_net.reward.samples=12", "reward_net.reward.epochs=3", "reward_net.finetune.steps=10"],
+    )
+    return config, weights
+
+
+def test_reward_net_trains_reports_and_fine_tunes(tmp_path, small_run):
+    config, weights = small_run
+    before = sha(weights)
+    sink = ListSink()
+    ctx = WorkerContext("reward_net", config, config.reward_net, tmp_path / "reward_net", sink=sink)
+    summary = run(ctx)
+
+    epochs = [e for e in sink.of_type(Metrics) if "reward/spearman" in e.values]
+    assert len(epochs) == 3
+    for key in ("reward/train_loss", "reward/val_loss", "reward/val_mae", "reward/pearson", "reward/pick_best_acc"):
+        assert key in epochs[-1].values
+    progress = sink.of_type(Progress)
+    assert progress[-1].timesteps == progress[-1].total
+    assert sink.of_type(Checkpoint)
+
+    exp_dir = tmp_path / "reward_net"
+    for name in (BEST_REWARD_NET, FINAL_REWARD_NET):
+        net = load_reward_net(exp_dir / name)  # weights_only=True inside
+        score = net(torch.zeros(2, 3, 64, 64), torch.zeros(2, 1, 64, 64), torch.zeros(2, 1, 64, 64), ["the rings"] * 2)
+        assert score.shape == (2,) and ((0 <= score) & (score <= 1)).all()
+    assert list((exp_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+    # Fine-tuning changed the segmenter's weights and left the start checkpoint intact.
+    assert sha(weights) == before
+    tuned = exp_dir / FINETUNED_SEGMENTER
+    assert tuned.exists() and sha(tuned) != before
+    start_state = torch.load(weights, weights_only=True)
+    tuned_state = torch.load(tuned, weights_only=True)
+    start_params = start_state["state"]
+    tuned_params = tuned_state["state"]
+    changed = [k for k in start_params if not torch.equal(start_params[k], tuned_params[k])]
+    assert changed, "fine-tuning left every weight as it was"
+    assert summary["finetune"]["relative_weight_change"] > 0
+    assert 0.0 <= summary["finetune"]["val_dice_before"] <= 1.0
+    assert 0.0 <= summary["finetune"]["val_dice_after"] <= 1.0
+
+    # Its two rows of the evaluation table, on the table's own images.
+    samples = load_split(config.dataset, "val")[:6]
+    rows, missing = evaluation_rows(config, tmp_path, samples, make_cached_segmenter(config))
+    assert missing == {}
+    assert [r.name for r in rows] == ["finetuned", "reward_rerank"]
+    for row in rows:
+        assert row.sample_ids == [s.id for s in samples]
+        assert all(0.0 <= v <= 1.0 for v in row.values["dice"])
+    assert rows[0].source == str(tuned)
+
+
+def test_injected_oom_is_a_real_torch_oom_and_the_checkpoint_survives(tmp_path, small_run):
+    config, _ = small_run
+    config = load_config(QUICK_CONFIG, [f"backend.weights={config.backend.weights}",
+                                        f"backend.cache_dir={config.backend.cache_dir}",
+                                        "reward_net.reward.samples=12", "reward_net.reward.epochs=3",
+                                        "reward_net.faults.oom_at_step=150"])
+    ctx = WorkerContext("reward_net", config, config.reward_net, tmp_path / "reward_net")
+    with pytest.raises(torch.OutOfMemoryError, match="step 150"):
+        run(ctx)
+    assert ctx.last_step == 150
+    state = torch.load(tmp_path / "reward_net" / CHECKPOINT, weights_only=True)
+    assert state["stage"] == "reward" and 0 < state["step"] < 150

@@ -16,7 +16,7 @@ from sa2va_tui.config import load_config
 
 from conftest import QUICK_CONFIG
 
-ROWS = ["baseline", "prompt_policy", "postprocess_policy", "combined", "oracle_prompt"]
+ROWS = ["baseline", "prompt_policy", "postprocess_policy", "combined", "finetuned", "reward_rerank", "oracle_prompt"]
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +25,9 @@ def evaluated(tmp_path_factory):
     overrides = [f"backend.cache_dir={tmp_path_factory.mktemp('cache')}"]
     for kind in ("prompt_rl", "postprocess_rl"):
         overrides += [f"{kind}.total_timesteps=128", f"{kind}.eval_every=64", f"{kind}.checkpoint_every=128"]
+    overrides += ["reward_net.reward.samples=8", "reward_net.reward.epochs=2", "reward_net.finetune.steps=4"]
     config = load_config(QUICK_CONFIG, overrides)
-    for kind in ("prompt_rl", "postprocess_rl"):
+    for kind in ("prompt_rl", "postprocess_rl", "reward_net"):
         ctx = WorkerContext(kind, config, config.experiments()[kind], run_dir / kind)
         importlib.import_module(f"experiments.{kind}").run(ctx)
     progress = []
@@ -70,7 +71,8 @@ def test_the_table_is_saved_as_json_and_printable(evaluated):
     console = Console(width=200, record=True)
     console.print(format_table(table))
     text = console.export_text()
-    for label in ("baseline", "prompt policy", "post-processing policy", "upper bound", "Δ Dice"):
+    for label in ("baseline", "prompt policy", "post-processing policy", "fine-tuned", "reranking", "upper bound",
+                  "Δ Dice"):
         assert label in text
     assert progress[-1][0] == progress[-1][1]
 

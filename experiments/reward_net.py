@@ -394,27 +394,27 @@ def finetune(
     resume: dict | None,
 ) -> dict[str, float]:
     """Raise the reward network's score of the segmenter's soft masks on unlabelled
-    train images, anchored to the starting model's masks."""
-    from experiments.backends.embedded import load_embedded
+    train images, anchored to the starting model's masks. The embedded model is tuned
+    whole; Sa2VA along its mask-decoder path (see `Sa2VAMaskDecoder`)."""
+    from experiments.backends import make_trainable
 
     config, cfg = ctx.config, ctx.experiment.finetune
-    if config.backend.kind != "embedded":
-        raise NotImplementedError("reward-guided fine-tuning of the sa2va backend is not implemented yet")
     device = ctx.device
     template = config.backend.prompts[config.backend.default_prompt]
-    start = load_embedded(config.backend.weights, device=device)
-    model = load_embedded(config.backend.weights, device=device)
-    before_val = _val_dice(start, val, template)
+    model = make_trainable(config, device)
+    # Measured before any step, and before a resumed run's weights are loaded, so that
+    # they describe the starting model.
+    before_val = _val_dice(model, val, template)
     initial = [p.detach().clone() for p in model.trainable_parameters()]
+    with torch.no_grad():
+        anchors = {s.id: torch.sigmoid(model.mask_logits([s.image], [render_prompt(template, s)]))[0] for s in train}
     optimiser = torch.optim.Adam(model.trainable_parameters(), lr=cfg.learning_rate)
     first_step = 0
     if resume is not None and resume["stage"] == "finetune":
-        model.net.load_state_dict(resume["segmenter"])
+        model.load_state_dict(resume["segmenter"])
         optimiser.load_state_dict(resume["optimiser"])
         first_step = int(resume["finetune_step"])
 
-    with torch.no_grad():
-        anchors = {s.id: torch.sigmoid(start.mask_logits([s.image], [render_prompt(template, s)]))[0] for s in train}
     rng = np.random.default_rng(ctx.experiment.seed + first_step)
     size = ctx.experiment.reward.input_size
     checkpoint_path = ctx.exp_dir / CHECKPOINT
@@ -507,9 +507,8 @@ def rerank(reward_net: RewardNet, samples: Sequence[Sample], segmenter, template
 def evaluation_rows(config, run_dir: Path, samples: Sequence[Sample], segmenter) -> tuple[list, dict[str, str]]:
     """The reward-network experiment's two rows of the evaluation table: the fine-tuned
     segmenter with the default prompt, and reward-network reranking."""
-    from experiments.backends import cache_dir_for
+    from experiments.backends import cache_dir_for, make_trainable
     from experiments.backends.cache import CachedSegmenter
-    from experiments.backends.embedded import load_embedded
     from experiments.evaluate import row_from_masks
     from experiments.postprocess import OpSettings
 
@@ -519,7 +518,7 @@ def evaluation_rows(config, run_dir: Path, samples: Sequence[Sample], segmenter)
     rows, missing = [], {}
     tuned_path = exp_dir / FINETUNED_SEGMENTER
     if tuned_path.is_file():
-        tuned = CachedSegmenter(load_embedded(tuned_path), cache_dir_for(config))
+        tuned = CachedSegmenter(make_trainable(config, finetuned=tuned_path), cache_dir_for(config))
         masks = [tuned.predict(s, template).mask for s in samples]
         rows.append(row_from_masks("finetuned", "reward-guided fine-tuned model, default prompt", "model", ids, masks,
                                    truths, source=str(tuned_path)))

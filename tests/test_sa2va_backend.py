@@ -93,3 +93,64 @@ def test_fingerprint_follows_the_weights(tmp_path):
     assert first == checkpoint_fingerprint(path)
     (path / "model.safetensors").write_bytes(b"12345")
     assert checkpoint_fingerprint(path) != first
+
+
+# --- the mask-decoder path that reward-guided fine-tuning trains -------------------------
+
+import torch  # noqa: E402
+
+from experiments.backends.sa2va import Sa2VAMaskDecoder  # noqa: E402
+from sa2va_standin import StandInSa2VAModel  # noqa: E402
+
+
+def decoder_of(model=None):
+    return Sa2VAMaskDecoder(Sa2VASegmenter(model or StandInSa2VAModel(), tokenizer=None, fingerprint="standin"))
+
+
+def images(n=2, size=(24, 20)):
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 255, (*size, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def test_decoder_logits_agree_with_predict_forward_and_carry_gradients():
+    trainable = decoder_of()
+    pics, prompts = images(), ["the vessels", "the thin vessels"]
+    logits = trainable.mask_logits(pics, prompts)
+    assert logits.shape == (2, 24, 20) and logits.requires_grad
+    for logit, prediction in zip(logits, trainable.segment(pics, prompts)):
+        np.testing.assert_array_equal((torch.sigmoid(logit) > 0.5).numpy(), prediction.mask)
+    logits.sum().backward()
+    assert all(p.grad is not None for p in trainable.trainable_parameters())
+
+
+def test_only_the_projection_and_mask_decoder_train():
+    model = StandInSa2VAModel()
+    trainable = decoder_of(model)
+    trainable_ids = {id(p) for p in trainable.trainable_parameters()}
+    expected = {id(p) for p in [*model.text_hidden_fcs.parameters(),
+                                *model.grounding_encoder.sam2_model.sam_mask_decoder.parameters()]}
+    assert trainable_ids == expected
+    frozen = [p for p in model.parameters() if id(p) not in trainable_ids]
+    assert frozen and not any(p.requires_grad for p in frozen)
+
+
+def test_no_seg_token_gives_constant_background_logits():
+    logits = decoder_of().mask_logits(images(1), ["nothing to see"])
+    assert torch.all(logits == Sa2VAMaskDecoder.NO_MASK_LOGIT) and not logits.requires_grad
+
+
+def test_a_training_step_changes_the_decoder_and_save_load_round_trips(tmp_path):
+    trainable = decoder_of()
+    before = {k: v.clone() for k, v in trainable.state_dict().items()}
+    fingerprint = trainable.fingerprint
+    optimiser = torch.optim.SGD(trainable.trainable_parameters(), lr=1.0)
+    trainable.mask_logits(images(), ["the vessels"] * 2).mean().backward()
+    optimiser.step()
+    assert any(not torch.equal(before[k], v) for k, v in trainable.state_dict().items())
+    assert trainable.fingerprint != fingerprint
+    trainable.save(tmp_path / "decoder.pt")
+    fresh = decoder_of()
+    fresh.load(tmp_path / "decoder.pt")
+    for key, value in trainable.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value)
+    assert fresh.fingerprint == trainable.fingerprint

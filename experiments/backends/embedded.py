@@ -191,6 +191,9 @@ class EmbeddedSegmenter:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.net.state_dict()
 
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.net.load_state_dict(state)
+
     def save(self, path: Path | str) -> None:
         save_weights(self.net, Path(path))
 

@@ -142,3 +142,133 @@ def load_sa2va(model_path: str, trust_remote_code: bool, dtype: str, device_map:
         model = model.cuda()
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code, use_fast=False)
     return Sa2VASegmenter(model, tokenizer, checkpoint_fingerprint(path))
+
+
+class Sa2VAMaskDecoder:
+    """Sa2VA's trainable form: the mask-decoder path, with gradients.
+
+    What fine-tuning reaches: `text_hidden_fcs` (the projection of the [SEG] token's
+    hidden state into SAM2's prompt space) and SAM2's mask decoder. What it does not:
+    the vision encoder, the language model (no LoRA), and SAM2's image encoder, which
+    stay frozen. Sa2VA's own `predict_forward` runs unchanged (its preprocessing, its
+    generation); spies record the [SEG] hidden states it projects and the SAM2 image
+    embeddings it computes, and the decoder path is then run again with gradients on
+    those. An answer without a [SEG] token has no mask to train: its logits are a
+    constant "background" with no gradient.
+    """
+
+    gives_probabilities = False
+    NO_MASK_LOGIT = -20.0
+
+    def __init__(self, segmenter: Sa2VASegmenter) -> None:
+        model = segmenter.model
+        self.segmenter = segmenter
+        self.projection = model.text_hidden_fcs
+        self.grounding = model.grounding_encoder
+        self.decoder = model.grounding_encoder.sam2_model.sam_mask_decoder
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        for parameter in self.trainable_parameters():
+            parameter.requires_grad_(True)
+
+    @property
+    def fingerprint(self) -> str:
+        """The checkpoint's, extended by the decoder's weights: a fine-tuned decoder never
+        shares cached masks with the one it started from."""
+        digest = hashlib.blake2b(digest_size=8)
+        for tensor in self.state_dict().values():
+            digest.update(tensor.detach().float().cpu().numpy().tobytes())
+        return f"{self.segmenter.fingerprint}-decoder-{digest.hexdigest()}"
+
+    def segment(self, images: Sequence[np.ndarray], prompts: Sequence[str]) -> list[Prediction]:
+        return self.segmenter.segment(images, prompts)
+
+    def trainable_parameters(self) -> list:
+        return [*self.projection.parameters(), *self.decoder.parameters()]
+
+    def state_dict(self) -> dict:
+        return {
+            **{f"text_hidden_fcs.{k}": v for k, v in self.projection.state_dict().items()},
+            **{f"sam_mask_decoder.{k}": v for k, v in self.decoder.state_dict().items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.projection.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("text_hidden_fcs.")})
+        self.decoder.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("sam_mask_decoder.")})
+
+    def save(self, path: Path) -> None:
+        """Only the trainable part: the rest is the unchanged checkpoint."""
+        import os
+        import tempfile
+
+        import torch
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu() for k, v in self.state_dict().items()}
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                torch.save({"format": "sa2va-mask-decoder", "base": self.segmenter.fingerprint, "state": state}, handle)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def load(self, path: Path) -> None:
+        import torch
+
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        if blob.get("format") != "sa2va-mask-decoder":
+            raise BackendError(f"{path}: not a Sa2VA mask-decoder file")
+        self.load_state_dict(blob["state"])
+
+    def _record(self, image: np.ndarray, prompt: str) -> dict:
+        """Run predict_forward once without gradients, keeping what the decoder path
+        takes as input."""
+        import torch
+        from PIL import Image
+
+        seen: dict = {}
+
+        def keep_seg_states(_module, args, _output) -> None:
+            # Returning anything but None from a forward hook would replace the output.
+            seen.setdefault("seg", args[0].detach())
+
+        hook = self.projection.register_forward_hook(keep_seg_states)
+        original = self.grounding.get_sam2_embeddings
+
+        def spy(*args, **kwargs):
+            states = original(*args, **kwargs)
+            seen.setdefault("sam", states)
+            return states
+
+        self.grounding.get_sam2_embeddings = spy
+        try:
+            with torch.no_grad():
+                text = PROMPT_TEMPLATE.format(expression=prompt.strip().rstrip("."))
+                self.segmenter.model.predict_forward(image=Image.fromarray(image), text=text,
+                                                     tokenizer=self.segmenter.tokenizer)
+        finally:
+            hook.remove()
+            del self.grounding.get_sam2_embeddings  # the instance attribute; the method shows again
+        return seen
+
+    def mask_logits(self, images: Sequence[np.ndarray], prompts: Sequence[str]):
+        import torch
+        import torch.nn.functional as F
+
+        out = []
+        for image, prompt in zip(images, prompts):
+            h, w = image.shape[:2]
+            seen = self._record(image, prompt)
+            if "seg" not in seen or len(seen["seg"]) == 0:
+                out.append(torch.full((h, w), self.NO_MASK_LOGIT, device=self.decoder_device()))
+                continue
+            projected = self.projection(seen["seg"])[:1]  # the first [SEG]: the mask predict_forward returns first
+            low_res = self.grounding.language_embd_inference(seen["sam"], [projected])
+            out.append(F.interpolate(low_res.float(), size=(h, w), mode="bilinear", align_corners=False)[0, 0])
+        return torch.stack(out)
+
+    def decoder_device(self):
+        return next(self.decoder.parameters()).device

@@ -325,6 +325,12 @@ def run(ctx: WorkerContext) -> dict[str, Any]:
     total = reward_cfg.epochs * batches_per_epoch + tune_cfg.steps
     checkpoint_path = ctx.exp_dir / CHECKPOINT
     resume = _load_checkpoint(ctx.resume_from or (checkpoint_path if checkpoint_path.exists() else None))
+    if resume is not None:
+        # The steps taken as they were taken, then those left at this attempt's batch
+        # size (smaller after an out-of-memory error: more batches per epoch).
+        epochs_left = reward_cfg.epochs - int(resume["epoch"]) if resume["stage"] == "reward" else 0
+        tune_left = tune_cfg.steps - int(resume.get("finetune_step", 0))
+        total = int(resume["step"]) + epochs_left * batches_per_epoch + tune_left
 
     net = RewardNet(width=reward_cfg.width).to(device)
     optimiser = torch.optim.AdamW(net.parameters(), lr=reward_cfg.learning_rate, weight_decay=1e-4)

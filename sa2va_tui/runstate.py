@@ -170,6 +170,9 @@ class StateBook:
             s.last_checkpoint, s.checkpoint_step = event.path, event.step
         elif isinstance(event, Paused):
             s.state = "paused"
+            # Where it stands: an experiment reports progress at its own pace (PPO twice
+            # a second), so the last Progress may lie behind the step it paused at.
+            s.timesteps = event.step if event.step is not None else s.timesteps
         elif isinstance(event, Resumed):
             s.state = "running"
             rate.restart_clock()
@@ -195,6 +198,8 @@ class StateBook:
             s.state, s.eta_s, s.summary = "finished", 0.0, event.summary
         else:
             s.state, s.eta_s = "stopped", None
+            # The step it saved its checkpoint at and will resume from (see Paused).
+            s.timesteps = event.step if event.step is not None else s.timesteps
 
     def finish_time(self, now: float | None = None) -> float | None:
         """When the whole run should be done (experiments run side by side): None while

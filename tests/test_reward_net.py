@@ -10,7 +10,7 @@ import torch
 from experiments.backends import make_cached_segmenter
 from experiments.backends.base import EMBEDDED_WEIGHTS
 from experiments.datasets import load_split
-from experiments.harness import ListSink, WorkerContext
+from experiments.harness import ListSink, WorkerContext, run_experiment
 from experiments.reward_net import (
     BEST_REWARD_NET,
     CHECKPOINT,
@@ -26,7 +26,7 @@ from experiments.reward_net import (
     spearman,
 )
 from sa2va_tui.config import load_config
-from sa2va_tui.events import Checkpoint, Metrics, Progress
+from sa2va_tui.events import Checkpoint, Failed, Metrics, Progress
 
 from conftest import QUICK_CONFIG
 
@@ -125,6 +125,11 @@ def test_injected_oom_is_a_real_torch_oom_and_the_checkpoint_survives(tmp_path, 
     ctx = WorkerContext("reward_net", config, config.reward_net, tmp_path / "reward_net")
     with pytest.raises(torch.OutOfMemoryError, match="step 150"):
         run(ctx)
-    assert ctx.last_step == 150
-    state = torch.load(tmp_path / "reward_net" / CHECKPOINT, weights_only=True)
+    # The worker's harness reports it as an out-of-memory failure, with step and batch size.
+    ctx = WorkerContext("reward_net", config, config.reward_net, tmp_path / "again")
+    outcome = run_experiment(ctx, "experiments.reward_net:run")
+    assert isinstance(outcome, Failed) and outcome.kind == "oom"
+    assert outcome.step == 150 and outcome.batch_size == config.reward_net.finetune.batch_size
+    assert "out of memory" in outcome.message
+    state = torch.load(tmp_path / "again" / CHECKPOINT, weights_only=True)
     assert state["stage"] == "reward" and 0 < state["step"] < 150

@@ -26,13 +26,15 @@ from torch import nn
 
 from experiments.backends import make_cached_segmenter
 from experiments.datasets import Sample, load_split, render_prompt
-from experiments.harness import WorkerContext
+from experiments.harness import StopRequested, WorkerContext
 from experiments.metrics import dice
 
 CHECKPOINT = "checkpoints/last.pt"
 BEST_REWARD_NET = "best_reward_net.pth"
 FINAL_REWARD_NET = "final_reward_net.pth"
 FINETUNED_SEGMENTER = "finetuned_segmenter.pt"
+#: Fine-tuning steps between checkpoints (each holds the segmenter and its optimiser).
+FINETUNE_CHECKPOINT_EVERY = 50
 
 
 # --- the model -----------------------------------------------------------------------
@@ -426,8 +428,21 @@ def finetune(
     checkpoint_path = ctx.exp_dir / CHECKPOINT
     ctx.phase("training", first_step, cfg.steps)
     last: dict[str, float] = {}
+    def save_checkpoint(steps_done: int) -> None:
+        save_atomic(
+            {"stage": "finetune", "epoch": ctx.experiment.reward.epochs, "step": progress.step, "best": {},
+             "finetune_step": steps_done, "reward_net": reward_net_state(reward_net),
+             "segmenter": model.state_dict(), "optimiser": optimiser.state_dict()},
+            checkpoint_path,
+        )
+        ctx.checkpoint_saved(checkpoint_path, progress.step)
+
     for step in range(first_step, cfg.steps):
-        progress.advance()
+        try:
+            progress.advance()
+        except StopRequested:
+            save_checkpoint(step)  # stop saves first; a reward-net epoch is too short to need that
+            raise
         batch = [train[i] for i in rng.choice(len(train), size=min(batch_size, len(train)), replace=False)]
         logits = model.mask_logits([s.image for s in batch], [render_prompt(template, s) for s in batch])
         soft = torch.sigmoid(logits).unsqueeze(1)
@@ -441,17 +456,13 @@ def finetune(
         optimiser.step()
         last = {"finetune/reward": float(reward.detach()), "finetune/anchor": float(anchor.detach()),
                 "finetune/loss": float(loss.detach())}
-        if (step + 1) % 10 == 0 or step + 1 == cfg.steps:
+        finished = step + 1 == cfg.steps
+        if (step + 1) % 10 == 0 or finished:
             ctx.metrics(progress.step, last)
             for key, value in last.items():
                 writer.add_scalar(key, value, progress.step)
-            save_atomic(
-                {"stage": "finetune", "epoch": ctx.experiment.reward.epochs, "step": progress.step, "best": {},
-                 "finetune_step": step + 1, "reward_net": reward_net_state(reward_net),
-                 "segmenter": model.state_dict(), "optimiser": optimiser.state_dict()},
-                checkpoint_path,
-            )
-            ctx.checkpoint_saved(checkpoint_path, progress.step)
+        if (step + 1) % FINETUNE_CHECKPOINT_EVERY == 0 or finished:
+            save_checkpoint(step + 1)
     model.save(ctx.exp_dir / FINETUNED_SEGMENTER)
     change = torch.sqrt(sum(((p.detach() - q) ** 2).sum() for p, q in zip(model.trainable_parameters(), initial)))
     scale = torch.sqrt(sum((q**2).sum() for q in initial))

@@ -1,8 +1,6 @@
-"""The Textual app: driven with Pilot against a real supervisor and real worker
-processes, and pinned by snapshots of a recorded run.
-
-The workers run `sv_workload` (real torch steps, checkpoints, the experiment contract)
-until the embedded backend's weights ship, through the supervisor's entry-point registry.
+"""The Textual app: driven with Pilot against a real supervisor and the real
+experiments in real worker processes (configs/quick.yaml made smaller still, on a mask
+cache filled once per session), and pinned by snapshots of a recorded run.
 """
 
 from __future__ import annotations
@@ -13,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Callable
 
 import pytest
@@ -44,9 +41,7 @@ from sa2va_tui.runstate import EventHub
 from sa2va_tui.runstore import RunStore
 from sa2va_tui.supervisor import Supervisor
 
-from conftest import QUICK_CONFIG
-
-WORKLOAD = {kind: "sv_workload:run" for kind in EXPERIMENT_KINDS}
+from conftest import ENDLESS, QUICK_CONFIG
 
 
 # --- helpers ---------------------------------------------------------------------------
@@ -73,16 +68,18 @@ class Recorder:
         with self._lock:
             self.events.append(event)
 
-    def of(self, cls: type[Event], name: str) -> list:
+    def of(self, cls: type[Event], name: str, after: Event | None = None) -> list:
+        """Events of `cls` for `name` (those that came after `after`, if given)."""
         with self._lock:
-            return [e for e in self.events if isinstance(e, cls) and e.experiment == name]
+            start = 0 if after is None else self.events.index(after) + 1
+            return [e for e in self.events[start:] if isinstance(e, cls) and e.experiment == name]
 
 
-def supervised_app(tmp_path: Path, *overrides: str, only: tuple[str, ...]) -> tuple[Sa2vaApp, Supervisor, Recorder]:
-    settings = [f"run.logs_dir={tmp_path / 'logs'}", "run.name=apptest"]
+def supervised_app(small_run: list[str], *overrides: str, only: tuple[str, ...]) -> tuple[Sa2vaApp, Supervisor, Recorder]:
+    settings = [*small_run, "run.name=apptest"]
     settings += [f"{kind}.enabled={str(kind in only).lower()}" for kind in EXPERIMENT_KINDS]
     config = load_config(QUICK_CONFIG, settings + list(overrides))
-    supervisor = Supervisor(config, RunStore.create(config), entry_points=WORKLOAD, stop_grace_s=10.0)
+    supervisor = Supervisor(config, RunStore.create(config), stop_grace_s=10.0)
     recorder = Recorder()
     supervisor.subscribe(recorder)
     source = AppSource.of_supervisor(supervisor)
@@ -109,10 +106,11 @@ def screen_text(app: Sa2vaApp) -> str:
 
 
 @run_async
-async def test_every_key_acts_on_real_workers(tmp_path):
+async def test_every_key_acts_on_real_workers(small_run):
     app, supervisor, events = supervised_app(
-        tmp_path, "prompt_rl.total_timesteps=100000", "postprocess_rl.total_timesteps=100000",
-        "prompt_rl.checkpoint_every=20", only=("prompt_rl", "postprocess_rl"))
+        small_run, f"prompt_rl.total_timesteps={ENDLESS}", f"postprocess_rl.total_timesteps={ENDLESS}",
+        "prompt_rl.checkpoint_every=256", "postprocess_rl.checkpoint_every=100000",
+        only=("prompt_rl", "postprocess_rl"))
     try:
         async with app.run_test(size=(120, 40)) as pilot:
             dash = app.dashboard
@@ -159,6 +157,12 @@ async def test_every_key_acts_on_real_workers(tmp_path):
             await pilot.press("y")
             await until(pilot, lambda: any(e.attempt == 2 and e.resumed_from for e in events.of(Started, "prompt_rl")),
                         "prompt_rl restarted from its checkpoint")
+            second = events.of(Started, "prompt_rl")[-1]
+            stopped = events.of(Stopped, "prompt_rl")[-1]
+            # From the checkpoint saved on the way out.
+            assert any(c.path == second.resumed_from and c.step == stopped.step for c in events.of(Checkpoint, "prompt_rl"))
+            await until(pilot, lambda: events.of(Progress, "prompt_rl", after=second), "its first progress")
+            assert events.of(Progress, "prompt_rl", after=second)[0].timesteps == stopped.step  # carried on
 
             # The mouse: the Pause button acts on the selected experiment (once the
             # dashboard has seen it running again and enabled the button).
@@ -196,10 +200,10 @@ async def test_every_key_acts_on_real_workers(tmp_path):
 
 
 @run_async
-async def test_restart_after_an_injected_oom_offers_half_the_batch(tmp_path):
+async def test_restart_after_an_injected_oom_offers_half_the_batch(small_run):
     app, supervisor, events = supervised_app(
-        tmp_path, "prompt_rl.total_timesteps=60", "prompt_rl.checkpoint_every=10", "recovery.max_oom_restarts=0",
-        "prompt_rl.faults={oom_at_step: 25, oom_min_batch_size: 32}", only=("prompt_rl",))
+        small_run, "prompt_rl.checkpoint_every=32", "recovery.max_oom_restarts=0",
+        "prompt_rl.faults={oom_at_step: 100, oom_min_batch_size: 32}", only=("prompt_rl",))
     try:
         async with app.run_test(size=(100, 30)) as pilot:
             await until(pilot, lambda: events.of(Failed, "prompt_rl") and state_of(supervisor, "prompt_rl") == "failed",
@@ -209,13 +213,16 @@ async def test_restart_after_an_injected_oom_offers_half_the_batch(tmp_path):
             assert isinstance(app.screen, ConfirmScreen)
             question = screen_text(app)
             assert "batch size 32 → 16" in question and "ran out of GPU memory" in question
-            assert "checkpoint at step 20" in question
+            assert "checkpoint at step 96" in question  # the last before step 100, every 32
             await pilot.press("y")
-            await until(pilot, lambda: state_of(supervisor, "prompt_rl") == "finished", "the restart finishing")
+            await until(pilot, lambda: state_of(supervisor, "prompt_rl") == "finished", "the restart finishing", 90)
         restart = events.of(Restarting, "prompt_rl")[-1]
         assert restart.reason == "manual" and restart.changes["batch_size"] == [32, 16]
-        assert events.of(Started, "prompt_rl")[-1].batch_size == 16
-        assert supervisor.states()["prompt_rl"].timesteps == 60
+        assert restart.changes["resume_from"] == events.of(Checkpoint, "prompt_rl")[2].path
+        second = events.of(Started, "prompt_rl")[-1]
+        assert (second.batch_size, second.attempt) == (16, 2)
+        assert min(e.timesteps for e in events.of(Progress, "prompt_rl", after=second)) == 96  # carried on
+        assert supervisor.states()["prompt_rl"].timesteps == 256
     finally:
         supervisor.shutdown(0.0)
 

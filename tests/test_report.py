@@ -55,19 +55,16 @@ PROPER_NOUNS = {"GPU", "CPU", "PPO", "CNN", "Dice", "IoU", "Recall", "Precision"
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, mask_cache):
     """A real quick run: its folder, a report read while it ran, and the reports,
     curves and evaluation made after it, through the real commands."""
-    weights = ROOT / "experiments" / "backends" / "weights" / "embedded.pt"
-    if not weights.is_file():
-        pytest.skip(f"{weights} is not there yet: real runs cannot load the model")
     base = tmp_path_factory.mktemp("report")
     config = load_config(QUICK_CONFIG, [
         f"run.logs_dir={base / 'logs'}",
         f"prompt_rl.faults={{oom_at_step: {OOM_AT_STEP}, oom_min_batch_size: 32}}",
-        # Smaller still, to keep the module within a couple of minutes on two cores: fewer
-        # images to cache masks for, one epoch of the reward network, three fine-tuning steps.
-        "dataset.limit=12",
+        # Smaller still, to keep the module within a minute on two cores: the images of
+        # the session's mask cache, one epoch of the reward network, three fine-tuning steps.
+        "dataset.limit=8", f"backend.cache_dir={mask_cache}",
         "reward_net.reward={samples: 4, epochs: 1, batch_size: 64, perturbations_per_mask: 0}",
         "reward_net.finetune={steps: 3, batch_size: 2}",
     ])
@@ -230,12 +227,11 @@ def test_gpu_section_says_there_was_no_gpu(run):
     assert f"No NVIDIA GPU (`{data.gpu_message}`): every experiment ran on the CPU." in gpus
 
 
-def test_the_supervisor_keeps_a_gpu_sample_per_record_interval(tmp_path):
+def test_the_supervisor_keeps_a_gpu_sample_per_record_interval(small_run):
     """The GPU history the report reads: one sample kept per interval, not one per read."""
-    config = load_config(QUICK_CONFIG, [f"run.logs_dir={tmp_path}", "postprocess_rl.enabled=false",
-                                        "reward_net.enabled=false"])
-    supervisor = Supervisor(config, RunStore.create(config), entry_points={"prompt_rl": "sv_workload:run"},
-                            nvml=FakeNvml([FakeGpu(utilization=40)]), gpu_interval=0.05, gpu_record_interval=0.5)
+    config = load_config(QUICK_CONFIG, [*small_run, "postprocess_rl.enabled=false", "reward_net.enabled=false"])
+    supervisor = Supervisor(config, RunStore.create(config), nvml=FakeNvml([FakeGpu(utilization=40)]),
+                            gpu_interval=0.05, gpu_record_interval=0.5)
     started = time.monotonic()
     supervisor.start()
     try:

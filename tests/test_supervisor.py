@@ -1,12 +1,16 @@
 """The supervisor with real worker processes (spawn), real signals and a real run folder.
 
-The workers run `sv_workload` (real torch steps, atomic checkpoints, the experiment
-contract) until the three experiments exist. Bounds on time are the issue's own limits,
-generous where the machine is shared.
+The workers run the three real experiments (configs/quick.yaml made smaller still, see
+`conftest.SMALL_RUN`, on a mask cache filled once per session). `sv_workload` stands in
+only where a real experiment cannot show the behaviour on this machine: placement on a
+GPU (there is none here; a real experiment given one asks CUDA for it), an arbitrary
+error at startup, a process that vanishes without a word, one that never reaches a step
+point. Bounds on time are the issue's own limits, generous where the machine is shared.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -21,6 +25,7 @@ from typing import Callable
 import pytest
 from typer.testing import CliRunner
 
+from conftest import ENDLESS, QUICK_CONFIG
 from fake_nvml import GiB, FakeGpu, FakeNvml
 from sa2va_tui.config import EXPERIMENT_KINDS, Config, load_config
 from sa2va_tui.events import (
@@ -40,20 +45,13 @@ from sa2va_tui.runstore import RunStore, load_run, pid_alive, read_events
 from sa2va_tui.supervisor import Supervisor, SupervisorError, next_batch_size
 
 HERE = Path(__file__).resolve().parent
-WORKLOAD = {kind: "sv_workload:run" for kind in EXPERIMENT_KINDS}
 
 
-def make_config(tmp_path: Path, *overrides: str, experiments=("prompt_rl",), steps: int = 150,
-                every: int = 50) -> Config:
-    settings = [f"run.logs_dir={tmp_path / 'logs'}", "run.name=test"]
-    for kind in EXPERIMENT_KINDS:
-        if kind not in experiments:
-            settings.append(f"{kind}.enabled=false")
-    for kind in ("prompt_rl", "postprocess_rl"):
-        settings += [f"{kind}.total_timesteps={steps}", f"{kind}.checkpoint_every={every}", f"{kind}.device=cpu",
-                     f"{kind}.ppo={{n_steps: 64, n_envs: 2, batch_size: 64}}"]
-    settings += [f"reward_net.finetune.steps={steps}", "reward_net.device=cpu"]
-    return load_config(None, settings + list(overrides))
+def make_config(small_run: list[str], *overrides: str, experiments=("prompt_rl",)) -> Config:
+    """configs/quick.yaml, small, with only `experiments` enabled."""
+    settings = [*small_run, "run.name=test"]
+    settings += [f"{kind}.enabled=false" for kind in EXPERIMENT_KINDS if kind not in experiments]
+    return load_config(QUICK_CONFIG, settings + list(overrides))
 
 
 class Recorder:
@@ -68,7 +66,7 @@ class Recorder:
             self.events.append(event)
             self._cond.notify_all()
 
-    def wait_for(self, match: Callable[[Event], bool], timeout: float = 60.0) -> Event:
+    def wait_for(self, match: Callable[[Event], bool], timeout: float = 90.0) -> Event:
         with self._cond:
             found: list[Event] = []
 
@@ -83,53 +81,57 @@ class Recorder:
         with self._cond:
             return [e for e in self.events if isinstance(e, cls) and (name is None or e.experiment == name)]
 
+    def after(self, first: Event, cls: type[Event]) -> list:
+        """Events of `cls` that came after `first`."""
+        with self._cond:
+            return [e for e in self.events[self.events.index(first) + 1:] if isinstance(e, cls)]
+
     def types(self) -> list[str]:
         return [e.type for e in self.events]
 
 
-def supervise(config: Config, entry_points=WORKLOAD, **kwargs) -> tuple[Supervisor, Recorder]:
+def supervise(config: Config, entry_points=None, **kwargs) -> tuple[Supervisor, Recorder]:
     supervisor = Supervisor(config, RunStore.create(config), entry_points=entry_points, **kwargs)
     recorder = Recorder()
     supervisor.subscribe(recorder)
     return supervisor, recorder
 
 
+def log_of(supervisor: Supervisor, name: str) -> str:
+    return (supervisor.run_dir / name / "train.log").read_text(errors="replace")
+
+
 # --- policy ----------------------------------------------------------------------------
 
 
-def test_batch_size_halving_keeps_dividing_the_rollout(tmp_path):
-    cfg = make_config(tmp_path, "prompt_rl.ppo={n_steps: 48, n_envs: 2, batch_size: 48}")
-    exp = cfg.experiments()["prompt_rl"]  # rollout 96
+def test_batch_size_halving_keeps_dividing_the_rollout():
+    def ppo(n_steps: int, n_envs: int, batch: int):
+        config = load_config(None, [f"prompt_rl.ppo={{n_steps: {n_steps}, n_envs: {n_envs}, batch_size: {batch}}}"])
+        return config.experiments()["prompt_rl"]
+
+    exp = ppo(48, 2, 48)  # rollout 96
     assert next_batch_size(exp, 48, 4) == 24
     assert next_batch_size(exp, 24, 4) == 12
     assert next_batch_size(exp, 12, 4) == 6
     assert next_batch_size(exp, 6, 4) is None  # 3 is below the floor
     assert next_batch_size(exp, 64, 4) == 32
-    odd = make_config(tmp_path, "prompt_rl.ppo={n_steps: 5, n_envs: 3, batch_size: 15}").experiments()["prompt_rl"]
-    assert next_batch_size(odd, 15, 1) == 5  # half is 7; 5 is the largest divisor of 15 below
-    reward = make_config(tmp_path, experiments=("reward_net",)).experiments()["reward_net"]
+    assert next_batch_size(ppo(5, 3, 15), 15, 1) == 5  # half is 7; 5 is the largest divisor of 15 below
+    reward = load_config(None).experiments()["reward_net"]
     assert next_batch_size(reward, 16, 4) == 8 and next_batch_size(reward, 7, 4) is None
 
 
 # --- end to end through the CLI --------------------------------------------------------
 
 
-def test_launch_runs_three_experiments_and_a_variant_to_the_end(tmp_path, monkeypatch):
+def test_launch_runs_three_experiments_and_a_variant_to_the_end(small_run, tmp_path):
     from sa2va_tui.app_cli import app
     from sa2va_tui import commands  # noqa: F401 - registers the commands
-    import experiments.harness as harness
 
-    for kind, entry in WORKLOAD.items():
-        monkeypatch.setitem(harness.EXPERIMENT_ENTRY_POINTS, kind, entry)
     logs = tmp_path / "logs"
-    args = ["--set", f"run.logs_dir={logs}", "--set", "run.name=e2e"]
-    for kind in ("prompt_rl", "postprocess_rl"):
-        args += ["--set", f"{kind}.total_timesteps=120", "--set", f"{kind}.checkpoint_every=60",
-                 "--set", f"{kind}.ppo={{n_steps: 64, n_envs: 2, batch_size: 64}}"]
-    args += ["--set", "reward_net.finetune.steps=80", "--set", "variants={prompt_rl_seed1: {base: prompt_rl, seed: 1}}"]
-    config_file = tmp_path / "c.yaml"
-    config_file.write_text("run: {name: e2e}\n")
-    result = CliRunner().invoke(app, ["launch", "--all", "--headless", "-c", str(config_file), *args])
+    args = ["launch", "--all", "--headless", "-c", str(QUICK_CONFIG)]
+    for setting in [*small_run, "run.name=e2e", "variants={prompt_rl_seed1: {base: prompt_rl, seed: 1}}"]:
+        args += ["--set", setting]
+    result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     names = ["prompt_rl", "postprocess_rl", "reward_net", "prompt_rl_seed1"]
     (run_dir,) = logs.iterdir()
@@ -138,15 +140,24 @@ def test_launch_runs_three_experiments_and_a_variant_to_the_end(tmp_path, monkey
     assert not snapshot.active and list(snapshot.experiments) == names
     for name in names:
         state = snapshot.experiments[name]
-        total = 80 if name == "reward_net" else 120
-        assert (state.state, state.timesteps, state.total, state.attempts) == ("finished", total, total, 1)
-        assert state.summary["timesteps"] == total
-        assert (run_dir / name / "train.log").is_file() and state.last_checkpoint
+        assert state.state == "finished" and state.attempts == 1, name
+        assert state.timesteps == state.total > 0, name
+        assert (run_dir / name / "train.log").is_file() and Path(state.last_checkpoint).is_file()
         assert f"{name} finished" in " ".join(result.output.split())
+    for name in ("prompt_rl", "postprocess_rl", "prompt_rl_seed1"):
+        summary = snapshot.experiments[name].summary
+        assert summary["timesteps"] == snapshot.experiments[name].total == 256
+        assert (run_dir / name / "final_model.zip").is_file()
+    assert "val_dice_after" in snapshot.experiments["reward_net"].summary["finetune"]
+    # Two seeds, two trainings: the variant's episodes are its own.
+    rewards = {name: [row["rollout/ep_rew_mean"] for row in csv.DictReader((run_dir / name / "progress.csv").open())]
+               for name in ("prompt_rl", "prompt_rl_seed1")}
+    assert rewards["prompt_rl"] != rewards["prompt_rl_seed1"] and len(rewards["prompt_rl"]) >= 4
     events = list(read_events(run_dir))
     for name in names:
         kinds = [e.type for e in events if e.experiment == name]
         assert kinds[0] == "started" and kinds[-1] == "finished" and "progress" in kinds and "checkpoint" in kinds
+        assert "metrics" in kinds and "phase" in kinds
     assert (run_dir / "config.yaml").is_file()
 
     status = CliRunner().invoke(app, ["status", "--logs-dir", str(logs)])
@@ -167,142 +178,204 @@ def test_launch_refuses_unknown_experiment_in_one_line(tmp_path):
 # --- control ---------------------------------------------------------------------------
 
 
-def test_pause_resume_stop_then_resume_the_run(tmp_path):
-    config = make_config(tmp_path, steps=400, every=50)
+def test_pause_resume_stop_then_resume_the_run(small_run):
+    config = make_config(small_run, f"prompt_rl.total_timesteps={ENDLESS}", "prompt_rl.checkpoint_every=100000")
     supervisor, rec = supervise(config)
     supervisor.start()
-    rec.wait_for(lambda e: isinstance(e, Progress) and e.timesteps >= 60)
+    rec.wait_for(lambda e: isinstance(e, Progress) and e.timesteps >= 64)
     asked = time.monotonic()
     supervisor.pause("prompt_rl")
     paused = rec.wait_for(lambda e: isinstance(e, Paused))
-    latency = time.monotonic() - asked
-    print(f"pause latency {latency * 1000:.0f} ms")
-    assert latency < 1.0  # the issue's limit
+    # Measured by benchmarks/ against the issue's one second; here only printed.
+    print(f"pause latency {(time.monotonic() - asked) * 1000:.0f} ms")
     assert supervisor.states()["prompt_rl"].state == "paused"
     held = supervisor.states()["prompt_rl"].timesteps
-    time.sleep(0.6)
-    assert supervisor.states()["prompt_rl"].timesteps == held == paused.step
+    assert held == paused.step >= 64  # where it stands, though PPO reports progress twice a second
+    time.sleep(1.0)
+    assert supervisor.states()["prompt_rl"].timesteps == held  # it really stands still
+    assert not rec.after(paused, Progress) and not rec.after(paused, Checkpoint)
     supervisor.resume("prompt_rl")
-    rec.wait_for(lambda e: isinstance(e, Resumed))
-    rec.wait_for(lambda e: isinstance(e, Progress) and e.timesteps > held + 20)
+    resumed = rec.wait_for(lambda e: isinstance(e, Resumed))
+    rec.wait_for(lambda e: isinstance(e, Progress) and e.timesteps > paused.step + 64)
     assert supervisor.states()["prompt_rl"].state == "running"
+    assert min(e.timesteps for e in rec.after(resumed, Progress)) >= paused.step
 
     supervisor.stop("prompt_rl")
     stopped = rec.wait_for(lambda e: isinstance(e, Stopped))
     assert supervisor.wait(30)
-    last = rec.of(Checkpoint)[-1]
-    assert last.step == stopped.step and Path(last.path).is_file()  # saved on the way out
+    (last,) = rec.of(Checkpoint)  # the only one: saved on the way out
+    assert last.step == stopped.step > paused.step and Path(last.path).is_file()
     assert supervisor.states()["prompt_rl"].state == "stopped"
     with pytest.raises(SupervisorError, match="not running"):
         supervisor.pause("prompt_rl")
     supervisor.shutdown()
 
-    again = Supervisor.for_run(supervisor.run_dir, entry_points=WORKLOAD)
+    # `sa2va-tui resume RUN`: a new supervisor on the same folder carries on from there.
+    again = Supervisor.for_run(supervisor.run_dir)
     rec2 = Recorder()
     again.subscribe(rec2)
     again.start()
-    assert again.wait(60)
-    again.shutdown()
+    try:
+        second = rec2.wait_for(lambda e: isinstance(e, Started))
+        rec2.wait_for(lambda e: isinstance(e, Progress) and e.timesteps > stopped.step + 64)
+    finally:
+        again.shutdown()
     (restart,) = rec2.of(Restarting)
     assert (restart.reason, restart.attempt, restart.changes) == ("resume", 2, {"resume_from": last.path})
-    finished = rec2.wait_for(lambda e: isinstance(e, Finished))
-    assert finished.summary["resumed_at"] == stopped.step and finished.summary["timesteps"] == 400
-    assert min(e.timesteps for e in rec2.of(Progress)) > stopped.step
+    assert (second.attempt, second.resumed_from) == (2, last.path)
+    assert min(e.timesteps for e in rec2.of(Progress)) == stopped.step  # carried on, not from zero
+    assert f"resumed from {last.path} at {stopped.step} timesteps" in log_of(again, "prompt_rl")
+    assert rec2.of(Stopped)[-1].reason == "shutdown"
     assert load_run(supervisor.run_dir).experiments["prompt_rl"].attempts == 2
 
 
-def test_sigkill_is_reported_and_a_restart_carries_the_timesteps_on(tmp_path):
-    config = make_config(tmp_path, steps=300, every=50)
+def test_sigkill_is_reported_and_a_restart_carries_the_timesteps_on(small_run):
+    config = make_config(small_run, f"prompt_rl.total_timesteps={ENDLESS}", "prompt_rl.checkpoint_every=128")
     supervisor, rec = supervise(config)
     supervisor.start()
-    started = rec.wait_for(lambda e: isinstance(e, Started))
-    ckpt = rec.wait_for(lambda e: isinstance(e, Checkpoint) and e.step >= 100)
-    os.kill(started.pid, signal.SIGKILL)
-    failed = rec.wait_for(lambda e: isinstance(e, Failed))
-    assert (failed.kind, failed.exit_code, failed.message) == ("killed", -signal.SIGKILL, "killed by SIGKILL")
-    assert any("attempt 1 of prompt_rl" in line for line in failed.log_tail)
-    assert supervisor.wait(10)  # no automatic restart after a kill
-    state = supervisor.states()["prompt_rl"]
-    assert state.state == "failed" and state.failure["kind"] == "killed"
-    last = rec.of(Checkpoint)[-1]
-    assert last.step >= ckpt.step
+    try:
+        started = rec.wait_for(lambda e: isinstance(e, Started))
+        ckpt = rec.wait_for(lambda e: isinstance(e, Checkpoint) and e.step >= 256)
+        os.kill(started.pid, signal.SIGKILL)
+        failed = rec.wait_for(lambda e: isinstance(e, Failed))
+        assert (failed.kind, failed.exit_code, failed.message) == ("killed", -signal.SIGKILL, "killed by SIGKILL")
+        # The last lines of its log: SB3's table of the training it was killed in.
+        assert failed.log_tail == log_of(supervisor, "prompt_rl").splitlines()[-len(failed.log_tail):]
+        assert len(failed.log_tail) == 20 and any("total_timesteps" in line for line in failed.log_tail)
+        assert supervisor.wait(10)  # no automatic restart after a kill
+        state = supervisor.states()["prompt_rl"]
+        assert state.state == "failed" and state.failure["kind"] == "killed" and state.pid is None
+        assert not pid_alive(started.pid)
+        last = rec.of(Checkpoint)[-1]
+        assert last.step >= ckpt.step and state.last_checkpoint == last.path
 
-    with pytest.raises(SupervisorError, match="must divide n_steps"):
-        supervisor.restart("prompt_rl", batch_size=48)
-    supervisor.restart("prompt_rl", batch_size=32)
-    assert supervisor.wait(60)
-    supervisor.shutdown()
-    restart = rec.of(Restarting)[0]
-    assert (restart.reason, restart.attempt, restart.changes["resume_from"]) == ("manual", 2, last.path)
-    assert restart.changes["batch_size"] == [64, 32]
-    second = rec.of(Started)[1]
-    assert (second.resumed_from, second.attempt, second.batch_size) == (last.path, 2, 32)
-    after = [e.timesteps for e in rec.events[rec.events.index(second):] if isinstance(e, Progress)]
-    assert min(after) == last.step + 1  # carried on, not from zero
-    finished = rec.of(Finished)[0]
-    assert finished.summary["resumed_at"] == last.step and finished.summary["timesteps"] == 300
-    assert finished.summary["batch_size"] == 32
-
-
-def test_injected_oom_restarts_itself_with_half_the_batch_on_the_freest_gpu(tmp_path):
-    nvml = FakeNvml([FakeGpu(used=1 * GiB), FakeGpu(used=40 * GiB)])
-    config = make_config(tmp_path, "prompt_rl.device=auto", "prompt_rl.faults={oom_at_step: 60, oom_min_batch_size: 64}",
-                         steps=120, every=25)
-    supervisor, rec = supervise(config, nvml=nvml, gpu_interval=0.05)
-    supervisor.start()
-    first = rec.wait_for(lambda e: isinstance(e, Started))
-    assert (first.gpu, first.batch_size) == (0, 64)
-    nvml.gpus[0].processes = {first.pid: 3 * GiB}
-    sample = rec.wait_for(lambda e: isinstance(e, GpuSample) and e.gpus[0]["processes"])
-    assert sample.available and sample.gpus[0]["processes"] == [
-        {"pid": first.pid, "used_memory": 3 * GiB, "experiment": "prompt_rl"}]
-    nvml.gpus[0].used = 70 * GiB  # something else fills GPU 0 meanwhile
-    assert supervisor.wait(60)
-    supervisor.shutdown()
-
-    (oom,) = rec.of(Failed)
-    assert (oom.kind, oom.step, oom.batch_size, oom.gpu) == ("oom", 60, 64, 0)
-    assert "out of memory" in oom.message
+        with pytest.raises(SupervisorError, match="must divide n_steps"):
+            supervisor.restart("prompt_rl", batch_size=24)  # the rollout is 16 x 2
+        supervisor.restart("prompt_rl", batch_size=16)
+        second = rec.wait_for(lambda e: isinstance(e, Started) and e.attempt == 2)
+        rec.wait_for(lambda e: isinstance(e, Progress) and e.timesteps > last.step + 128)
+        supervisor.stop("prompt_rl")
+        stopped = rec.wait_for(lambda e: isinstance(e, Stopped))
+        assert supervisor.wait(30)
+    finally:
+        supervisor.shutdown()
     (restart,) = rec.of(Restarting)
-    assert restart.reason == "oom" and restart.attempt == 2
-    assert restart.changes == {"batch_size": [64, 32], "gpu": [0, 1], "resume_from": rec.of(Checkpoint)[1].path}
-    second = rec.of(Started)[1]
-    assert (second.gpu, second.batch_size) == (1, 32)
-    finished = rec.of(Finished)[0]
-    assert finished.summary == {**finished.summary, "batch_size": 32, "resumed_at": 50, "timesteps": 120,
-                                "cuda_visible_devices": "1"}
+    assert (restart.reason, restart.attempt, restart.changes["resume_from"]) == ("manual", 2, last.path)
+    assert restart.changes["batch_size"] == [32, 16]
+    assert (second.resumed_from, second.batch_size) == (last.path, 16)
+    after = [e.timesteps for e in rec.after(second, Progress)]
+    assert min(after) == last.step and stopped.step > last.step + 128  # carried on, not from zero
+    # The model itself was loaded from that checkpoint and trains at the new batch size.
+    assert f"resumed from {last.path} at {last.step} timesteps, batch size 16" in log_of(supervisor, "prompt_rl")
     state = load_run(supervisor.run_dir).experiments["prompt_rl"]
-    assert (state.state, state.oom_restarts, state.batch_size, state.gpu) == ("finished", 1, 32, 1)
-    recorded = [e.type for e in read_events(supervisor.run_dir)]
-    assert recorded.index("failed") < recorded.index("restarting")
+    assert (state.state, state.attempts, state.batch_size) == ("stopped", 2, 16)
 
 
-def test_oom_restarts_stop_at_the_limit_and_the_floor(tmp_path):
-    entries = {"prompt_rl": "sv_workload:oom"}
-    config = make_config(tmp_path, "recovery={max_oom_restarts: 2, min_batch_size: 4}")
-    supervisor, rec = supervise(config, entry_points=entries)
+def test_injected_ooms_restart_themselves_with_half_the_batch(small_run):
+    """prompt_rl (PPO's minibatch) and reward_net (its fine-tuning batch), side by side,
+    each out of memory once by `faults.oom_at_step`, each restarted by the supervisor."""
+    config = make_config(
+        small_run, "prompt_rl.faults={oom_at_step: 150, oom_min_batch_size: 32}",
+        # reward_net: step 0 is its one reward-network batch (then a checkpoint), 1 and 2
+        # its fine-tuning steps; 8 halves to 4, the floor of configs/quick.yaml.
+        "reward_net.finetune={steps: 2, batch_size: 8}", "reward_net.faults={oom_at_step: 1, oom_min_batch_size: 8}",
+        experiments=("prompt_rl", "reward_net"))
+    supervisor, rec = supervise(config)
     supervisor.start()
-    assert supervisor.wait(60)
-    supervisor.shutdown()
-    assert [e.batch_size for e in rec.of(Failed)] == [64, 32, 16]
-    assert [e.changes["batch_size"] for e in rec.of(Restarting)] == [[64, 32], [32, 16]]
-    assert supervisor.states()["prompt_rl"].state == "failed"  # for good
+    try:
+        assert supervisor.wait(180)
+    finally:
+        supervisor.shutdown()
 
-    floor = make_config(tmp_path, "recovery={max_oom_restarts: 5, min_batch_size: 32}")
-    supervisor, rec = supervise(floor, entry_points=entries)
+    oom = {e.experiment: e for e in rec.of(Failed)}
+    restart = {e.experiment: e for e in rec.of(Restarting)}
+    assert sorted(oom) == sorted(restart) == ["prompt_rl", "reward_net"]
+    for name, step, batch, smaller in (("prompt_rl", 150, 32, 16), ("reward_net", 1, 8, 4)):
+        assert (oom[name].kind, oom[name].step, oom[name].batch_size, oom[name].gpu) == ("oom", step, batch, None)
+        assert "out of memory" in oom[name].message
+        checkpoints = [e for e in rec.of(Checkpoint, name) if e.time < oom[name].time]
+        assert restart[name].reason == "oom" and restart[name].attempt == 2
+        assert restart[name].changes == {"batch_size": [batch, smaller], "resume_from": checkpoints[-1].path}
+        (first, second) = rec.of(Started, name)
+        assert (first.batch_size, second.batch_size, second.resumed_from) == (batch, smaller, checkpoints[-1].path)
+        state = load_run(supervisor.run_dir).experiments[name]
+        assert (state.state, state.oom_restarts, state.batch_size, state.attempts) == ("finished", 1, smaller, 2)
+        assert state.timesteps == state.total
+        recorded = [e.type for e in read_events(supervisor.run_dir) if e.experiment == name]
+        assert recorded.index("failed") < recorded.index("restarting") < len(recorded) - recorded[::-1].index("started") - 1
+    resumed_at = [e for e in rec.of(Checkpoint, "prompt_rl") if e.time < oom["prompt_rl"].time][-1].step
+    summary = rec.of(Finished, "prompt_rl")[0].summary
+    assert summary["timesteps"] == 256 and summary["resumed_from"].endswith(f"ckpt_{resumed_at:09d}.zip")
+    assert f"at {resumed_at} timesteps, batch size 16" in log_of(supervisor, "prompt_rl")
+
+
+def test_oom_restarts_stop_at_the_limit_and_the_floor(small_run):
+    """An experiment out of memory at every batch size: halved until the number of
+    restarts runs out (prompt_rl) or the next size would be under the floor (a variant
+    that starts at 8)."""
+    config = make_config(
+        small_run, "recovery={max_oom_restarts: 2, min_batch_size: 4}", "prompt_rl.faults={oom_at_step: 0}",
+        "variants={small_batch: {base: prompt_rl, ppo: {batch_size: 8}}}")
+    supervisor, rec = supervise(config)
     supervisor.start()
-    assert supervisor.wait(60)
-    supervisor.shutdown()
-    assert [e.batch_size for e in rec.of(Failed)] == [64, 32]
+    try:
+        assert supervisor.wait(180)
+    finally:
+        supervisor.shutdown()
+    assert [e.batch_size for e in rec.of(Failed, "prompt_rl")] == [32, 16, 8]  # 4 would be allowed: the limit
+    assert [e.changes["batch_size"] for e in rec.of(Restarting, "prompt_rl")] == [[32, 16], [16, 8]]
+    assert [e.batch_size for e in rec.of(Failed, "small_batch")] == [8, 4]  # 2 is under the floor
+    assert [e.changes["batch_size"] for e in rec.of(Restarting, "small_batch")] == [[8, 4]]
+    assert all(e.kind == "oom" for e in rec.of(Failed))
+    states = load_run(supervisor.run_dir).experiments
+    assert (states["prompt_rl"].state, states["prompt_rl"].oom_restarts) == ("failed", 2)  # for good
+    assert (states["small_batch"].state, states["small_batch"].oom_restarts) == ("failed", 1)
+
+
+# --- GPUs ------------------------------------------------------------------------------
+
+
+def test_an_oom_restart_goes_to_the_freest_gpu(tmp_path):
+    """Placement on a stand-in NVML's GPUs (sv_workload: no GPU here to run on)."""
+    nvml = FakeNvml([FakeGpu(used=1 * GiB), FakeGpu(used=40 * GiB)])
+    config = load_config(QUICK_CONFIG, [f"run.logs_dir={tmp_path}", "postprocess_rl.enabled=false",
+                                        "reward_net.enabled=false", "prompt_rl.device=auto",
+                                        "prompt_rl.faults={oom_at_step: 10, oom_min_batch_size: 32}"])
+    supervisor, rec = supervise(config, entry_points={"prompt_rl": "sv_workload:probe"}, nvml=nvml, gpu_interval=0.05)
+    supervisor.start()
+    try:
+        first = rec.wait_for(lambda e: isinstance(e, Started))
+        assert (first.gpu, first.batch_size) == (0, 32)
+        supervisor.pause("prompt_rl")  # held before its out-of-memory step, on GPU 0
+        rec.wait_for(lambda e: isinstance(e, Paused))
+        nvml.gpus[0].processes = {first.pid: 3 * GiB}
+        sample = rec.wait_for(lambda e: isinstance(e, GpuSample) and e.gpus[0]["processes"])
+        assert sample.available and sample.gpus[0]["processes"] == [
+            {"pid": first.pid, "used_memory": 3 * GiB, "experiment": "prompt_rl"}]
+        nvml.gpus[0].used = 70 * GiB  # something else fills GPU 0 meanwhile
+        supervisor.resume("prompt_rl")
+        assert supervisor.wait(60)
+    finally:
+        supervisor.shutdown()
+    (oom,) = rec.of(Failed)
+    assert (oom.kind, oom.step, oom.gpu) == ("oom", 10, 0)
+    (restart,) = rec.of(Restarting)
+    assert restart.changes == {"batch_size": [32, 16], "gpu": [0, 1], "resume_from": None}
+    assert (rec.of(Started)[1].gpu, rec.of(Started)[1].batch_size) == (1, 16)
+    assert rec.of(Finished)[0].summary["cuda_visible_devices"] == "1"
+    state = load_run(supervisor.run_dir).experiments["prompt_rl"]
+    assert (state.state, state.oom_restarts, state.batch_size, state.gpu) == ("finished", 1, 16, 1)
 
 
 # --- failures and isolation ------------------------------------------------------------
 
 
 def test_workers_report_errors_and_silent_deaths_and_print_only_to_their_log(tmp_path, capfd):
+    """sv_workload: GPU placement (no GPU here), an arbitrary error at startup, and a
+    process that exits without a word, none of which a real experiment does on cue."""
     nvml = FakeNvml([FakeGpu(used=50 * GiB), FakeGpu(used=10 * GiB)])
-    config = make_config(tmp_path, "prompt_rl.device=auto", "reward_net.device=auto", "reward_net.gpu=0",
-                         experiments=EXPERIMENT_KINDS)
+    config = load_config(QUICK_CONFIG, [f"run.logs_dir={tmp_path}", "prompt_rl.device=auto",
+                                        "reward_net.device=auto", "reward_net.gpu=0"])
     entries = {"prompt_rl": "sv_workload:probe", "postprocess_rl": "sv_workload:fail", "reward_net": "sv_workload:vanish"}
     supervisor, rec = supervise(config, entry_points=entries, nvml=nvml)
     supervisor.start()
@@ -324,7 +397,7 @@ def test_workers_report_errors_and_silent_deaths_and_print_only_to_their_log(tmp
     assert (vanished.kind, vanished.exit_code) == ("error", 7)
     assert vanished.message == "exited with code 7 without a report" and "vanish: leaving" in vanished.log_tail
 
-    log = (supervisor.run_dir / "prompt_rl" / "train.log").read_text()
+    log = log_of(supervisor, "prompt_rl")
     for line in ("print to stdout", "print to stderr", "raw write to fd 1", "raw write to fd 2"):
         assert f"probe: {line}" in log
     captured = capfd.readouterr()
@@ -334,7 +407,10 @@ def test_workers_report_errors_and_silent_deaths_and_print_only_to_their_log(tmp
 
 
 def test_shutdown_kills_a_worker_that_does_not_stop_in_time(tmp_path):
-    supervisor, rec = supervise(make_config(tmp_path), entry_points={"prompt_rl": "sv_workload:stuck"})
+    """sv_workload: a real experiment reaches a step point every few milliseconds."""
+    config = load_config(QUICK_CONFIG, [f"run.logs_dir={tmp_path}", "postprocess_rl.enabled=false",
+                                        "reward_net.enabled=false"])
+    supervisor, rec = supervise(config, entry_points={"prompt_rl": "sv_workload:stuck"})
     supervisor.start()
     started = rec.wait_for(lambda e: isinstance(e, Started))
     t0 = time.monotonic()
@@ -354,30 +430,30 @@ SUPERVISOR_SCRIPT = textwrap.dedent("""
     from sa2va_tui.supervisor import Supervisor
 
     if __name__ == "__main__":
-        config = load_config(None, sys.argv[1:])
-        supervisor = Supervisor(config, RunStore.create(config), entry_points={"prompt_rl": "sv_workload:run",
-                                "postprocess_rl": "sv_workload:run"})
+        config = load_config(sys.argv[1], sys.argv[2:])
+        supervisor = Supervisor(config, RunStore.create(config))
         started = {}
         supervisor.subscribe(lambda e: isinstance(e, Started) and started.setdefault(e.experiment, e.pid))
         supervisor.start()
-        while len(started) < 2 or supervisor.states()["postprocess_rl"].timesteps < 20:
+        while len(started) < 2 or not all(s.timesteps > 0 for s in supervisor.states().values()):
             time.sleep(0.05)
         supervisor.pause("postprocess_rl")
-        time.sleep(0.5)
+        while supervisor.states()["postprocess_rl"].state != "paused":
+            time.sleep(0.05)
         print(json.dumps({"run_dir": str(supervisor.run_dir), "workers": started}), flush=True)
         time.sleep(600)
 """)
 
 
-def test_killing_the_supervisor_leaves_no_worker_behind(tmp_path):
+def test_killing_the_supervisor_leaves_no_worker_behind(small_run, tmp_path):
     script = tmp_path / "supervisor_script.py"
     script.write_text(SUPERVISOR_SCRIPT)
-    args = [f"run.logs_dir={tmp_path / 'logs'}", "reward_net.enabled=false"]
+    args = [*small_run, "reward_net.enabled=false"]
     for kind in ("prompt_rl", "postprocess_rl"):
         # Long runs without periodic checkpoints: a checkpoint found is one saved on the way out.
-        args += [f"{kind}.total_timesteps=100000", f"{kind}.checkpoint_every=100000", f"{kind}.device=cpu"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}
-    proc = subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.PIPE, text=True, env=env)
+        args += [f"{kind}.total_timesteps={ENDLESS}", f"{kind}.checkpoint_every={ENDLESS}"]
+    proc = subprocess.Popen([sys.executable, str(script), str(QUICK_CONFIG), *args], stdout=subprocess.PIPE,
+                            text=True, cwd=HERE.parent)
     try:
         info = json.loads(proc.stdout.readline())
     finally:
@@ -392,8 +468,8 @@ def test_killing_the_supervisor_leaves_no_worker_behind(tmp_path):
     assert not any(pid_alive(pid) for pid in pids), "an orphaned worker outlived its supervisor by 10 s"
     for name in ("prompt_rl", "postprocess_rl"):  # one of them was paused: it noticed too
         log = (Path(info["run_dir"]) / name / "train.log").read_text()
-        assert "supervisor lost" in log
-        assert list((Path(info["run_dir"]) / name / "checkpoints").glob("ckpt_*.pt")), "saved on the way out"
+        assert "supervisor lost" in log and "stopped at step" in log
+        assert list((Path(info["run_dir"]) / name / "checkpoints").glob("ckpt_*.zip")), "saved on the way out"
 
 
 def test_the_ui_side_imports_nothing_heavy():
@@ -404,30 +480,25 @@ def test_the_ui_side_imports_nothing_heavy():
     assert out.strip() == "[]"
 
 
-LAUNCH_WITH_WORKLOAD = (
-    "import sys, experiments.harness as h; h.EXPERIMENT_ENTRY_POINTS.update(prompt_rl='sv_workload:run', "
-    "postprocess_rl='sv_workload:run'); sys.argv[0] = 'sa2va-tui'; from sa2va_tui.cli import main; main()"
-)
-
-
-def test_ctrl_c_stops_every_worker_gracefully(tmp_path):
+def test_ctrl_c_stops_every_worker_gracefully(small_run, tmp_path):
     logs = tmp_path / "logs"
-    args = ["launch", "--headless", "--set", f"run.logs_dir={logs}", "--set", "reward_net.enabled=false"]
+    args = ["launch", "--headless", "-c", str(QUICK_CONFIG), "--set", "reward_net.enabled=false"]
+    for setting in small_run:
+        args += ["--set", setting]
     for kind in ("prompt_rl", "postprocess_rl"):
-        args += ["--set", f"{kind}.total_timesteps=100000", "--set", f"{kind}.checkpoint_every=100000"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}
+        args += ["--set", f"{kind}.total_timesteps={ENDLESS}", "--set", f"{kind}.checkpoint_every={ENDLESS}"]
     # Its own process group, as a terminal's foreground job: Ctrl+C reaches every process in it.
-    proc = subprocess.Popen([sys.executable, "-c", LAUNCH_WITH_WORKLOAD, *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-m", "sa2va_tui.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=HERE.parent, start_new_session=True)
     try:
         output = []
         while sum("phase: training" in line for line in output) < 2:
             line = proc.stdout.readline()
             assert line, "".join(output)
             output.append(line)
-        time.sleep(0.5)
+        time.sleep(1.0)
         os.killpg(proc.pid, signal.SIGINT)
-        rest, _ = proc.communicate(timeout=30)
+        rest, _ = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -437,8 +508,9 @@ def test_ctrl_c_stops_every_worker_gracefully(tmp_path):
     (run_dir,) = logs.iterdir()
     snapshot = load_run(run_dir)
     assert not snapshot.active
+    stopped = {e.experiment: e for e in read_events(run_dir) if isinstance(e, Stopped)}
+    assert sorted(e.reason for e in stopped.values()) == ["shutdown", "shutdown"]
     for name, state in snapshot.experiments.items():
         assert state.state == "stopped" and state.timesteps > 0, name
-        assert Path(state.last_checkpoint).is_file() and state.checkpoint_step == state.timesteps
-    stopped = [e for e in read_events(run_dir) if isinstance(e, Stopped)]
-    assert sorted(e.reason for e in stopped) == ["shutdown", "shutdown"]
+        assert Path(state.last_checkpoint).is_file() and state.checkpoint_step == stopped[name].step, name
+        assert state.timesteps == stopped[name].step, name  # what status shows is where it stopped

@@ -111,7 +111,7 @@ def hints(metrics: Mapping[str, float], rewards: Sequence[float] = ()) -> list[H
     clip = metrics.get("train/clip_fraction")
     if clip is not None and clip > HIGH_CLIP_FRACTION:
         found.append(Hint("train/clip_fraction", "warn",
-                          f"most updates clipped (clip_fraction {clip:.2g} > {HIGH_CLIP_FRACTION:g})",
+                          f"most updates clipped (clip_fraction {clip:.3f} > {HIGH_CLIP_FRACTION:g})",
                           CLIP_ADVICE))
     trend = reward_trend(rewards)
     if trend is not None:

@@ -123,8 +123,8 @@ MESSAGES: dict[str, tuple[str, str]] = {
         "large policy updates (approx_kl {value:.3g} > {limit:g}): a lower learning rate or clip range steadies them",
         "策略更新幅度过大（`approx_kl` {value:.3g} > {limit:g}）：降低学习率或裁剪范围可使其平稳"),
     "hint.train/clip_fraction": (
-        "most updates clipped (clip_fraction {value:.2g} > {limit:g})",
-        "大部分更新被裁剪（`clip_fraction` {value:.2g} > {limit:g}）"),
+        "most updates clipped (clip_fraction {value:.3f} > {limit:g})",
+        "大部分更新被裁剪（`clip_fraction` {value:.3f} > {limit:g}）"),
     "hint.trend": ("reward {trend}", "奖励{trend}"),
     # GPUs
     "gpu.no_samples": ("This run recorded no GPU information.", "此运行没有记录 GPU 信息。"),

@@ -49,9 +49,7 @@ def main() -> None:
         cached = CachedSegmenter(model, Path(folder))
         cached.predict(samples[0], BUILTIN_PROMPTS[0])
         lookup = _best_of(lambda: cached.predict(samples[0], BUILTIN_PROMPTS[0]), 200)
-        fresh = CachedSegmenter(model, Path(folder))
         disk = _best_of(lambda: CachedSegmenter(model, Path(folder)).predict(samples[0], BUILTIN_PROMPTS[0]), 20)
-        del fresh
     call = batch1
 
     table = Table(title=f"Backend costs (CPU, 1 torch thread, {samples[0].image.shape[1]}x{samples[0].image.shape[0]} images)")

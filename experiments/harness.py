@@ -185,16 +185,22 @@ class WorkerContext:
         """Call between training steps: blocks while paused, raises StopRequested when
         asked to stop, and raises an injected out-of-memory error where configured."""
         self._last_step = step
+        self.control_point()
+        faults = self.experiment.faults
+        if faults.oom_at_step is not None and step >= faults.oom_at_step and self._fault_armed():
+            raise_injected_oom(step)
+
+    def control_point(self) -> None:
+        """Blocks while paused and raises StopRequested when asked to stop: also called
+        during long phases before training (caching masks), so that pause and stop
+        work there too."""
         if self.control.paused and not self.control.stopping:
-            self.emit(Paused(self.name, step=step))
+            self.emit(Paused(self.name, step=self._last_step))
             self.control.wait_while_paused()
             if not self.control.stopping:
                 self.emit(Resumed(self.name))
         if self.control.stopping:
             raise StopRequested(self.control.stop_reason)
-        faults = self.experiment.faults
-        if faults.oom_at_step is not None and step >= faults.oom_at_step and self._fault_armed():
-            raise_injected_oom(step)
 
     @property
     def last_step(self) -> int:

@@ -419,6 +419,7 @@ class PhaseReporter:
         self._last = 0.0
 
     def __call__(self, done: int, total: int) -> None:
+        self.ctx.control_point()
         now = time.monotonic()
         if done >= total or now - self._last >= PROGRESS_INTERVAL:
             self._last = now

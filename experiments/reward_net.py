@@ -260,7 +260,11 @@ def pick_best_accuracy(predicted: np.ndarray, truth: np.ndarray, groups: np.ndar
 def _candidate_masks(ctx: WorkerContext, segmenter, samples: Sequence[Sample]) -> dict[str, list]:
     templates = ctx.config.backend.prompts
     ctx.phase("caching_masks", 0, len(samples) * len(templates))
-    segmenter.warm(samples, templates, on_progress=lambda done, total: ctx.phase("caching_masks", done, total))
+    def report(done: int, total: int) -> None:
+        ctx.control_point()
+        ctx.phase("caching_masks", done, total)
+
+    segmenter.warm(samples, templates, on_progress=report)
     return {s.id: [segmenter.predict(s, t).mask for t in templates] for s in samples}
 
 

@@ -196,6 +196,8 @@ class StateBook:
             s.failure = {k: getattr(event, k) for k in ("kind", "message", "step", "exit_code", "log_tail")}
         elif isinstance(event, Finished):
             s.state, s.eta_s, s.summary = "finished", 0.0, event.summary
+            # Its last phase (evaluating) is over: left in place it reads as still going.
+            s.phase, s.phase_done, s.phase_total = None, None, None
         else:
             s.state, s.eta_s = "stopped", None
             # The step it saved its checkpoint at and will resume from (see Paused).

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Callable
 
 import pytest
@@ -87,7 +88,7 @@ def supervised_app(small_run: list[str], *overrides: str, only: tuple[str, ...])
     return Sa2vaApp(source), supervisor, recorder
 
 
-async def until(pilot: Pilot, condition: Callable[[], bool], what: str, timeout: float = 45.0) -> None:
+async def until(pilot: Pilot, condition: Callable[[], bool], what: str, timeout: float = 90.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
@@ -96,6 +97,10 @@ async def until(pilot: Pilot, condition: Callable[[], bool], what: str, timeout:
 
 def state_of(supervisor: Supervisor, name: str) -> str:
     return supervisor.states()[name].state
+
+
+def log_path(supervisor: Supervisor, name: str) -> Path:
+    return supervisor.run_dir / name / "train.log"
 
 
 def screen_text(app: Sa2vaApp) -> str:
@@ -141,8 +146,12 @@ async def test_every_key_acts_on_real_workers(small_run):
             # l shows the tail of the selected experiment's log file, and back.
             await pilot.press("l")
             log = app.query_one("#logtail", Log)
-            await until(pilot, lambda: any("attempt 1 of prompt_rl" in line for line in log.lines), "log tail shown")
-            assert "train.log" in str(app.query_one("#bottom").border_title)
+            # The end of a log that SB3's tables fill: whole lines of the file (the first
+            # may be cut where the tail begins), followed as it grows.
+            await until(pilot, lambda: any("total_timesteps" in line for line in log.lines), "log tail shown")
+            written = set(log_path(supervisor, "prompt_rl").read_text().splitlines())
+            assert set(log.lines[1:]) <= written and len(log.lines) >= 10
+            assert str(log_path(supervisor, "prompt_rl")) in str(app.query_one("#bottom").border_title)
             await pilot.press("l")
             assert app.query_one("#bottom").border_title == "events"
 
@@ -215,7 +224,7 @@ async def test_restart_after_an_injected_oom_offers_half_the_batch(small_run):
             assert "batch size 32 → 16" in question and "ran out of GPU memory" in question
             assert "checkpoint at step 96" in question  # the last before step 100, every 32
             await pilot.press("y")
-            await until(pilot, lambda: state_of(supervisor, "prompt_rl") == "finished", "the restart finishing", 90)
+            await until(pilot, lambda: state_of(supervisor, "prompt_rl") == "finished", "the restart finishing")
         restart = events.of(Restarting, "prompt_rl")[-1]
         assert restart.reason == "manual" and restart.changes["batch_size"] == [32, 16]
         assert restart.changes["resume_from"] == events.of(Checkpoint, "prompt_rl")[2].path

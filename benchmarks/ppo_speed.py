@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     from experiments.backends import CachedSegmenter, cache_dir_for, make_segmenter
     from experiments.datasets import load_split
     from experiments.envs import build_postprocess_table, build_prompt_table, prefill_first_operations
+    from experiments.postprocess import OpSettings
     from sa2va_tui.config import load_config
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks ppo")
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     prompt_table = build_prompt_table(train_samples, prompt_cache, backend.prompts, backend.default_prompt)
     post_table = build_postprocess_table(train_samples, post_cache, backend.prompts, backend.default_prompt,
                                          config.postprocess_rl.min_component_area)
-    prefill_first_operations(post_table, config.postprocess_rl.operations, postprocess_rl.op_settings(config.postprocess_rl))
+    prefill_first_operations(post_table, config.postprocess_rl.operations, OpSettings.of(config.postprocess_rl))
     experiments = {
         "prompt_rl": (config.prompt_rl, prompt_cache, lambda: prompt_rl.make_env(prompt_table, config.prompt_rl)),
         "postprocess_rl": (config.postprocess_rl, post_cache,

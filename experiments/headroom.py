@@ -116,12 +116,6 @@ def prompt_table(segmenter: Segmenter, samples: list[Sample], prompts: Sequence[
 # --- post-processing -------------------------------------------------------------------
 
 
-def op_settings(config: Config) -> OpSettings:
-    pp = config.postprocess_rl
-    return OpSettings(kernel_size=pp.kernel_size, min_component_area=pp.min_component_area,
-                      bridge_size=pp.bridge_size, threshold=pp.threshold, threshold_step=pp.threshold_step)
-
-
 def usable_operations(config: Config, segmenter: Segmenter) -> list[str]:
     """The configured operations less STOP (the oracle stops by choosing a shorter
     sequence) and less thresholding where the backend gives no probabilities."""
@@ -165,7 +159,7 @@ def measure_headroom(config: Config, segmenter: Segmenter, split: str = "val", t
     table = table or prompt_table(segmenter, samples, prompts, default)
     best = table.dice.argmax(axis=1)
     shares = np.bincount(best, minlength=len(prompts)) / len(samples)
-    settings, ops = op_settings(config), usable_operations(config, segmenter)
+    settings, ops = OpSettings.of(config.postprocess_rl), usable_operations(config, segmenter)
     max_steps = config.postprocess_rl.max_steps
     post, chosen = [], Counter()
     for sample, prediction in zip(samples, table.default_predictions):
@@ -232,7 +226,7 @@ def measure_learnability(config: Config, segmenter: Segmenter, val: PromptTable,
     prompt_dice = float(val.dice[np.arange(len(picked)), picked].mean())
     default_dice = float(val.dice[:, val.default].mean())
 
-    settings = op_settings(config)
+    settings = OpSettings.of(config.postprocess_rl)
     ops = usable_operations(config, segmenter)
     sequences = [()] + [seq for n in (1, 2) for seq in itertools.product(ops, repeat=n)]
 

@@ -28,6 +28,12 @@ class OpSettings:
     threshold: float = 0.5
     threshold_step: float = 0.1
 
+    @classmethod
+    def of(cls, config) -> "OpSettings":
+        """From a `PostprocessRLConfig` (or anything with the same fields)."""
+        return cls(kernel_size=config.kernel_size, min_component_area=config.min_component_area,
+                   bridge_size=config.bridge_size, threshold=config.threshold, threshold_step=config.threshold_step)
+
 
 def _ellipse(size: int) -> np.ndarray:
     return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))

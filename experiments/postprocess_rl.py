@@ -23,26 +23,12 @@ from experiments.envs import (
 )
 from experiments.harness import WorkerContext
 from experiments.postprocess import OpSettings
-from experiments.ppo_common import (
-    BEST_MODEL,
-    FINAL_MODEL,
-    EpisodeOutcome,
-    PhaseReporter,
-    PPOTask,
-    load_inputs,
-    run_episodes,
-    train,
-)
+from experiments.ppo_common import EpisodeOutcome, PhaseReporter, run_episodes, run_ppo_experiment
 from sa2va_tui.config import PostprocessRLConfig
 
 
-def op_settings(cfg: PostprocessRLConfig) -> OpSettings:
-    return OpSettings(kernel_size=cfg.kernel_size, min_component_area=cfg.min_component_area,
-                      bridge_size=cfg.bridge_size, threshold=cfg.threshold, threshold_step=cfg.threshold_step)
-
-
 def env_kwargs(table: PostprocessTable, cfg: PostprocessRLConfig) -> dict:
-    return {"table": table, "operations": cfg.operations, "settings": op_settings(cfg), "max_steps": cfg.max_steps,
+    return {"table": table, "operations": cfg.operations, "settings": OpSettings.of(cfg), "max_steps": cfg.max_steps,
             "reward_scale": cfg.reward_scale, "step_penalty": cfg.step_penalty}
 
 
@@ -80,7 +66,7 @@ def build_tables(ctx: WorkerContext, segmenter, splits: dict[str, Sequence]) -> 
                                         cfg.min_component_area, on_progress=report.part(offset, total))
         offset += 2 * len(samples)
         if split == "train":
-            prefill_first_operations(table, cfg.operations, op_settings(cfg), on_progress=report.part(offset, total))
+            prefill_first_operations(table, cfg.operations, OpSettings.of(cfg), on_progress=report.part(offset, total))
         offset += len(samples)
         tables[split] = table
     report(total, total)
@@ -89,27 +75,7 @@ def build_tables(ctx: WorkerContext, segmenter, splits: dict[str, Sequence]) -> 
 
 def run(ctx: WorkerContext) -> dict:
     cfg: PostprocessRLConfig = ctx.experiment
-    segmenter, splits = load_inputs(ctx)
-    tables = build_tables(ctx, segmenter, splits)
-    calls_before_training = segmenter.model_calls
-    ctx.phase("training")
-    task = PPOTask(make_env=lambda: make_env(tables["train"], cfg), score=lambda model: score(model, tables["val"], cfg))
-    result = train(ctx, task)
-    ctx.phase("evaluating")
-    best_path = ctx.exp_dir / BEST_MODEL
-    best = PPO.load(best_path if best_path.is_file() else ctx.exp_dir / FINAL_MODEL, device="cpu")
-    final = score(best, tables["val"], cfg)
-    return {
-        "timesteps": result.timesteps,
-        "resumed_from": result.resumed_from,
-        "best_step": result.best.get("step"),
-        "operations": PostProcessEnv(**env_kwargs(tables["val"], cfg)).actions,
-        "val_baseline_dice": final["baseline_dice"],
-        "val_policy_dice": final["mean_dice"],
-        "val_dice_gain": final["dice_gain"],
-        "mean_ops": final["mean_ops"],
-        "steps_per_second": result.steps_per_second,
-        "model_calls": segmenter.model_calls,
-        "model_calls_in_training": segmenter.model_calls - calls_before_training,
-        "cache_disk_hits": segmenter.disk_hits,
-    }
+    summary, final, tables = run_ppo_experiment(ctx, build_tables, lambda table: make_env(table, cfg),
+                                                lambda model, table: score(model, table, cfg))
+    operations = PostProcessEnv(**env_kwargs(tables["val"], cfg)).actions
+    return {**summary, "operations": operations, "mean_ops": final["mean_ops"]}

@@ -439,3 +439,33 @@ def load_inputs(ctx: WorkerContext, splits: Sequence[str] = ("train", "val")):
     ctx.phase("loading_model")
     segmenter = make_cached_segmenter(ctx.config, ctx.device)
     return segmenter, {split: load_split(ctx.config.dataset, split) for split in splits}
+
+
+def run_ppo_experiment(ctx: WorkerContext, build_tables: Callable, make_env: Callable,
+                       score: Callable) -> tuple[dict, dict, dict]:
+    """What both PPO experiments do, in order: load, cache masks into tables, train,
+    score the best model on val. Returns the summary, the best model's val score and
+    the tables, for an experiment to add figures of its own."""
+    from stable_baselines3 import PPO
+
+    segmenter, splits = load_inputs(ctx)
+    tables = build_tables(ctx, segmenter, splits)
+    calls_before_training = segmenter.model_calls
+    ctx.phase("training")
+    result = train(ctx, PPOTask(make_env=lambda: make_env(tables["train"]), score=lambda model: score(model, tables["val"])))
+    ctx.phase("evaluating")
+    best_path = ctx.exp_dir / BEST_MODEL
+    final = score(PPO.load(best_path if best_path.is_file() else ctx.exp_dir / FINAL_MODEL, device="cpu"), tables["val"])
+    summary = {
+        "timesteps": result.timesteps,
+        "resumed_from": result.resumed_from,
+        "best_step": result.best.get("step"),
+        "val_baseline_dice": final["baseline_dice"],
+        "val_policy_dice": final["mean_dice"],
+        "val_dice_gain": final["dice_gain"],
+        "steps_per_second": result.steps_per_second,
+        "model_calls": segmenter.model_calls,
+        "model_calls_in_training": segmenter.model_calls - calls_before_training,
+        "cache_disk_hits": segmenter.disk_hits,
+    }
+    return summary, final, tables

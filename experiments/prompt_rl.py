@@ -14,7 +14,7 @@ from stable_baselines3 import PPO
 
 from experiments.envs import PROMPT_ENV_ID, PromptSelectEnv, PromptTable, build_prompt_table
 from experiments.harness import WorkerContext
-from experiments.ppo_common import BEST_MODEL, FINAL_MODEL, PhaseReporter, PPOTask, load_inputs, run_episodes, train
+from experiments.ppo_common import PhaseReporter, run_episodes, run_ppo_experiment
 from sa2va_tui.config import PromptRLConfig
 
 
@@ -57,25 +57,6 @@ def build_tables(ctx: WorkerContext, segmenter, splits: dict[str, Sequence]) -> 
 
 def run(ctx: WorkerContext) -> dict:
     cfg: PromptRLConfig = ctx.experiment
-    segmenter, splits = load_inputs(ctx)
-    tables = build_tables(ctx, segmenter, splits)
-    calls_before_training = segmenter.model_calls
-    ctx.phase("training")
-    task = PPOTask(make_env=lambda: make_env(tables["train"], cfg), score=lambda model: score(model, tables["val"], cfg))
-    result = train(ctx, task)
-    ctx.phase("evaluating")
-    best_path = ctx.exp_dir / BEST_MODEL
-    best = PPO.load(best_path if best_path.is_file() else ctx.exp_dir / FINAL_MODEL, device="cpu")
-    final = score(best, tables["val"], cfg)
-    return {
-        "timesteps": result.timesteps,
-        "resumed_from": result.resumed_from,
-        "best_step": result.best.get("step"),
-        "val_baseline_dice": final["baseline_dice"],
-        "val_policy_dice": final["mean_dice"],
-        "val_dice_gain": final["dice_gain"],
-        "steps_per_second": result.steps_per_second,
-        "model_calls": segmenter.model_calls,
-        "model_calls_in_training": segmenter.model_calls - calls_before_training,
-        "cache_disk_hits": segmenter.disk_hits,
-    }
+    summary, _, _ = run_ppo_experiment(ctx, build_tables, lambda table: make_env(table, cfg),
+                                       lambda model, table: score(model, table, cfg))
+    return summary

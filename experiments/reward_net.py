@@ -547,9 +547,7 @@ def evaluation_rows(config, run_dir: Path, samples: Sequence[Sample], segmenter)
         missing["finetuned"] = f"no {FINETUNED_SEGMENTER} in {exp_dir}"
     net_path = exp_dir / BEST_REWARD_NET
     if net_path.is_file():
-        post = config.postprocess_rl
-        settings = OpSettings(post.kernel_size, post.min_component_area, post.bridge_size, post.threshold,
-                              post.threshold_step)
+        settings = OpSettings.of(config.postprocess_rl)
         masks = rerank(load_reward_net(net_path), samples, segmenter, config.backend.prompts, template, settings,
                        config.reward_net.reward.input_size)
         rows.append(row_from_masks("reward_rerank", "reward-network reranking (prompts x post-processing, no labels)",

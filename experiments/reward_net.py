@@ -309,7 +309,10 @@ def run(ctx: WorkerContext) -> dict[str, Any]:
     config, exp = ctx.config, ctx.experiment
     device = ctx.device
     torch.manual_seed(exp.seed)
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)) if device == "cpu" else torch.get_num_threads())
+    if device == "cpu":
+        # Workers share the cores: one thread each is as fast as two here, and two
+        # threads per worker spin against each other when three workers run at once.
+        torch.set_num_threads(1)
     reward_cfg, tune_cfg = exp.reward, exp.finetune
     batch_size = min(reward_cfg.batch_size, ctx.batch_size_override or reward_cfg.batch_size)
     tune_batch = min(tune_cfg.batch_size, ctx.batch_size_override or tune_cfg.batch_size)

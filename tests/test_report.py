@@ -63,10 +63,12 @@ def run(tmp_path_factory, mask_cache):
         f"run.logs_dir={base / 'logs'}",
         f"prompt_rl.faults={{oom_at_step: {OOM_AT_STEP}, oom_min_batch_size: 32}}",
         # Smaller still, to keep the module within a minute on two cores: the images of
-        # the session's mask cache, one epoch of the reward network, three fine-tuning steps.
+        # the session's mask cache, one epoch of the reward network. Its 30 fine-tuning
+        # steps (a few seconds) are the training that the mid-run report is read during:
+        # the PPO experiments train for a fraction of a second on an idle machine.
         "dataset.limit=8", f"backend.cache_dir={mask_cache}",
         "reward_net.reward={samples: 4, epochs: 1, batch_size: 64, perturbations_per_mask: 0}",
-        "reward_net.finetune={steps: 3, batch_size: 2}",
+        "reward_net.finetune={steps: 30, batch_size: 2}",
     ])
     # No NVIDIA library, deterministically, whatever machine runs the tests.
     nvml = FakeNvml(init_error=pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
@@ -74,7 +76,7 @@ def run(tmp_path_factory, mask_cache):
     run_dir = supervisor.run_dir
     supervisor.start()
     try:
-        mid = _report_while_running(run_dir)
+        mid = _report_while_running(supervisor)
         assert supervisor.wait(240), "the quick run did not finish in 4 minutes"
     finally:
         supervisor.shutdown()
@@ -90,14 +92,14 @@ def run(tmp_path_factory, mask_cache):
             "reports": reports, "json": as_json, "out": out}
 
 
-def _report_while_running(run_dir: Path, timeout: float = 180.0):
-    """The report as read from the folder while an experiment trains."""
+def _report_while_running(supervisor: Supervisor, timeout: float = 180.0):
+    """The report as read from the run folder while an experiment trains."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        data = read_report(run_dir)
+    while time.monotonic() < deadline and not supervisor.done:
+        data = read_report(supervisor.run_dir)
         if any(_training(e) for e in data.experiments.values()):
             return data
-        time.sleep(0.25)
+        time.sleep(0.1)
     raise AssertionError("no experiment was seen training with an ETA")
 
 

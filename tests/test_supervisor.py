@@ -487,22 +487,37 @@ def test_ctrl_c_stops_every_worker_gracefully(small_run, tmp_path):
         args += ["--set", setting]
     for kind in ("prompt_rl", "postprocess_rl"):
         args += ["--set", f"{kind}.total_timesteps={ENDLESS}", "--set", f"{kind}.checkpoint_every={ENDLESS}"]
-    # Its own process group, as a terminal's foreground job: Ctrl+C reaches every process in it.
+    # Its own process group, as a terminal's foreground job: Ctrl+C reaches every process
+    # in it. PYTHONFAULTHANDLER: should it ever hang, SIGABRT shows where (see below).
     proc = subprocess.Popen([sys.executable, "-m", "sa2va_tui.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, cwd=HERE.parent, start_new_session=True)
+                            stderr=subprocess.STDOUT, text=True, cwd=HERE.parent, start_new_session=True,
+                            env={**os.environ, "PYTHONFAULTHANDLER": "1"})
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)  # never a full pipe
+    reader.start()
     try:
-        output = []
-        while sum("phase: training" in line for line in output) < 2:
-            line = proc.stdout.readline()
-            assert line, "".join(output)
-            output.append(line)
+        deadline = time.monotonic() + 90
+        while sum("phase: training" in line for line in list(lines)) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.05)
         time.sleep(1.0)
         os.killpg(proc.pid, signal.SIGINT)
-        rest, _ = proc.communicate(timeout=60)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            # Every Python process of the group prints its threads' stacks (workers into
+            # their train.log), for the failure message.
+            os.killpg(proc.pid, signal.SIGABRT)
+            time.sleep(2.0)
+            reader.join(5.0)
+            logs_written = "".join(f"\n--- {p}\n" + p.read_text(errors="replace")[-6000:]
+                                   for p in logs.glob("*/*/train.log"))
+            pytest.fail("no exit 60 s after Ctrl+C:\n" + "".join(lines) + logs_written)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    output = "".join(output) + rest
+    reader.join(10.0)
+    output = "".join(lines)
     assert proc.returncode == 130, output
     assert "interrupted: stopping every experiment" in output and "Traceback" not in output
     (run_dir,) = logs.iterdir()

@@ -66,7 +66,7 @@ def mask_cache(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def small_run(mask_cache, tmp_path) -> list[str]:
+def real_run(mask_cache, tmp_path) -> list[str]:
     """`--set` overrides for a small real run: SMALL_RUN, the shared mask cache, and a
     logs folder of the test's own."""
     return [*SMALL_RUN, f"backend.cache_dir={mask_cache}", f"run.logs_dir={tmp_path / 'logs'}"]

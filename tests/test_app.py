@@ -76,8 +76,8 @@ class Recorder:
             return [e for e in self.events[start:] if isinstance(e, cls) and e.experiment == name]
 
 
-def supervised_app(small_run: list[str], *overrides: str, only: tuple[str, ...]) -> tuple[Sa2vaApp, Supervisor, Recorder]:
-    settings = [*small_run, "run.name=apptest"]
+def supervised_app(real_run: list[str], *overrides: str, only: tuple[str, ...]) -> tuple[Sa2vaApp, Supervisor, Recorder]:
+    settings = [*real_run, "run.name=apptest"]
     settings += [f"{kind}.enabled={str(kind in only).lower()}" for kind in EXPERIMENT_KINDS]
     config = load_config(QUICK_CONFIG, settings + list(overrides))
     supervisor = Supervisor(config, RunStore.create(config), stop_grace_s=10.0)
@@ -111,9 +111,9 @@ def screen_text(app: Sa2vaApp) -> str:
 
 
 @run_async
-async def test_every_key_acts_on_real_workers(small_run):
+async def test_every_key_acts_on_real_workers(real_run):
     app, supervisor, events = supervised_app(
-        small_run, f"prompt_rl.total_timesteps={ENDLESS}", f"postprocess_rl.total_timesteps={ENDLESS}",
+        real_run, f"prompt_rl.total_timesteps={ENDLESS}", f"postprocess_rl.total_timesteps={ENDLESS}",
         "prompt_rl.checkpoint_every=256", "postprocess_rl.checkpoint_every=100000",
         only=("prompt_rl", "postprocess_rl"))
     try:
@@ -209,9 +209,9 @@ async def test_every_key_acts_on_real_workers(small_run):
 
 
 @run_async
-async def test_restart_after_an_injected_oom_offers_half_the_batch(small_run):
+async def test_restart_after_an_injected_oom_offers_half_the_batch(real_run):
     app, supervisor, events = supervised_app(
-        small_run, "prompt_rl.checkpoint_every=32", "recovery.max_oom_restarts=0",
+        real_run, "prompt_rl.checkpoint_every=32", "recovery.max_oom_restarts=0",
         "prompt_rl.faults={oom_at_step: 100, oom_min_batch_size: 32}", only=("prompt_rl",))
     try:
         async with app.run_test(size=(100, 30)) as pilot:

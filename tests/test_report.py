@@ -229,9 +229,9 @@ def test_gpu_section_says_there_was_no_gpu(run):
     assert f"No NVIDIA GPU (`{data.gpu_message}`): every experiment ran on the CPU." in gpus
 
 
-def test_the_supervisor_keeps_a_gpu_sample_per_record_interval(small_run):
+def test_the_supervisor_keeps_a_gpu_sample_per_record_interval(real_run):
     """The GPU history the report reads: one sample kept per interval, not one per read."""
-    config = load_config(QUICK_CONFIG, [*small_run, "postprocess_rl.enabled=false", "reward_net.enabled=false"])
+    config = load_config(QUICK_CONFIG, [*real_run, "postprocess_rl.enabled=false", "reward_net.enabled=false"])
     supervisor = Supervisor(config, RunStore.create(config), nvml=FakeNvml([FakeGpu(utilization=40)]),
                             gpu_interval=0.05, gpu_record_interval=0.5)
     started = time.monotonic()

@@ -47,9 +47,9 @@ from sa2va_tui.supervisor import Supervisor, SupervisorError, next_batch_size
 HERE = Path(__file__).resolve().parent
 
 
-def make_config(small_run: list[str], *overrides: str, experiments=("prompt_rl",)) -> Config:
+def make_config(real_run: list[str], *overrides: str, experiments=("prompt_rl",)) -> Config:
     """configs/quick.yaml, small, with only `experiments` enabled."""
-    settings = [*small_run, "run.name=test"]
+    settings = [*real_run, "run.name=test"]
     settings += [f"{kind}.enabled=false" for kind in EXPERIMENT_KINDS if kind not in experiments]
     return load_config(QUICK_CONFIG, settings + list(overrides))
 
@@ -123,13 +123,13 @@ def test_batch_size_halving_keeps_dividing_the_rollout():
 # --- end to end through the CLI --------------------------------------------------------
 
 
-def test_launch_runs_three_experiments_and_a_variant_to_the_end(small_run, tmp_path):
+def test_launch_runs_three_experiments_and_a_variant_to_the_end(real_run, tmp_path):
     from sa2va_tui.app_cli import app
     from sa2va_tui import commands  # noqa: F401 - registers the commands
 
     logs = tmp_path / "logs"
     args = ["launch", "--all", "--headless", "-c", str(QUICK_CONFIG)]
-    for setting in [*small_run, "run.name=e2e", "variants={prompt_rl_seed1: {base: prompt_rl, seed: 1}}"]:
+    for setting in [*real_run, "run.name=e2e", "variants={prompt_rl_seed1: {base: prompt_rl, seed: 1}}"]:
         args += ["--set", setting]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -178,8 +178,8 @@ def test_launch_refuses_unknown_experiment_in_one_line(tmp_path):
 # --- control ---------------------------------------------------------------------------
 
 
-def test_pause_resume_stop_then_resume_the_run(small_run):
-    config = make_config(small_run, f"prompt_rl.total_timesteps={ENDLESS}", "prompt_rl.checkpoint_every=100000")
+def test_pause_resume_stop_then_resume_the_run(real_run):
+    config = make_config(real_run, f"prompt_rl.total_timesteps={ENDLESS}", "prompt_rl.checkpoint_every=100000")
     supervisor, rec = supervise(config)
     supervisor.start()
     rec.wait_for(lambda e: isinstance(e, Progress) and e.timesteps >= 64)
@@ -229,8 +229,8 @@ def test_pause_resume_stop_then_resume_the_run(small_run):
     assert load_run(supervisor.run_dir).experiments["prompt_rl"].attempts == 2
 
 
-def test_sigkill_is_reported_and_a_restart_carries_the_timesteps_on(small_run):
-    config = make_config(small_run, f"prompt_rl.total_timesteps={ENDLESS}", "prompt_rl.checkpoint_every=128")
+def test_sigkill_is_reported_and_a_restart_carries_the_timesteps_on(real_run):
+    config = make_config(real_run, f"prompt_rl.total_timesteps={ENDLESS}", "prompt_rl.checkpoint_every=128")
     supervisor, rec = supervise(config)
     supervisor.start()
     try:
@@ -271,11 +271,11 @@ def test_sigkill_is_reported_and_a_restart_carries_the_timesteps_on(small_run):
     assert (state.state, state.attempts, state.batch_size) == ("stopped", 2, 16)
 
 
-def test_injected_ooms_restart_themselves_with_half_the_batch(small_run):
+def test_injected_ooms_restart_themselves_with_half_the_batch(real_run):
     """prompt_rl (PPO's minibatch) and reward_net (its fine-tuning batch), side by side,
     each out of memory once by `faults.oom_at_step`, each restarted by the supervisor."""
     config = make_config(
-        small_run, "prompt_rl.faults={oom_at_step: 150, oom_min_batch_size: 32}",
+        real_run, "prompt_rl.faults={oom_at_step: 150, oom_min_batch_size: 32}",
         # reward_net: step 0 is its one reward-network batch (then a checkpoint), 1 and 2
         # its fine-tuning steps; 8 halves to 4, the floor of configs/quick.yaml.
         "reward_net.finetune={steps: 2, batch_size: 8}", "reward_net.faults={oom_at_step: 1, oom_min_batch_size: 8}",
@@ -309,12 +309,12 @@ def test_injected_ooms_restart_themselves_with_half_the_batch(small_run):
     assert f"at {resumed_at} timesteps, batch size 16" in log_of(supervisor, "prompt_rl")
 
 
-def test_oom_restarts_stop_at_the_limit_and_the_floor(small_run):
+def test_oom_restarts_stop_at_the_limit_and_the_floor(real_run):
     """An experiment out of memory at every batch size: halved until the number of
     restarts runs out (prompt_rl) or the next size would be under the floor (a variant
     that starts at 8)."""
     config = make_config(
-        small_run, "recovery={max_oom_restarts: 2, min_batch_size: 4}", "prompt_rl.faults={oom_at_step: 0}",
+        real_run, "recovery={max_oom_restarts: 2, min_batch_size: 4}", "prompt_rl.faults={oom_at_step: 0}",
         "variants={small_batch: {base: prompt_rl, ppo: {batch_size: 8}}}")
     supervisor, rec = supervise(config)
     supervisor.start()
@@ -445,10 +445,10 @@ SUPERVISOR_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_killing_the_supervisor_leaves_no_worker_behind(small_run, tmp_path):
+def test_killing_the_supervisor_leaves_no_worker_behind(real_run, tmp_path):
     script = tmp_path / "supervisor_script.py"
     script.write_text(SUPERVISOR_SCRIPT)
-    args = [*small_run, "reward_net.enabled=false"]
+    args = [*real_run, "reward_net.enabled=false"]
     for kind in ("prompt_rl", "postprocess_rl"):
         # Long runs without periodic checkpoints: a checkpoint found is one saved on the way out.
         args += [f"{kind}.total_timesteps={ENDLESS}", f"{kind}.checkpoint_every={ENDLESS}"]
@@ -480,10 +480,10 @@ def test_the_ui_side_imports_nothing_heavy():
     assert out.strip() == "[]"
 
 
-def test_ctrl_c_stops_every_worker_gracefully(small_run, tmp_path):
+def test_ctrl_c_stops_every_worker_gracefully(real_run, tmp_path):
     logs = tmp_path / "logs"
     args = ["launch", "--headless", "-c", str(QUICK_CONFIG), "--set", "reward_net.enabled=false"]
-    for setting in small_run:
+    for setting in real_run:
         args += ["--set", setting]
     for kind in ("prompt_rl", "postprocess_rl"):
         args += ["--set", f"{kind}.total_timesteps={ENDLESS}", "--set", f"{kind}.checkpoint_every={ENDLESS}"]

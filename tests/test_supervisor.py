@@ -86,6 +86,11 @@ class Recorder:
         with self._cond:
             return [e for e in self.events[self.events.index(first) + 1:] if isinstance(e, cls)]
 
+    def before(self, last: Event, cls: type[Event], name: str) -> list:
+        """Events of `cls` for `name` that came before `last`."""
+        with self._cond:
+            return [e for e in self.events[:self.events.index(last)] if isinstance(e, cls) and e.experiment == name]
+
     def types(self) -> list[str]:
         return [e.type for e in self.events]
 
@@ -293,7 +298,7 @@ def test_injected_ooms_restart_themselves_with_half_the_batch(real_run):
     for name, step, batch, smaller in (("prompt_rl", 150, 32, 16), ("reward_net", 1, 8, 4)):
         assert (oom[name].kind, oom[name].step, oom[name].batch_size, oom[name].gpu) == ("oom", step, batch, None)
         assert "out of memory" in oom[name].message
-        checkpoints = [e for e in rec.of(Checkpoint, name) if e.time < oom[name].time]
+        checkpoints = rec.before(oom[name], Checkpoint, name)
         assert restart[name].reason == "oom" and restart[name].attempt == 2
         assert restart[name].changes == {"batch_size": [batch, smaller], "resume_from": checkpoints[-1].path}
         (first, second) = rec.of(Started, name)
@@ -302,8 +307,9 @@ def test_injected_ooms_restart_themselves_with_half_the_batch(real_run):
         assert (state.state, state.oom_restarts, state.batch_size, state.attempts) == ("finished", 1, smaller, 2)
         assert state.timesteps == state.total
         recorded = [e.type for e in read_events(supervisor.run_dir) if e.experiment == name]
-        assert recorded.index("failed") < recorded.index("restarting") < len(recorded) - recorded[::-1].index("started") - 1
-    resumed_at = [e for e in rec.of(Checkpoint, "prompt_rl") if e.time < oom["prompt_rl"].time][-1].step
+        last_start = max(i for i, kind in enumerate(recorded) if kind == "started")
+        assert recorded.index("failed") < recorded.index("restarting") < last_start
+    resumed_at = rec.before(oom["prompt_rl"], Checkpoint, "prompt_rl")[-1].step
     summary = rec.of(Finished, "prompt_rl")[0].summary
     assert summary["timesteps"] == 256 and summary["resumed_from"].endswith(f"ckpt_{resumed_at:09d}.zip")
     assert f"at {resumed_at} timesteps, batch size 16" in log_of(supervisor, "prompt_rl")

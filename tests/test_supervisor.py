@@ -350,10 +350,12 @@ def test_an_oom_restart_goes_to_the_freest_gpu(tmp_path):
     supervisor, rec = supervise(config, entry_points={"prompt_rl": "sv_workload:probe"}, nvml=nvml, gpu_interval=0.05)
     supervisor.start()
     try:
+        # Asked at once (the request waits in the worker's pipe), so that it holds on
+        # GPU 0 at its first step points, well before its out-of-memory step.
+        supervisor.pause("prompt_rl")
         first = rec.wait_for(lambda e: isinstance(e, Started))
         assert (first.gpu, first.batch_size) == (0, 32)
-        supervisor.pause("prompt_rl")  # held before its out-of-memory step, on GPU 0
-        rec.wait_for(lambda e: isinstance(e, Paused))
+        assert rec.wait_for(lambda e: isinstance(e, Paused)).step < 10
         nvml.gpus[0].processes = {first.pid: 3 * GiB}
         sample = rec.wait_for(lambda e: isinstance(e, GpuSample) and e.gpus[0]["processes"])
         assert sample.available and sample.gpus[0]["processes"] == [

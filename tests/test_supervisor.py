@@ -496,8 +496,12 @@ def test_ctrl_c_stops_every_worker_gracefully(real_run, tmp_path):
     for kind in ("prompt_rl", "postprocess_rl"):
         args += ["--set", f"{kind}.total_timesteps={ENDLESS}", "--set", f"{kind}.checkpoint_every={ENDLESS}"]
     # Its own process group, as a terminal's foreground job: Ctrl+C reaches every process
-    # in it. PYTHONFAULTHANDLER: should it ever hang, SIGABRT shows where (see below).
-    proc = subprocess.Popen([sys.executable, "-m", "sa2va_tui.cli", *args], stdout=subprocess.PIPE,
+    # in it. A foreground job has SIGINT's default action, whatever the tests inherited (a
+    # shell script's background job starts with SIGINT ignored, and so would the command).
+    # PYTHONFAULTHANDLER: should it ever hang, SIGABRT shows where (see below).
+    foreground = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                  "runpy.run_module('sa2va_tui.cli', run_name='__main__', alter_sys=True)")
+    proc = subprocess.Popen([sys.executable, "-c", foreground, *args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, cwd=HERE.parent, start_new_session=True,
                             env={**os.environ, "PYTHONFAULTHANDLER": "1"})
     lines: list[str] = []

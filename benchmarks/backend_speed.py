@@ -29,7 +29,7 @@ def main() -> None:
     from experiments.backends.embedded import load_embedded
     from experiments.datasets import load_split, render_prompt
     from experiments.metrics import dice
-    from sa2va_tui.config import BUILTIN_PROMPTS, DatasetConfig
+    from sa2va_contract.config import BUILTIN_PROMPTS, DatasetConfig
 
     torch.set_num_threads(1)
     model = load_embedded()

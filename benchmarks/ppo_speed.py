@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     from experiments.datasets import load_split
     from experiments.envs import build_postprocess_table, build_prompt_table, prefill_first_operations
     from experiments.postprocess import OpSettings
-    from sa2va_tui.config import load_config
+    from sa2va_contract.config import load_config
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks ppo")
     parser.add_argument("--config", "-c", default="configs/default.yaml")

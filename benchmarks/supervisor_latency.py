@@ -37,7 +37,7 @@ def stepper(ctx: WorkerContext) -> dict:
 
 
 def _config(root: Path, *extra: str):
-    from sa2va_tui.config import load_config
+    from sa2va_contract.config import load_config
 
     return load_config(None, [f"run.logs_dir={root}", "reward_net.enabled=false", "prompt_rl.device=cpu",
                               "postprocess_rl.device=cpu", *extra])
@@ -46,7 +46,7 @@ def _config(root: Path, *extra: str):
 def _control_latencies(root: Path, repeats: int) -> dict[str, list[float]]:
     import threading
 
-    from sa2va_tui.events import Paused, Resumed, Started
+    from sa2va_contract.events import Paused, Resumed, Started
     from sa2va_tui.runstore import RunStore
     from sa2va_tui.supervisor import Supervisor
 
@@ -77,7 +77,7 @@ def _control_latencies(root: Path, repeats: int) -> dict[str, list[float]]:
 
 ORPHAN_SCRIPT = """
 import json, sys, time
-from sa2va_tui.config import load_config
+from sa2va_contract.config import load_config
 from sa2va_tui.runstore import RunStore
 from sa2va_tui.supervisor import Supervisor
 from benchmarks.supervisor_latency import ENTRIES

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 from experiments.harness import WorkerContext
-from sa2va_tui.events import Event, GpuSample, Metrics, Progress
+from sa2va_contract.events import Event, GpuSample, Metrics, Progress
 from sa2va_tui.runstate import EventHub
 
 COLUMNS, ROWS = 160, 48
@@ -153,7 +153,7 @@ def child(scenario: str, rate: float, seconds: float, out: Path) -> None:
 
     supervisor = None
     if scenario == "supervised":
-        from sa2va_tui.config import load_config
+        from sa2va_contract.config import load_config
         from sa2va_tui.runstore import RunStore
         from sa2va_tui.supervisor import Supervisor
 

@@ -30,8 +30,9 @@ from experiments.datasets.base import Sample, render_prompt
 from experiments.datasets import load_split
 from experiments.datasets.builtin import KINDS
 from experiments.metrics import dice
-from experiments.postprocess import STOP, MaskEditor, OpSettings
-from sa2va_tui.config import Config, ConfigError, load_config
+from experiments.postprocess import MaskEditor, OpSettings
+from sa2va_contract.config import STOP, THRESHOLD_OPS
+from sa2va_contract.config import Config, ConfigError, load_config
 
 # --- observations (never computed from labels) ---------------------------------------
 
@@ -119,8 +120,6 @@ def prompt_table(segmenter: Segmenter, samples: list[Sample], prompts: Sequence[
 def usable_operations(config: Config, segmenter: Segmenter) -> list[str]:
     """The configured operations less STOP (the oracle stops by choosing a shorter
     sequence) and less thresholding where the backend gives no probabilities."""
-    from experiments.postprocess import THRESHOLD_OPS
-
     ops = [op for op in config.postprocess_rl.operations if op != STOP]
     if not segmenter.gives_probabilities:
         ops = [op for op in ops if op not in THRESHOLD_OPS]

@@ -9,10 +9,11 @@ perfect (1.0); when only one is empty the overlap metrics are 0.0.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
-METRIC_NAMES = ("dice", "iou", "recall", "precision")
+from sa2va_contract.evaluation import METRIC_NAMES, EvaluationRow
 
 
 def _counts(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -92,3 +93,13 @@ def set_iou(preds: list[np.ndarray] | np.ndarray, truths: list[np.ndarray] | np.
         per_mask.append(iou(pred, truth))
     ciou = 1.0 if union == 0 else inter / union
     return SetIoU(ciou=float(ciou), giou=float(np.mean(per_mask)))
+
+
+def row_from_masks(name: str, label: str, kind: str, sample_ids: Sequence[str], masks: Sequence[np.ndarray],
+                   truths: Sequence[np.ndarray], source: str | None = None, note: str = "") -> EvaluationRow:
+    """An evaluation row from the final mask of each sample and its label."""
+    if not (len(sample_ids) == len(masks) == len(truths)):
+        raise ValueError(f"{len(sample_ids)} ids, {len(masks)} masks, {len(truths)} labels")
+    per_sample = [all_metrics(mask, truth) for mask, truth in zip(masks, truths)]
+    values = {metric: [float(m[metric]) for m in per_sample] for metric in METRIC_NAMES}
+    return EvaluationRow(name, label, kind, list(sample_ids), values, source, note)

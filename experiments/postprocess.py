@@ -14,10 +14,8 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-MORPHOLOGY_OPS = ("dilate", "erode", "open", "close", "fill_holes", "drop_small", "bridge_gaps")
-THRESHOLD_OPS = ("threshold_up", "threshold_down")
-ALL_OPS = MORPHOLOGY_OPS + THRESHOLD_OPS
-STOP = "stop"
+from sa2va_contract.config import MORPHOLOGY_OPS, STOP, THRESHOLD_OPS
+
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from experiments.envs import (
 from experiments.harness import WorkerContext
 from experiments.postprocess import OpSettings
 from experiments.ppo_common import EpisodeOutcome, PhaseReporter, run_episodes, run_ppo_experiment
-from sa2va_tui.config import PostprocessRLConfig
+from sa2va_contract.config import PostprocessRLConfig
 
 
 def env_kwargs(table: PostprocessTable, cfg: PostprocessRLConfig) -> dict:

@@ -19,9 +19,9 @@ Files in the experiment folder:
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -43,17 +43,19 @@ from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
 
 from experiments.harness import StopRequested, WorkerContext
-from sa2va_tui.config import PPOConfig
-
-LOG_FILE = "train.log"
-PROGRESS_CSV = "progress.csv"
-TENSORBOARD_DIR = "tensorboard"
-CHECKPOINT_DIR = "checkpoints"
-BEST_MODEL = "best_model.zip"
-BEST_RECORD = "best.json"
-FINAL_MODEL = "final_model.zip"
-
-_CHECKPOINT_NAME = re.compile(r"^ckpt_(\d+)\.zip$")
+from sa2va_contract.config import PPOConfig
+from sa2va_contract.files import atomic_write_text, atomic_writer
+from sa2va_contract.layout import (
+    BEST_MODEL,
+    BEST_RECORD,
+    CHECKPOINT_DIR,
+    FINAL_MODEL,
+    LOG_FILE,
+    PROGRESS_CSV,
+    TENSORBOARD_DIR,
+    ppo_checkpoint_name,
+    ppo_checkpoint_step,
+)
 #: Seconds between progress events: a UI needs no more, and a queue must not flood.
 PROGRESS_INTERVAL = 0.5
 
@@ -91,10 +93,9 @@ class ResumableCSVOutputFormat(CSVOutputFormat):
         column = header.index("time/total_timesteps") if "time/total_timesteps" in header else None
         if column is not None:
             body = [row for row in body if len(row) <= column or not row[column] or float(row[column]) <= resume_step]
-        tmp = path.with_name(f".tmp-{path.name}")
-        with tmp.open("w", newline="") as handle:
-            csv.writer(handle, lineterminator="\n").writerows([header, *body])
-        os.replace(tmp, path)
+        kept = io.StringIO()
+        csv.writer(kept, lineterminator="\n").writerows([header, *body])
+        atomic_write_text(path, kept.getvalue())
         self.file = path.open("r+")
         self.file.seek(0, os.SEEK_END)
         self.keys = header
@@ -163,15 +164,14 @@ def make_vec_env(make_env: Callable[[], gym.Env], n_envs: int) -> VecEnv:
     return DummyVecEnv([lambda: Monitor(make_env()) for _ in range(n_envs)])
 
 
-def build_ppo(ppo: PPOConfig, env: VecEnv, seed: int, device: str, batch_size: int | None = None) -> PPO:
-    """Every hyperparameter from the config; `batch_size` replaces the config's (the
-    supervisor halves it after an out-of-memory failure)."""
+def build_ppo(ppo: PPOConfig, env: VecEnv, seed: int, device: str) -> PPO:
+    """Every hyperparameter from the config."""
     return PPO(
         "MlpPolicy",
         env,
         learning_rate=ppo.learning_rate,
         n_steps=ppo.n_steps,
-        batch_size=batch_size or ppo.batch_size,
+        batch_size=ppo.batch_size,
         n_epochs=ppo.n_epochs,
         gamma=ppo.gamma,
         gae_lambda=ppo.gae_lambda,
@@ -187,28 +187,17 @@ def build_ppo(ppo: PPOConfig, env: VecEnv, seed: int, device: str, batch_size: i
 
 
 def save_model_atomically(model: PPO, path: Path) -> None:
-    """Written under a temporary name and renamed, so that a reader (a restart, the
-    evaluation from another terminal) never loads a half-written zip."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
-        model.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_json_atomically(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
-    os.replace(tmp, path)
+    """So that a reader (a restart, the evaluation from another terminal) never loads a
+    half-written zip."""
+    with atomic_writer(path) as handle:
+        model.save(handle)
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
     """The checkpoint with the most timesteps in `folder` (or `folder/checkpoints`)."""
     for candidate in (folder / CHECKPOINT_DIR, folder):
         if candidate.is_dir():
-            found = [(int(m.group(1)), p) for p in candidate.iterdir() if (m := _CHECKPOINT_NAME.match(p.name))]
+            found = [(step, p) for p in candidate.iterdir() if (step := ppo_checkpoint_step(p.name)) is not None]
             if found:
                 return max(found)[1]
     return None
@@ -313,7 +302,7 @@ class TrainingCallback(BaseCallback):
 
     def save_checkpoint(self) -> Path:
         steps = self.model.num_timesteps
-        path = self.ctx.exp_dir / CHECKPOINT_DIR / f"ckpt_{steps:09d}.zip"
+        path = self.ctx.exp_dir / CHECKPOINT_DIR / ppo_checkpoint_name(steps)
         save_model_atomically(self.model, path)
         self.ctx.checkpoint_saved(path, steps)
         return path
@@ -328,7 +317,7 @@ class TrainingCallback(BaseCallback):
         if not self.best or score > self.best["score"]:
             save_model_atomically(self.model, self.ctx.exp_dir / BEST_MODEL)
             self.best = {"score": score, "step": self.model.num_timesteps, **values}
-            write_json_atomically(self.ctx.exp_dir / BEST_RECORD, self.best)
+            atomic_write_text(self.ctx.exp_dir / BEST_RECORD, json.dumps(self.best, indent=2))
         return values
 
 
@@ -364,11 +353,11 @@ def train(ctx: WorkerContext, task: PPOTask) -> TrainingResult:
         checkpoint = latest_checkpoint(ctx.exp_dir)
     if checkpoint is not None:
         model = PPO.load(checkpoint, env=env, device=ctx.device)
-        if ctx.batch_size_override:
-            model.batch_size = ctx.batch_size_override
+        # This attempt's batch size (smaller after an out-of-memory failure), not the saved one.
+        model.batch_size = cfg.ppo.batch_size
         resume_step = model.num_timesteps
     else:
-        model = build_ppo(cfg.ppo, env, cfg.seed, ctx.device, ctx.batch_size_override)
+        model = build_ppo(cfg.ppo, env, cfg.seed, ctx.device)
         resume_step = None
     log = TrainingLog(ctx, resume_step)
     model.set_logger(log.logger)

@@ -15,7 +15,7 @@ from stable_baselines3 import PPO
 from experiments.envs import PROMPT_ENV_ID, PromptSelectEnv, PromptTable, build_prompt_table
 from experiments.harness import WorkerContext
 from experiments.ppo_common import PhaseReporter, run_episodes, run_ppo_experiment
-from sa2va_tui.config import PromptRLConfig
+from sa2va_contract.config import PromptRLConfig
 
 
 def make_env(table: PromptTable, cfg: PromptRLConfig):

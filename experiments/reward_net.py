@@ -12,246 +12,37 @@ never written: the fine-tuned model is saved in the experiment's folder.
 
 from __future__ import annotations
 
-import os
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from experiments.backends import make_cached_segmenter
 from experiments.datasets import Sample, load_split, render_prompt
 from experiments.harness import StopRequested, WorkerContext
 from experiments.metrics import dice
+from experiments.reward.network import (
+    RewardNet,
+    consensus_map,
+    images_to_tensor,
+    load_reward_net,
+    resize_maps,
+    reward_net_state,
+    save_atomic,
+)
+from experiments.reward.quality import QualitySet, build_quality_set, pearson, pick_best_accuracy, spearman
+from sa2va_contract.layout import (
+    BEST_REWARD_NET,
+    FINAL_REWARD_NET,
+    FINETUNED_SEGMENTER,
+    REWARD_NET_CHECKPOINT,
+    TENSORBOARD_DIR,
+)
 
-CHECKPOINT = "checkpoints/last.pt"
-BEST_REWARD_NET = "best_reward_net.pth"
-FINAL_REWARD_NET = "final_reward_net.pth"
-FINETUNED_SEGMENTER = "finetuned_segmenter.pt"
 #: Fine-tuning steps between checkpoints (each holds the segmenter and its optimiser).
 FINETUNE_CHECKPOINT_EVERY = 50
-
-
-# --- the model -----------------------------------------------------------------------
-
-
-class RewardNet(nn.Module):
-    """Image (3 channels), mask (1 channel), the query ("the vessels") and the consensus
-    of the starting model's candidate masks in, predicted Dice in [0, 1] out.
-
-    The query matters because an image holds several kinds of structure and a perfect
-    mask of the wrong kind is worth nothing. The consensus (the mean of the masks that
-    the K candidate prompts give, all computed at inference) is the classic label-free
-    quality signal: where prompts agree, the model is usually right."""
-
-    def __init__(self, width: int = 16, text_buckets: int = 1024) -> None:
-        super().__init__()
-        from experiments.backends.embedded import HashedTextEncoder
-
-        def block(cin: int, cout: int) -> nn.Sequential:
-            return nn.Sequential(
-                nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.GroupNorm(4, cout), nn.SiLU(),
-                nn.Conv2d(cout, cout, 3, padding=1), nn.GroupNorm(4, cout), nn.SiLU(),
-            )
-
-        self.width, self.text_buckets = width, text_buckets
-        # The mask also enters as image*mask: what lies inside it is what a quality
-        # judgement needs, and early is cheaper to learn.
-        self.blocks = nn.ModuleList([block(9, width), block(width, 2 * width), block(2 * width, 4 * width),
-                                     block(4 * width, 4 * width)])
-        self.text = HashedTextEncoder(text_buckets, 32, 64)
-        # Per-channel scale and shift of blocks 2 and 4 from the query (FiLM).
-        self.film = nn.ModuleList([nn.Linear(64, 2 * 2 * width), nn.Linear(64, 2 * 4 * width)])
-        self.head = nn.Sequential(nn.Linear(8 * width + 64 + 3, 64), nn.SiLU(), nn.Linear(64, 1))
-
-    def forward(self, images: torch.Tensor, masks: torch.Tensor, consensus: torch.Tensor,
-                queries: Sequence[str]) -> torch.Tensor:
-        text = self.text(list(queries))
-        x = torch.cat([images, masks, images * masks, consensus, masks * consensus], dim=1)
-        for i, block in enumerate(self.blocks):
-            x = block(x)
-            if i in (1, 3):
-                scale, shift = self.film[i // 2](text).chunk(2, dim=1)
-                x = x * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
-        pooled = torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(2, 3))], dim=1)
-        area = masks.mean(dim=(1, 2, 3)).unsqueeze(1)
-        overlap = masks.mul(consensus).sum(dim=(1, 2, 3))
-        agreement = (2 * overlap / (masks.sum(dim=(1, 2, 3)) + consensus.sum(dim=(1, 2, 3)) + 1e-6)).unsqueeze(1)
-        features = torch.cat([pooled, text, area, torch.sqrt(area + 1e-6), agreement], dim=1)
-        return torch.sigmoid(self.head(features)).squeeze(1)
-
-
-def resize_maps(maps: torch.Tensor, size: int) -> torch.Tensor:
-    """Training, fine-tuning and reranking all feed the network through here, so a soft
-    mask with gradients and a binary training mask are resized the same way."""
-    return F.interpolate(maps, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-
-
-def consensus_map(candidate_masks: Sequence[np.ndarray]) -> torch.Tensor:
-    """(1, H, W): the share of candidate prompts whose mask covers each pixel."""
-    return torch.from_numpy(np.mean(np.stack(candidate_masks), axis=0, dtype=np.float32)).unsqueeze(0)
-
-
-def images_to_tensor(images: Sequence[np.ndarray], device: str | torch.device = "cpu") -> torch.Tensor:
-    array = np.stack([np.asarray(image, dtype=np.uint8) for image in images])
-    return torch.from_numpy(array).to(device).permute(0, 3, 1, 2).float() / 255.0
-
-
-def save_atomic(obj: Any, path: Path) -> None:
-    """A crash mid-write leaves the previous file whole."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def load_reward_net(path: Path, device: str = "cpu") -> RewardNet:
-    state = torch.load(path, map_location=device, weights_only=True)
-    net = RewardNet(width=int(state["width"]), text_buckets=int(state["text_buckets"]))
-    net.load_state_dict(state["model"])
-    return net.to(device).eval()
-
-
-def reward_net_state(net: RewardNet) -> dict[str, Any]:
-    return {"width": net.width, "text_buckets": net.text_buckets, "model": net.state_dict()}
-
-
-# --- the training set ----------------------------------------------------------------
-
-PERTURBATIONS = ("erode", "dilate", "shift", "holes", "blobs", "partial")
-
-
-def perturb(mask: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
-    """A plausible wrong mask: the kinds of error a segmenter makes."""
-    h, w = mask.shape
-    m = mask.astype(np.uint8)
-    if kind in ("erode", "dilate"):
-        size = int(rng.integers(2, 6)) * 2 - 1
-        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))
-        return (cv2.erode(m, kernel) if kind == "erode" else cv2.dilate(m, kernel)).astype(bool)
-    if kind == "shift":
-        dy, dx = rng.integers(-h // 10, h // 10 + 1), rng.integers(-w // 10, w // 10 + 1)
-        return np.roll(mask, (int(dy), int(dx)), axis=(0, 1))
-    if kind in ("holes", "blobs"):
-        out = m.copy()
-        for _ in range(int(rng.integers(2, 7))):
-            centre = (int(rng.integers(0, w)), int(rng.integers(0, h)))
-            if kind == "holes" and mask.any():
-                ys, xs = np.nonzero(mask)
-                pick = int(rng.integers(0, len(xs)))
-                centre = (int(xs[pick]), int(ys[pick]))
-            axes = (int(rng.integers(2, max(3, w // 8))), int(rng.integers(2, max(3, h // 8))))
-            cv2.ellipse(out, centre, axes, float(rng.uniform(0, 180)), 0, 360, 0 if kind == "holes" else 1, -1)
-        return out.astype(bool)
-    if kind == "partial":
-        if not mask.any():
-            return mask.copy()
-        # Cut along a random direction at a quantile of the mask's own extent, so the
-        # cut always falls through the object and drops 20-70 % of it.
-        angle = rng.uniform(0, 2 * np.pi)
-        yy, xx = np.mgrid[0:h, 0:w]
-        along = xx * np.cos(angle) + yy * np.sin(angle)
-        cut = np.quantile(along[mask], rng.uniform(0.3, 0.8))
-        return mask & (along < cut)
-    raise ValueError(f"unknown perturbation {kind!r}")
-
-
-@dataclass
-class QualitySet:
-    """(image, mask, true Dice) triples; `groups` names the image of each mask and
-    `candidate` marks masks straight from a candidate prompt (for pick-the-best)."""
-
-    images: torch.Tensor  # (n_images, 3, S, S) float
-    consensus: torch.Tensor  # (n_images, 1, S, S) float
-    queries: list[str]  # (n_images,) what is to be segmented in each image
-    masks: torch.Tensor  # (n_pairs, 1, S, S) float
-    labels: torch.Tensor  # (n_pairs,)
-    image_index: torch.Tensor  # (n_pairs,) long
-    candidate: np.ndarray  # (n_pairs,) bool
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def inputs(self, rows: torch.Tensor | slice, device: str) -> tuple:
-        """The network's inputs for some pairs: images, masks, consensus, queries."""
-        index = self.image_index[rows]
-        return (self.images[index].to(device), self.masks[rows].to(device), self.consensus[index].to(device),
-                [self.queries[int(i)] for i in index])
-
-
-def build_quality_set(
-    samples: Sequence[Sample],
-    candidates: dict[str, list[np.ndarray]],
-    query_template: str,
-    perturbations_per_mask: int,
-    size: int,
-    seed: int,
-) -> QualitySet:
-    rng = np.random.default_rng(seed)
-    masks, labels, index, candidate = [], [], [], []
-    for i, sample in enumerate(samples):
-        for mask in candidates[sample.id]:
-            variants = [(mask, True)] + [
-                (perturb(mask, PERTURBATIONS[rng.integers(len(PERTURBATIONS))], rng), False)
-                for _ in range(perturbations_per_mask)
-            ]
-            for variant, is_candidate in variants:
-                masks.append(variant)
-                labels.append(float(dice(variant, sample.mask)))
-                index.append(i)
-                candidate.append(is_candidate)
-    images = resize_maps(images_to_tensor([s.image for s in samples]), size)
-    consensus = resize_maps(torch.stack([consensus_map(candidates[s.id]) for s in samples]), size)
-    mask_tensor = resize_maps(torch.from_numpy(np.stack(masks)).float().unsqueeze(1), size)
-    queries = [render_prompt(query_template, s) for s in samples]
-    return QualitySet(images, consensus, queries, mask_tensor, torch.tensor(labels), torch.tensor(index),
-                      np.array(candidate))
-
-
-# --- statistics ----------------------------------------------------------------------
-
-
-def _ranks(values: np.ndarray) -> np.ndarray:
-    """Average ranks, ties sharing the mean of their positions."""
-    order = np.argsort(values, kind="mergesort")
-    ranks = np.empty(len(values), dtype=np.float64)
-    ranks[order] = np.arange(len(values), dtype=np.float64)
-    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
-    sums = np.bincount(inverse, weights=ranks)
-    return sums[inverse] / counts[inverse]
-
-
-def pearson(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if a.std() == 0 or b.std() == 0:
-        return 0.0
-    return float(np.corrcoef(a, b)[0, 1])
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    return pearson(_ranks(np.asarray(a)), _ranks(np.asarray(b)))
-
-
-def pick_best_accuracy(predicted: np.ndarray, truth: np.ndarray, groups: np.ndarray) -> float:
-    """How often the mask ranked first by the network is (one of) the truly best."""
-    hits = []
-    for group in np.unique(groups):
-        members = groups == group
-        if members.sum() < 2:
-            continue
-        best = truth[members].max()
-        hits.append(truth[members][int(np.argmax(predicted[members]))] >= best - 1e-9)
-    return float(np.mean(hits)) if hits else 0.0
 
 
 # --- the experiment ------------------------------------------------------------------
@@ -314,8 +105,7 @@ def run(ctx: WorkerContext) -> dict[str, Any]:
         # threads per worker spin against each other when three workers run at once.
         torch.set_num_threads(1)
     reward_cfg, tune_cfg = exp.reward, exp.finetune
-    batch_size = min(reward_cfg.batch_size, ctx.batch_size_override or reward_cfg.batch_size)
-    tune_batch = min(tune_cfg.batch_size, ctx.batch_size_override or tune_cfg.batch_size)
+    batch_size, tune_batch = reward_cfg.batch_size, tune_cfg.batch_size
 
     ctx.phase("loading_model")
     segmenter = make_cached_segmenter(config, device="cpu")
@@ -332,7 +122,7 @@ def run(ctx: WorkerContext) -> dict[str, Any]:
 
     batches_per_epoch = -(-len(train_set) // batch_size)
     total = reward_cfg.epochs * batches_per_epoch + tune_cfg.steps
-    checkpoint_path = ctx.exp_dir / CHECKPOINT
+    checkpoint_path = ctx.exp_dir / REWARD_NET_CHECKPOINT
     resume = _load_checkpoint(ctx.resume_from or (checkpoint_path if checkpoint_path.exists() else None))
     if resume is not None:
         # The steps taken as they were taken, then those left at this attempt's batch
@@ -432,7 +222,7 @@ def finetune(
 
     rng = np.random.default_rng(ctx.experiment.seed + first_step)
     size = ctx.experiment.reward.input_size
-    checkpoint_path = ctx.exp_dir / CHECKPOINT
+    checkpoint_path = ctx.exp_dir / REWARD_NET_CHECKPOINT
     ctx.phase("training", first_step, cfg.steps)
     last: dict[str, float] = {}
     def save_checkpoint(steps_done: int) -> None:
@@ -499,62 +289,4 @@ def _load_checkpoint(path: Path | None) -> dict | None:
 def _tensorboard(exp_dir: Path):
     from torch.utils.tensorboard import SummaryWriter
 
-    return SummaryWriter(log_dir=str(exp_dir / "tensorboard"))
-
-
-# --- evaluation rows -----------------------------------------------------------------
-
-#: Post-processing choices that reranking considers for every candidate prompt's mask.
-RERANK_OPERATIONS = ((), ("fill_holes",), ("drop_small",), ("bridge_gaps",), ("close",), ("drop_small", "fill_holes"))
-
-
-def rerank(reward_net: RewardNet, samples: Sequence[Sample], segmenter, templates: Sequence[str], query: str,
-           settings, size: int) -> list[np.ndarray]:
-    """Per image, of every candidate prompt times a few post-processing choices, the
-    mask the reward network scores highest. No label is read."""
-    from experiments.postprocess import apply_sequence
-
-    chosen = []
-    for sample in samples:
-        predictions = [segmenter.predict(sample, template) for template in templates]
-        candidates = [apply_sequence(p.mask, p.prob, ops, settings) for p in predictions for ops in RERANK_OPERATIONS]
-        n = len(candidates)
-        masks = resize_maps(torch.from_numpy(np.stack(candidates)).float().unsqueeze(1), size)
-        images = resize_maps(images_to_tensor([sample.image]), size).expand(n, -1, -1, -1)
-        agreed = resize_maps(consensus_map([p.mask for p in predictions]).unsqueeze(0), size).expand(n, -1, -1, -1)
-        with torch.no_grad():
-            scores = reward_net(images, masks, agreed, [render_prompt(query, sample)] * n)
-        chosen.append(candidates[int(torch.argmax(scores))])
-    return chosen
-
-
-def evaluation_rows(config, run_dir: Path, samples: Sequence[Sample], segmenter) -> tuple[list, dict[str, str]]:
-    """The reward-network experiment's two rows of the evaluation table: the fine-tuned
-    segmenter with the default prompt, and reward-network reranking."""
-    from experiments.backends import cache_dir_for, make_trainable
-    from experiments.backends.cache import CachedSegmenter
-    from experiments.evaluate import row_from_masks
-    from experiments.postprocess import OpSettings
-
-    exp_dir = Path(run_dir) / "reward_net"
-    ids, truths = [s.id for s in samples], [s.mask for s in samples]
-    template = config.backend.prompts[config.backend.default_prompt]
-    rows, missing = [], {}
-    tuned_path = exp_dir / FINETUNED_SEGMENTER
-    if tuned_path.is_file():
-        tuned = CachedSegmenter(make_trainable(config, finetuned=tuned_path), cache_dir_for(config))
-        masks = [tuned.predict(s, template).mask for s in samples]
-        rows.append(row_from_masks("finetuned", "reward-guided fine-tuned model, default prompt", "model", ids, masks,
-                                   truths, source=str(tuned_path)))
-    else:
-        missing["finetuned"] = f"no {FINETUNED_SEGMENTER} in {exp_dir}"
-    net_path = exp_dir / BEST_REWARD_NET
-    if net_path.is_file():
-        settings = OpSettings.of(config.postprocess_rl)
-        masks = rerank(load_reward_net(net_path), samples, segmenter, config.backend.prompts, template, settings,
-                       config.reward_net.reward.input_size)
-        rows.append(row_from_masks("reward_rerank", "reward-network reranking (prompts x post-processing, no labels)",
-                                   "policy", ids, masks, truths, source=str(net_path)))
-    else:
-        missing["reward_rerank"] = f"no {BEST_REWARD_NET} in {exp_dir}"
-    return rows, missing
+    return SummaryWriter(log_dir=str(exp_dir / TENSORBOARD_DIR))

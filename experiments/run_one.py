@@ -15,10 +15,10 @@ import sys
 import time
 from pathlib import Path
 
-from sa2va_tui.config import ConfigError, load_config
-from sa2va_tui.events import Event, Failed
-
-from experiments.harness import Control, WorkerContext, entry_point, run_experiment
+from experiments.harness import Control, WorkerContext, run_experiment
+from sa2va_contract.config import ConfigError, load_config
+from sa2va_contract.events import Event, Failed
+from sa2va_contract.kinds import resolve_entry
 
 
 def _print_event(event: Event) -> None:
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         name=args.name, config=config, experiment=experiment, exp_dir=args.out, sink=PrintSink(),
         control=control, gpu=args.gpu, resume_from=args.resume, batch_size_override=args.batch_size,
     )
-    outcome = run_experiment(ctx, args.entry or entry_point(experiment.kind))
+    outcome = run_experiment(ctx, args.entry or resolve_entry(experiment.kind))
     _print_event(outcome)
     return 1 if isinstance(outcome, Failed) else 0
 

@@ -9,52 +9,11 @@ a stand-in with the same API instead of patching the real library.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import threading
-from collections import Counter
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from sa2va_tui.events import GpuSample
-
-
-@dataclass
-class GpuProcess:
-    pid: int
-    #: Bytes; None where NVML does not say (e.g. Windows WDDM, containers).
-    used_memory: int | None
-    #: The experiment of ours running in this process, if any.
-    experiment: str | None = None
-
-
-@dataclass
-class GpuInfo:
-    index: int
-    name: str | None = None
-    #: Percent of the last sample period a kernel ran.
-    utilization: int | None = None
-    memory_used: int | None = None
-    memory_total: int | None = None
-    processes: list[GpuProcess] = field(default_factory=list)
-
-    @property
-    def memory_free(self) -> int | None:
-        if self.memory_used is None or self.memory_total is None:
-            return None
-        return self.memory_total - self.memory_used
-
-
-@dataclass
-class GpuSnapshot:
-    available: bool
-    message: str = ""
-    gpus: list[GpuInfo] = field(default_factory=list)
-
-    def to_event(self) -> GpuSample:
-        return GpuSample("", available=self.available, message=self.message,
-                         gpus=[dataclasses.asdict(g) for g in self.gpus])
-
+from sa2va_contract.gpus import GpuInfo, GpuProcess, GpuSnapshot
 
 #: Why NVML could not start, by error code name, in words for the researcher.
 _INIT_FAILURES = {
@@ -156,35 +115,14 @@ def read_gpus(module: Any = None, workers: dict[int, str] | None = None) -> GpuS
         nvml.shutdown()
 
 
-def choose_gpu(snapshot: GpuSnapshot, pinned: int | None = None, placed: Counter[int] | None = None) -> int | None:
-    """The GPU for a new worker: the pinned one, else the most free memory, then the
-    lowest utilisation; None (the CPU) when there is no GPU.
-
-    `placed` counts workers just started on each GPU that NVML does not list yet: the
-    memory they are about to take still shows as free, so a GPU with fewer of them wins
-    first, and several experiments launched together spread out."""
-    if not snapshot.available or not snapshot.gpus:
-        return None
-    if pinned is not None:
-        return pinned
-    placed = placed or Counter()
-
-    def key(gpu: GpuInfo) -> tuple:
-        free = gpu.memory_free
-        util = gpu.utilization
-        return (placed[gpu.index], free is None, -(free or 0), util is None, util or 0, gpu.index)
-
-    return min(snapshot.gpus, key=key).index
-
-
 class GpuSampler(threading.Thread):
     """Reads the GPUs every `interval` seconds and hands each snapshot to `callback`.
     With no NVIDIA GPU it reports that once and ends."""
 
-    def __init__(self, nvml: Nvml, workers: Callable[[], dict[int, str]], callback: Callable[[GpuSnapshot], None],
-                 interval: float = 1.0) -> None:
+    def __init__(self, read: Callable[[dict[int, str]], GpuSnapshot], workers: Callable[[], dict[int, str]],
+                 callback: Callable[[GpuSnapshot], None], interval: float = 1.0) -> None:
         super().__init__(name="gpu-sampler", daemon=True)
-        self._nvml = nvml
+        self._read = read
         self._workers = workers
         self._callback = callback
         self._interval = interval
@@ -192,7 +130,7 @@ class GpuSampler(threading.Thread):
 
     def run(self) -> None:
         while True:
-            snapshot = self._nvml.read(self._workers())
+            snapshot = self._read(self._workers())
             self._callback(snapshot)
             if not snapshot.available or self._stopped.wait(self._interval):
                 return

@@ -14,86 +14,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TextColumn
 
-from sa2va_tui.events import (
-    Checkpoint,
-    Event,
-    Failed,
-    Finished,
-    GpuSample,
-    Paused,
-    Phase,
-    Restarting,
-    Resumed,
-    Started,
-    Stopped,
-)
-from sa2va_tui.events import Progress as ProgressEvent
-from sa2va_tui.runstate import EventHub, ExperimentState
-
-#: Log lines of a failed worker shown under its failure.
-TAIL_SHOWN = 8
-
-
-def format_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "?"
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
-
-
-def format_clock(timestamp: float | None) -> str:
-    return time.strftime("%H:%M:%S", time.localtime(timestamp)) if timestamp else "?"
-
-
-def progress_detail(state: ExperimentState, now: float | None = None) -> str:
-    """timesteps/total, percent, ETA and latest episode reward, as far as known."""
-    parts = [f"{state.timesteps}/{state.total or '?'}"]
-    if state.fraction is not None:
-        parts.append(f"{state.fraction:4.0%}")
-    if not state.terminal:
-        parts.append(f"ETA {format_duration(state.eta_at(now or time.time()))}")
-    if state.episode_reward is not None:
-        parts.append(f"reward {state.episode_reward:.4g}")
-    return "  ".join(parts)
-
-
-def describe(event: Event) -> tuple[str, str] | None:
-    """The line (rich markup) and style for a notable event; None for the others."""
-    if isinstance(event, Started):
-        where = "CPU" if event.gpu is None else f"GPU {event.gpu}"
-        resumed = f", resumed from {escape(event.resumed_from)}" if event.resumed_from else ""
-        return f"started (attempt {event.attempt}) pid {event.pid} on {where}, batch size {event.batch_size}{resumed}", ""
-    if isinstance(event, Phase):
-        return f"phase: {event.phase.replace('_', ' ')}", "dim"
-    if isinstance(event, Checkpoint):
-        return f"checkpoint at step {event.step}: {escape(event.path)}", "dim"
-    if isinstance(event, Paused):
-        return f"paused at step {event.step}", "yellow"
-    if isinstance(event, Resumed):
-        return "resumed", "yellow"
-    if isinstance(event, Restarting):
-        changes = [f"{key.replace('_', ' ')} {old} -> {new}" for key, value in event.changes.items()
-                   if isinstance(value, list) for old, new in [value]]
-        origin = event.changes.get("resume_from")
-        changes.append(f"from {escape(origin)}" if origin else "from the start")
-        return f"restarting ({event.reason}), attempt {event.attempt}: {', '.join(changes)}", "yellow"
-    if isinstance(event, Failed):
-        code = f", exit code {event.exit_code}" if event.exit_code is not None else ""
-        at = f" at step {event.step}" if event.step is not None else ""
-        tail = "".join(f"\n    {escape(line)}" for line in event.log_tail[-TAIL_SHOWN:]) if event.kind != "oom" else ""
-        return f"FAILED ({event.kind}){at}{code}: {escape(event.message)}{tail}", "bold red"
-    if isinstance(event, Finished):
-        scalars = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in event.summary.items()
-                   if isinstance(v, (int, float, str)) and not isinstance(v, bool)][:6]
-        return escape(f"finished {' '.join(scalars)}".rstrip()), "green"
-    if isinstance(event, Stopped):
-        return f"stopped at step {event.step} ({event.reason})", "yellow"
-    return None
-
+from sa2va_contract import events
+from sa2va_tui.runstate import EventHub
+from sa2va_tui.text import describe, progress_detail
 
 class HeadlessPrinter:
     """Prints a source's events; use as a context manager around the run."""
@@ -122,17 +45,17 @@ class HeadlessPrinter:
         body = f"[{style}]{text}[/]" if style else text
         self.console.print(f"{stamp} [bold]{escape(who)}[/] {body}", highlight=False, soft_wrap=True)
 
-    def on_event(self, event: Event) -> None:
-        if isinstance(event, GpuSample):
+    def on_event(self, event: events.Event) -> None:
+        if isinstance(event, events.GpuSample):
             if event.message != self._gpu_message:
                 self._gpu_message = event.message
                 self.line("gpus", escape(event.message) + ("" if event.available else "; running on the CPU"), "dim")
             return
-        if isinstance(event, Phase):
+        if isinstance(event, events.Phase):
             if self._phases.get(event.experiment) == event.phase:
                 return  # the phase's own progress: shown by the bar
             self._phases[event.experiment] = event.phase
-        if isinstance(event, (ProgressEvent, Finished)):
+        if isinstance(event, (events.Progress, events.Finished)):
             self._show_progress(event.experiment)
         found = describe(event)
         if found:

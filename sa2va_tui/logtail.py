@@ -25,10 +25,11 @@ import threading
 from pathlib import Path
 from typing import BinaryIO
 
-from sa2va_tui.events import Event, Metrics, Progress
+from sa2va_contract.events import Event, Metrics, Progress
 from sa2va_tui.runstate import EventHub
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+_LINE_BREAK = re.compile(rb"\r\n|\r|\n")
 # Not anchored at the start: a progress bar redrawn without a newline may precede a
 # table's first line, and a table row is the last two cells of its line.
 _DASHES = re.compile(r"-{9,}$")
@@ -75,32 +76,30 @@ class Sb3TableParser:
             self._values[key] = number
 
 
-class LogTail:
-    """Follows one log file from its start, through rotation (the file renamed and a
-    new one created: the old one is read to its end first) and truncation."""
+class FileFollower:
+    """Follows one file as `tail -F` does: through rotation (the file renamed and a new
+    one created: the old one is read to its end first) and truncation in place
+    (copytruncate: it starts over). `from_end` starts that many bytes before the end
+    instead of at the start. The file need not exist yet."""
 
-    #: A "line" longer than this is not a table row: it is dropped, not kept in memory.
-    MAX_LINE = 64 * 1024
-    #: Bytes read per poll at most, so one huge log cannot stall the others.
+    #: Bytes read per call at most, so one huge file cannot stall other work.
     CHUNK = 1024 * 1024
 
-    def __init__(self, path: Path, name: str, total: int | None = None) -> None:
+    def __init__(self, path: Path, from_end: int | None = None) -> None:
         self.path = Path(path)
-        self.name = name
-        self.total = total or 0
+        self._from_end = from_end
         self._file: BinaryIO | None = None
         self._inode: int | None = None
-        self._buffer = b""
-        self._parser = Sb3TableParser()
-        self._tables = 0
-        #: Whether the last poll read everything there was.
+        #: Whether the last read returned everything there was.
         self.caught_up = False
+        #: Set when what follows replaces what was read before (truncation, a new file).
+        self.restarted = False
 
-    def poll(self) -> list[Event]:
-        """Events from what was written since the last poll, up to `CHUNK` bytes of it."""
+    def read(self) -> bytes:
+        self.restarted = False
         data = self._read()
         self.caught_up = len(data) < self.CHUNK
-        return self._consume(data) if data else []
+        return data
 
     def _read(self) -> bytes:
         try:
@@ -110,34 +109,78 @@ class LogTail:
         if self._file is None:
             if stat is None:
                 return b""
-            self._open()
+            self._open(tail=True)
         assert self._file is not None
         if stat is not None and stat.st_ino == self._inode and stat.st_size < self._file.tell():
-            # Truncated in place (copytruncate): start over.
             self._file.seek(0)
-            self._buffer = b""
+            self.restarted = True
         data = self._file.read(self.CHUNK)
         if not data and stat is not None and stat.st_ino != self._inode:
             # Rotated, and the old file is read to its end: on to the new one.
             self._file.close()
-            self._open()
+            self._open(tail=False)
             data = self._file.read(self.CHUNK)
         return data
 
-    def _open(self) -> None:
+    def _open(self, tail: bool) -> None:
         self._file = open(self.path, "rb")
         self._inode = os.fstat(self._file.fileno()).st_ino
+        self.restarted = True
+        if tail and self._from_end is not None:
+            size = self._file.seek(0, os.SEEK_END)
+            self._file.seek(max(0, size - self._from_end))
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class LineSplitter:
+    """Bytes in, whole lines out; a bare carriage return ends a line too (progress bars
+    redraw with one), and an endless "line" is dropped rather than kept in memory."""
+
+    MAX_LINE = 64 * 1024
+
+    def __init__(self) -> None:
         self._buffer = b""
 
-    def _consume(self, data: bytes) -> list[Event]:
-        # Progress bars redraw with a bare carriage return: each redraw is a line too.
-        lines = re.split(rb"\r\n|\r|\n", self._buffer + data)
+    def feed(self, data: bytes) -> list[str]:
+        lines = _LINE_BREAK.split(self._buffer + data)
         self._buffer = lines.pop()
         if len(self._buffer) > self.MAX_LINE:
             self._buffer = b""
+        return [raw.decode("utf-8", errors="replace") for raw in lines]
+
+    def reset(self) -> None:
+        self._buffer = b""
+
+
+class LogTail:
+    """One training log followed from its start, its SB3 tables turned into events."""
+
+    def __init__(self, path: Path, name: str, total: int | None = None) -> None:
+        self.path = Path(path)
+        self.name = name
+        self.total = total or 0
+        self._follower = FileFollower(self.path)
+        self._lines = LineSplitter()
+        self._parser = Sb3TableParser()
+        self._tables = 0
+
+    @property
+    def caught_up(self) -> bool:
+        """Whether the last poll read everything there was."""
+        return self._follower.caught_up
+
+    def poll(self) -> list[Event]:
+        """Events from what was written since the last poll, up to `FileFollower.CHUNK` bytes of it."""
+        data = self._follower.read()
+        if self._follower.restarted:
+            self._lines.reset()
         events: list[Event] = []
-        for raw in lines:
-            table = self._parser.feed(raw.decode("utf-8", errors="replace"))
+        for line in self._lines.feed(data) if data else []:
+            table = self._parser.feed(line)
             if table:
                 events += self._table_events(table)
         return events
@@ -152,9 +195,7 @@ class LogTail:
         return events
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        self._follower.close()
 
 
 def experiment_names(paths: list[Path]) -> list[str]:

@@ -15,20 +15,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from sa2va_tui.events import (
-    Checkpoint,
-    Event,
-    Failed,
-    Finished,
-    Metrics,
-    Paused,
-    Phase,
-    Progress,
-    Restarting,
-    Resumed,
-    Started,
-    Stopped,
-)
+from sa2va_contract import events
+from sa2va_contract.events import Event
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +24,21 @@ STATES = ("pending", "running", "paused", "restarting", "failed", "finished", "s
 TERMINAL_STATES = ("failed", "finished", "stopped")
 #: The metric that `status` and the UI show as "episode reward".
 EPISODE_REWARD = "rollout/ep_rew_mean"
+
+
+@dataclass
+class FailureRecord:
+    """How an experiment's last attempt failed."""
+
+    kind: str
+    message: str
+    step: int | None = None
+    exit_code: int | None = None
+    log_tail: list[str] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, event: events.Failed) -> "FailureRecord":
+        return cls(event.kind, event.message, event.step, event.exit_code, list(event.log_tail))
 
 
 @dataclass
@@ -64,8 +67,7 @@ class ExperimentState:
     eta_s: float | None = None
     started_at: float | None = None
     ended_at: float | None = None
-    #: kind, message, step, exit_code, log_tail of the last failure.
-    failure: dict[str, Any] | None = None
+    failure: FailureRecord | None = None
     summary: dict[str, Any] = field(default_factory=dict)
     updated_at: float = field(default_factory=time.time)
 
@@ -98,7 +100,12 @@ class ExperimentState:
     def from_dict(cls, data: dict[str, Any]) -> "ExperimentState":
         # A run folder written by an older or newer version may have other keys.
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        fields = {k: v for k, v in data.items() if k in known}
+        failure = fields.get("failure")
+        if isinstance(failure, dict):
+            fields["failure"] = FailureRecord(**{k: v for k, v in failure.items()
+                                                 if k in {f.name for f in dataclasses.fields(FailureRecord)}})
+        return cls(**fields)
 
 
 class RateEstimator:
@@ -150,40 +157,40 @@ class StateBook:
         s = self.add(event.experiment)
         rate = self._rates.setdefault(event.experiment, RateEstimator())
         now = event.time
-        if isinstance(event, Started):
+        if isinstance(event, events.Started):
             s.state, s.pid, s.gpu, s.batch_size, s.attempts = "running", event.pid, event.gpu, event.batch_size, event.attempt
             s.started_at = s.started_at or now
             s.ended_at = None
             rate.restart_clock()
-        elif isinstance(event, Phase):
+        elif isinstance(event, events.Phase):
             s.phase, s.phase_done, s.phase_total = event.phase, event.done, event.total
-        elif isinstance(event, Progress):
+        elif isinstance(event, events.Progress):
             s.timesteps, s.total = event.timesteps, event.total
             s.rate = rate.update(event.timesteps, now)
             if s.state == "pending":
                 s.state = "running"
             s.eta_s = (max(0, s.total - s.timesteps) / s.rate) if s.rate and s.total else None
-        elif isinstance(event, Metrics):
+        elif isinstance(event, events.Metrics):
             s.metrics.update(event.values)
             s.metrics_step = event.step
-        elif isinstance(event, Checkpoint):
+        elif isinstance(event, events.Checkpoint):
             s.last_checkpoint, s.checkpoint_step = event.path, event.step
-        elif isinstance(event, Paused):
+        elif isinstance(event, events.Paused):
             s.state = "paused"
             # Where it stands: an experiment reports progress at its own pace (PPO twice
             # a second), so the last Progress may lie behind the step it paused at.
             s.timesteps = event.step if event.step is not None else s.timesteps
-        elif isinstance(event, Resumed):
+        elif isinstance(event, events.Resumed):
             s.state = "running"
             rate.restart_clock()
-        elif isinstance(event, Restarting):
+        elif isinstance(event, events.Restarting):
             s.state, s.attempts = "restarting", event.attempt
             s.oom_restarts += event.reason == "oom"
-            if "batch_size" in event.changes:
-                s.batch_size = event.changes["batch_size"][1]
-            if "gpu" in event.changes:
-                s.gpu = event.changes["gpu"][1]
-        elif isinstance(event, (Failed, Finished, Stopped)):
+            if event.changes.batch_size is not None:
+                s.batch_size = event.changes.batch_size.new
+            if event.changes.gpu is not None:
+                s.gpu = event.changes.gpu.new
+        elif isinstance(event, (events.Failed, events.Finished, events.Stopped)):
             self._end(s, event, now)
         s.updated_at = now
         return s
@@ -191,10 +198,10 @@ class StateBook:
     @staticmethod
     def _end(s: ExperimentState, event: Event, now: float) -> None:
         s.pid, s.ended_at = None, now
-        if isinstance(event, Failed):
+        if isinstance(event, events.Failed):
             s.state, s.eta_s = "failed", None
-            s.failure = {k: getattr(event, k) for k in ("kind", "message", "step", "exit_code", "log_tail")}
-        elif isinstance(event, Finished):
+            s.failure = FailureRecord.of(event)
+        elif isinstance(event, events.Finished):
             s.state, s.eta_s, s.summary = "finished", 0.0, event.summary
             # Its last phase (evaluating) is over: left in place it reads as still going.
             s.phase, s.phase_done, s.phase_total = None, None, None
@@ -202,6 +209,14 @@ class StateBook:
             s.state, s.eta_s = "stopped", None
             # The step it saved its checkpoint at and will resume from (see Paused).
             s.timesteps = event.step if event.step is not None else s.timesteps
+
+    def mark_restarting(self, name: str) -> None:
+        """A new attempt has been decided; the current one is on its way out."""
+        self.states[name].state = "restarting"
+
+    def launched(self, name: str, pid: int | None) -> None:
+        """A worker process for `name` exists (its Started event follows)."""
+        self.states[name].pid = pid
 
     def finish_time(self, now: float | None = None) -> float | None:
         """When the whole run should be done (experiments run side by side): None while

@@ -1,14 +1,7 @@
-"""The run folder: everything one launch produced, readable from any terminal.
-
-    logs/<run-id>/            run id = <YYYYmmdd-HHMMSS>-<run.name>, never reused
-        config.yaml           the resolved config the run started with
-        run.json              every experiment's state (replaced atomically)
-        events.jsonl          one JSON line per event, appended
-        gpus.jsonl            a GPU sample every few seconds (the report's GPU history)
-        <experiment>/         train.log, metrics, checkpoints, ... of one experiment
-
-`status`, `resume`, `report` and `evaluate` read only this folder, so they work while
-the run goes on and after it ended, from a terminal other than the one that launched it.
+"""The run folder (its layout: `sa2va_contract.layout`): the supervisor writes it,
+and `status`, `resume`, `report`, `evaluate` and `runs` read only it, so they work
+while the run goes on and after it ended, from a terminal other than the one that
+launched it.
 """
 
 from __future__ import annotations
@@ -17,35 +10,25 @@ import json
 import os
 import re
 import socket
+import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Iterator
 
-from sa2va_tui.config import Config, ConfigError, dump_config, load_config
-from sa2va_tui.events import Event, GpuSample, event_from_dict
+from sa2va_contract.config import Config, ConfigError, dump_config, load_config
+from sa2va_contract.events import Event, GpuSample, event_from_dict
+from sa2va_contract.files import atomic_write_text
+from sa2va_contract.layout import CONFIG_FILE, EVENTS_FILE, GPUS_FILE, LOG_FILE, RUN_FILE, TENSORBOARD_DIR, TFEVENTS_GLOB
 from sa2va_tui.runstate import ExperimentState
+from sa2va_tui.text import format_bytes
 
-CONFIG_FILE = "config.yaml"
-RUN_FILE = "run.json"
-EVENTS_FILE = "events.jsonl"
-GPUS_FILE = "gpus.jsonl"
-LOG_FILE = "train.log"
+#: Entries shown per folder in the file tree; the rest are counted.
+TREE_ENTRIES = 12
 
 
 class RunStoreError(Exception):
     """A run folder that cannot be read; `str()` is the one line to show."""
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Readers see the old file or the new one, never half of one, even if the writer
-    dies mid-write: write a temporary file beside it, flush it to disk, rename over."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def pid_alive(pid: int | None) -> bool:
@@ -244,3 +227,78 @@ def find_run(ref: str | None, logs_dir: Path) -> Path:
 
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.") or "run"
+
+
+# --- what the folder holds ----------------------------------------------------------
+
+
+def tensorboard_dir(exp_dir: Path) -> Path | None:
+    """Where an experiment's TensorBoard event files are: its `tensorboard/` folder, or
+    the experiment folder itself for a layout of its own; None when it wrote none."""
+    for candidate in (exp_dir / TENSORBOARD_DIR, exp_dir):
+        if candidate.is_dir() and next(candidate.rglob(TFEVENTS_GLOB), None) is not None:
+            return candidate
+    return None
+
+
+def tensorboard_records(exp_dir: Path) -> int:
+    """Records in an experiment's TensorBoard event files (each file starts with one)."""
+    return sum(count_event_records(p) for p in exp_dir.rglob(TFEVENTS_GLOB))
+
+
+def count_event_records(path: Path) -> int:
+    """How many records a TensorBoard event file holds (TFRecord framing: a length, its
+    CRC, the data, the data's CRC). The first is the file's version, so a file with
+    curves in it has more than one. A record cut short by a writer still at work is
+    not counted."""
+    count = 0
+    try:
+        with open(path, "rb") as f:
+            while True:
+                header = f.read(12)
+                if len(header) < 12:
+                    return count
+                (length,) = struct.unpack("<Q", header[:8])
+                f.seek(length + 4, os.SEEK_CUR)
+                if f.tell() > os.fstat(f.fileno()).st_size:
+                    return count
+                count += 1
+    except OSError:
+        return count
+
+
+def file_tree(root: Path) -> list[str]:
+    """The run folder as tree lines (name and size), long folders cut to their first
+    and last entries."""
+    lines = [f"{root.name}/"]
+
+    def walk(folder: Path, prefix: str) -> None:
+        try:
+            entries = sorted(folder.iterdir(), key=lambda p: (not p.is_dir(), p.name))
+        except OSError:
+            return
+        entries = [p for p in entries if not p.name.startswith(".")]  # temporary files of atomic writes
+        shown: list[Path | int] = list(entries)
+        if len(entries) > TREE_ENTRIES:
+            head = TREE_ENTRIES - 3
+            shown = [*entries[:head], len(entries) - head - 2, *entries[-2:]]
+        for i, entry in enumerate(shown):
+            last = i == len(shown) - 1
+            branch = "└── " if last else "├── "
+            if isinstance(entry, int):
+                lines.append(f"{prefix}{branch}… (+{entry})")
+            elif entry.is_dir():
+                lines.append(f"{prefix}{branch}{entry.name}/")
+                walk(entry, prefix + ("    " if last else "│   "))
+            else:
+                lines.append(f"{prefix}{branch}{entry.name}  {format_bytes(_size(entry))}")
+
+    walk(root, "")
+    return lines
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None  # removed between listing and looking (a checkpoint rotated away)

@@ -1,45 +1,51 @@
-"""The engine between the CLI and the experiments: one worker process per experiment,
-their events, their control, GPU placement and out-of-memory recovery.
+"""The engine between the CLI and the experiments: one worker per attempt of each
+experiment, their events, their control, GPU placement and recovery.
 
 It knows nothing of any UI: a Textual app and the headless printer both `subscribe()`.
-It imports no torch, stable-baselines3 or transformers: workers are spawned by module
-path (`experiments.harness.worker_main`), which imports them only in the worker.
-
-Each worker has its own duplex pipe: events one way, control the other. (One shared
-multiprocessing.Queue would be simpler, but a worker SIGKILLed while holding the
-queue's write lock would silence every other worker.) The pipe closing is also how
-each side learns that the other died.
+It imports no torch, stable-baselines3 or transformers, and no engine code: workers
+are started by entry-point name through a placement backend (`placement.local` by
+default), which keeps the mechanics of processes; this class keeps the policy: state,
+the run store, recovery (`sa2va_contract.recovery`) and deadlines.
 """
 
 from __future__ import annotations
 
 import atexit
 import logging
-import multiprocessing
 import os
-import signal
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
-from multiprocessing import resource_tracker
-from multiprocessing.connection import Connection, wait as wait_for_connections
 from pathlib import Path
 from typing import Any
 
-from experiments.harness import WorkerSpec, configured_batch_size, entry_point, read_log_tail, worker_main
-from sa2va_tui.config import Config, ExperimentConfig
-from sa2va_tui.events import Event, Failed, Finished, Restarting, Stopped
-from sa2va_tui.gpus import GpuSampler, GpuSnapshot, Nvml, choose_gpu
+from sa2va_contract import events
+from sa2va_contract.config import Config, ExperimentConfig
+from sa2va_contract.events import Change, Event, GpuSample, RestartChanges
+from sa2va_contract.files import read_log_tail
+from sa2va_contract.gpus import GpuSnapshot
+from sa2va_contract.kinds import kind_of, resolve_entry
+from sa2va_contract.recovery import (
+    OOM,
+    RestartPlan,
+    automatic_restart_batch,
+    batch_size_problem,
+    choose_device,
+    classify_exit,
+    plan_restart,
+)
+from sa2va_contract.worker import WorkerSpec
+from sa2va_tui.gpus import GpuSampler
+from sa2va_tui.placement import Exit, LaunchError, PlacementBackend, WorkerHandle
 from sa2va_tui.runstate import EventHub, ExperimentState
 from sa2va_tui.runstore import RunStore, load_run, load_run_config
 
 log = logging.getLogger(__name__)
 
-PPO_KINDS = ("prompt_rl", "postprocess_rl")
 #: run.json is rewritten at most this often while only progress changes.
 STATE_WRITE_INTERVAL_S = 0.5
-#: How long the drain thread sleeps when nothing arrives (deadlines, exits, run.json).
+#: How long the drain thread waits when nothing arrives (deadlines, run.json).
 TICK_S = 0.25
 #: A GPU sample is kept in the run folder at most this often (the report's history).
 GPU_RECORD_INTERVAL_S = 10.0
@@ -49,43 +55,21 @@ class SupervisorError(Exception):
     """A request that cannot be carried out; `str()` is the one line to show."""
 
 
-def next_batch_size(experiment: ExperimentConfig, current: int, floor: int) -> int | None:
-    """The batch size after an out-of-memory failure: half of `current` or the largest
-    size below that PPO can use (one that divides n_steps * n_envs), never below
-    `floor`; None when there is none left to try."""
-    half = current // 2
-    if experiment.kind not in PPO_KINDS:
-        return half if half >= floor else None
-    rollout = experiment.ppo.n_steps * experiment.ppo.n_envs
-    return next((b for b in range(half, floor - 1, -1) if rollout % b == 0), None)
-
-
-def check_batch_size(experiment: ExperimentConfig, batch_size: int) -> None:
-    """Raise SupervisorError unless the experiment can run at `batch_size`."""
-    if batch_size < 1:
-        raise SupervisorError(f"batch size {batch_size}: must be at least 1")
-    if experiment.kind in PPO_KINDS:
-        rollout = experiment.ppo.n_steps * experiment.ppo.n_envs
-        if rollout % batch_size:
-            raise SupervisorError(f"batch size {batch_size}: must divide n_steps * n_envs = {rollout}")
-
-
 @dataclass
-class _Relaunch:
-    """A new attempt the supervisor owes an experiment once its current process is gone."""
+class _Owed:
+    """A new attempt the supervisor owes an experiment once its current one is gone:
+    why, and either the plan a person confirmed or the batch size recovery chose."""
 
-    reason: str  # "oom", "manual", "resume"
+    reason: str
     batch_size: int | None = None
+    plan: RestartPlan | None = None
 
 
-@dataclass
-class _Worker:
-    """One attempt of one experiment: its process and the supervisor's end of its pipe."""
+@dataclass(eq=False)
+class _Attempt:
+    """One attempt of one experiment: the backend's handle and what the policy tracks."""
 
-    spec: WorkerSpec
-    process: Any  # multiprocessing's SpawnProcess
-    conn: Connection
-    #: The batch size this attempt runs with.
+    handle: WorkerHandle
     batch_size: int
     #: The terminal event (Finished, Stopped, Failed) it sent, if any.
     outcome: Event | None = None
@@ -93,14 +77,10 @@ class _Worker:
     grace_s: float | None = None
     kill_at: float | None = None
     killed_by_us: bool = False
-    closed: bool = False
 
-    def send(self, *message: Any) -> bool:
-        try:
-            self.conn.send(message)
-            return True
-        except (OSError, EOFError):
-            return False
+    @property
+    def name(self) -> str:
+        return self.handle.spec.name
 
 
 class Supervisor(EventHub):
@@ -115,6 +95,7 @@ class Supervisor(EventHub):
         config: Config,
         store: RunStore,
         *,
+        backend: PlacementBackend | None = None,
         entry_points: dict[str, str] | None = None,
         nvml: Any = None,
         gpu_interval: float = 1.0,
@@ -123,20 +104,22 @@ class Supervisor(EventHub):
         prior: dict[str, ExperimentState] | None = None,
     ) -> None:
         super().__init__(prior)
+        if backend is None:
+            from sa2va_tui.placement.local import LocalBackend
+
+            backend = LocalBackend(nvml)
         self.config = config
         self.store = store
+        self._backend = backend
         self._experiments = config.experiments()
         self._entry_points = entry_points
-        self._nvml = Nvml(nvml)
         self._gpu_interval = gpu_interval
         self._stop_grace_s = stop_grace_s
         self._gpu_record_interval = gpu_record_interval
         self._gpu_recorded_at: float | None = None
-        self._mp = multiprocessing.get_context("spawn")
-        self._workers: dict[str, _Worker] = {}
-        self._relaunch: dict[str, _Relaunch] = {}
+        self._attempts: dict[str, _Attempt] = {}
+        self._owed: dict[str, _Owed] = {}
         self._outbox: list[Event] = []
-        self._wake_r, self._wake_w = self._mp.Pipe(duplex=False)
         self._drain = threading.Thread(target=self._drain_loop, name="supervisor-drain", daemon=True)
         self._sampler: GpuSampler | None = None
         self._started = False
@@ -145,10 +128,6 @@ class Supervisor(EventHub):
         self._dirty = False
         self._last_write = 0.0
         self.gpus = GpuSnapshot(available=False, message="not read yet")
-        # Multiprocessing hands sys.stderr's descriptor to the resource tracker it starts
-        # with the first spawned worker; a front end started after this (Textual's stderr
-        # has fileno() -1) would make that fail. Start the tracker while stderr is real.
-        resource_tracker.ensure_running()
 
     @classmethod
     def for_run(cls, run_dir: Path, **kwargs: Any) -> "Supervisor":
@@ -181,58 +160,69 @@ class Supervisor(EventHub):
             self._write_state(force=True)
         atexit.register(self.shutdown)
         self._drain.start()
-        self._sampler = GpuSampler(self._nvml, self._worker_pids, self._on_gpus, self._gpu_interval)
+        self._sampler = GpuSampler(self._backend.read_gpus, self._worker_pids, self._on_gpus, self._gpu_interval)
         self._sampler.start()
         with self._lock:
             for name in names:
                 state = self._book.states[name]
                 if state.state == "finished":
                     continue
-                self._launch(name, _Relaunch("resume") if state.attempts else None)
+                self._launch(name, _Owed("resume") if state.attempts else None)
 
     def pause(self, name: str) -> None:
         """The worker blocks at its next step point (within a second)."""
         with self._lock:
-            self._live(name).send("pause")
+            self._backend.send(self._live(name).handle, events.Pause())
 
     def resume(self, name: str) -> None:
         with self._lock:
-            self._live(name).send("resume")
+            self._backend.send(self._live(name).handle, events.Resume())
 
     def stop(self, name: str) -> None:
         """The worker saves a checkpoint and exits; killed if it has not within the grace."""
         with self._lock:
-            self._relaunch.pop(name, None)
+            self._owed.pop(name, None)
             self._ask_stop(self._live(name), "stop", self._stop_grace_s)
 
-    def restart(self, name: str, batch_size: int | None = None) -> None:
+    def restart_plan(self, name: str) -> RestartPlan:
+        """What `restart(name)` would do now: the plan the restart dialog shows."""
+        with self._lock:
+            self._known(name)
+            return self._plan(name, "manual")
+
+    def restart(self, name: str, batch_size: int | None = None, plan: RestartPlan | None = None) -> None:
         """Stop (if running) and start a new process that resumes from the last
-        checkpoint, its timestep count carried on; with `batch_size`, at that size
-        (after an out-of-memory failure that had no automatic restart left)."""
+        checkpoint, its timestep count carried on; at `batch_size` when given (after an
+        out-of-memory failure that had no automatic restart left), or as `plan` (from
+        `restart_plan`) says."""
         with self._lock:
             self._known(name)
             if self._closing:
                 raise SupervisorError("shutting down")
             if self._book.states[name].state == "finished":
                 raise SupervisorError(f"{name} has finished; nothing to restart")
-            if batch_size is not None:
-                check_batch_size(self._experiments[name], batch_size)
-            if name in self._relaunch:
+            wanted = plan.batch_size if plan is not None else batch_size
+            if wanted is not None:
+                problem = batch_size_problem(self._experiments[name], wanted)
+                if problem:
+                    raise SupervisorError(problem)
+            if name in self._owed:
                 return  # a restart is already on its way (after an out-of-memory failure)
-            self._relaunch[name] = _Relaunch("manual", batch_size=batch_size)
-            worker = self._workers.get(name)
-            if worker is None:
-                self._launch(name, self._relaunch.pop(name))
+            owed = _Owed("manual", batch_size=batch_size, plan=plan)
+            attempt = self._attempts.get(name)
+            if attempt is None:
+                self._launch(name, owed)
             else:
-                self._book.states[name].state = "restarting"
+                self._owed[name] = owed
+                self._book.mark_restarting(name)
                 self._dirty = True
-                self._ask_stop(worker, "restart", self._stop_grace_s)
+                self._ask_stop(attempt, "restart", self._stop_grace_s)
 
     @property
     def done(self) -> bool:
         """No worker runs and none is owed: every experiment has ended, for now."""
         with self._lock:
-            return self._started and not self._workers and not self._relaunch
+            return self._started and not self._attempts and not self._owed
 
     def shutdown(self, grace_s: float = 10.0) -> None:
         """Stop every worker gracefully (each saves a checkpoint), kill those still
@@ -241,89 +231,98 @@ class Supervisor(EventHub):
             if self._finished:
                 return
             self._closing = True
-            self._relaunch.clear()
-            for worker in self._workers.values():
-                self._ask_stop(worker, "shutdown", grace_s)
+            self._owed.clear()
+            for attempt in self._attempts.values():
+                self._ask_stop(attempt, "shutdown", grace_s)
         if self._started:
             with self._changed:
                 # The drain thread kills at the deadline; give it a moment past that.
-                self._changed.wait_for(lambda: not self._workers, grace_s + 5.0)
+                self._changed.wait_for(lambda: not self._attempts, grace_s + 5.0)
         if self._sampler is not None:
             self._sampler.stop()
         with self._lock:
             self._finished = True
-            self._wake()
+            self._backend.wake()
         if self._drain.is_alive():
             self._drain.join(timeout=5.0)
         with self._lock:
             self._write_state(force=True, active=False)
             self.store.close()
-            self._wake_r.close()
-            self._wake_w.close()
-        self._nvml.shutdown()
+            self._backend.close()
         atexit.unregister(self.shutdown)
 
     # --- launching -----------------------------------------------------------------
 
-    def _launch(self, name: str, relaunch: _Relaunch | None) -> None:
-        """Start one attempt. Called with the lock held."""
+    def _launch(self, name: str, owed: _Owed | None) -> None:
+        """Start one attempt: the first (`owed` None) or one owed. Lock held."""
         experiment = self._experiments[name]
         state = self._book.states[name]
-        configured = configured_batch_size(experiment)
-        batch = (relaunch.batch_size if relaunch and relaunch.batch_size else None) or state.batch_size or configured
-        gpu = self._place(experiment)
+        if owed is None:
+            batch = state.batch_size or kind_of(experiment).batch_size(experiment)
+            gpu, resume_from = self._place(experiment), None
+        else:
+            plan = owed.plan or self._plan(name, owed.reason, owed.batch_size)
+            batch, gpu, resume_from = plan.batch_size, plan.gpu, plan.resume_from
         if experiment.device == "cuda" and gpu is None:
-            self._dispatch(Failed(name, kind="error", message=f"device is cuda but {self.gpus.message}"))
+            self._dispatch(events.Failed(name, kind="error", message=f"device is cuda but {self.gpus.message}"))
             return
-        resume_from = Path(state.last_checkpoint) if relaunch and state.last_checkpoint else None
         attempt = state.attempts + 1
-        if relaunch:
-            changes: dict[str, Any] = {"resume_from": str(resume_from) if resume_from else None}
-            if state.batch_size and batch != state.batch_size:
-                changes["batch_size"] = [state.batch_size, batch]
-            if state.gpu != gpu:
-                changes["gpu"] = [state.gpu, gpu]
-            self._dispatch(Restarting(name, reason=relaunch.reason, attempt=attempt, changes=changes))
+        if owed is not None:
+            changes = RestartChanges(
+                resume_from=resume_from,
+                batch_size=Change(state.batch_size, batch) if state.batch_size and batch != state.batch_size else None,
+                gpu=Change(state.gpu, gpu) if state.gpu != gpu else None,
+            )
+            self._dispatch(events.Restarting(name, reason=owed.reason, attempt=attempt, changes=changes))
+        configured = kind_of(experiment).batch_size(experiment)
         spec = WorkerSpec(
             name=name,
-            entry=entry_point(experiment.kind, self._entry_points),
+            entry=resolve_entry(experiment.kind, self._entry_points),
             config=self.config,
             exp_dir=self.store.exp_dir(name),
             log_path=self.store.log_path(name),
             gpu=gpu,
             supervisor_pid=os.getpid(),
             attempt=attempt,
-            resume_from=resume_from,
+            resume_from=Path(resume_from) if resume_from else None,
             batch_size_override=batch if batch != configured else None,
         )
-        ours, theirs = self._mp.Pipe(duplex=True)
-        process = self._mp.Process(target=worker_main, args=(spec, theirs), name=f"sa2va-{name}")
         try:
-            process.start()
-        except (OSError, ValueError, TypeError) as err:  # no fork left, no fd left, an unpicklable config
-            ours.close()
-            self._dispatch(Failed(name, kind="error", message=f"could not start a worker process: {err}"))
+            handle = self._backend.launch(spec)
+        except LaunchError as err:
+            self._dispatch(events.Failed(name, kind="error", message=str(err)))
             return
-        finally:
-            # Only the worker may hold its end: then its death reads as end-of-file here.
-            theirs.close()
-        self._workers[name] = _Worker(spec=spec, process=process, conn=ours, batch_size=batch)
-        state.pid = process.pid
+        self._attempts[name] = _Attempt(handle=handle, batch_size=batch)
+        self._book.launched(name, handle.pid)
         self._dirty = True
-        self._wake()
+        self._backend.wake()
+
+    def _plan(self, name: str, reason: str, batch_size: int | None = None) -> RestartPlan:
+        state = self._book.states[name]
+        snapshot, placed = self._gpu_view()
+        return plan_restart(
+            self._experiments[name], reason, attempts=state.attempts, last_batch_size=state.batch_size,
+            last_gpu=state.gpu, last_failure=state.failure.kind if state.failure and state.state == "failed" else None,
+            checkpoint=state.last_checkpoint, checkpoint_step=state.checkpoint_step, recovery=self.config.recovery,
+            gpus=snapshot, placed=placed, batch_size=batch_size,
+        )
 
     def _place(self, experiment: ExperimentConfig) -> int | None:
-        if experiment.device == "cpu":
-            return None
-        self.gpus = self._nvml.read(self._worker_pids())
+        snapshot, placed = self._gpu_view()
+        return choose_device(experiment, snapshot, placed)
+
+    def _gpu_view(self) -> tuple[GpuSnapshot, Counter[int]]:
+        """The GPUs now, and how many of our workers each holds that NVML does not list
+        yet (just started: the memory they are about to take still shows as free)."""
+        self.gpus = self._backend.read_gpus(self._worker_pids())
         seen = {p.pid for g in self.gpus.gpus for p in g.processes}
-        placed = Counter(w.spec.gpu for w in self._workers.values()
-                         if w.spec.gpu is not None and w.process.pid not in seen)
-        return choose_gpu(self.gpus, experiment.gpu, placed)
+        placed = Counter(a.handle.spec.gpu for a in self._attempts.values()
+                         if a.handle.spec.gpu is not None and a.handle.pid not in seen)
+        return self.gpus, placed
 
     def _worker_pids(self) -> dict[int, str]:
         with self._lock:
-            return {w.process.pid: name for name, w in self._workers.items() if w.process.pid}
+            return {a.handle.pid: name for name, a in self._attempts.items() if a.handle.pid}
 
     # --- control helpers -------------------------------------------------------------
 
@@ -331,20 +330,20 @@ class Supervisor(EventHub):
         if name not in self._book.states:
             raise SupervisorError(f"unknown experiment {name!r} (this run has: {', '.join(self._book.states)})")
 
-    def _live(self, name: str) -> _Worker:
+    def _live(self, name: str) -> _Attempt:
         with self._lock:
             self._known(name)
-            worker = self._workers.get(name)
-            if worker is None:
+            attempt = self._attempts.get(name)
+            if attempt is None:
                 raise SupervisorError(f"{name} is not running ({self._book.states[name].state})")
-            return worker
+            return attempt
 
-    def _ask_stop(self, worker: _Worker, reason: str, grace_s: float) -> None:
-        worker.send("stop", reason)
+    def _ask_stop(self, attempt: _Attempt, reason: str, grace_s: float) -> None:
+        self._backend.send(attempt.handle, events.Stop(reason))
         kill_at = time.monotonic() + grace_s
-        if worker.kill_at is None or kill_at < worker.kill_at:
-            worker.grace_s, worker.kill_at = grace_s, kill_at
-        self._wake()
+        if attempt.kill_at is None or kill_at < attempt.kill_at:
+            attempt.grace_s, attempt.kill_at = grace_s, kill_at
+        self._backend.wake()
 
     # --- events ----------------------------------------------------------------------
 
@@ -352,40 +351,37 @@ class Supervisor(EventHub):
         """Apply, record and queue one event for the subscribers. Lock held or taken."""
         with self._lock:
             self._book.apply(event)
-            if isinstance(event, (Failed, Finished, Stopped)) and event.experiment in self._relaunch:
+            if isinstance(event, (events.Failed, events.Finished, events.Stopped)) and event.experiment in self._owed:
                 # This end is the first half of a restart already decided.
-                self._book.states[event.experiment].state = "restarting"
+                self._book.mark_restarting(event.experiment)
             self.store.append_event(event)
             self._outbox.append(event)
             self._dirty = True
             self._changed.notify_all()
         if threading.current_thread() is not self._drain:
-            self._wake()
+            self._backend.wake()
 
-    def _on_worker_event(self, worker: _Worker, event: Event) -> None:
-        name = worker.spec.name
+    def _on_worker_event(self, attempt: _Attempt, event: Event) -> None:
         with self._lock:
-            if isinstance(event, (Failed, Finished, Stopped)):
-                worker.outcome = event
-                if isinstance(event, Failed) and event.kind == "oom":
-                    self._plan_oom_restart(name, event)
+            if isinstance(event, (events.Failed, events.Finished, events.Stopped)):
+                attempt.outcome = event
+                if isinstance(event, events.Failed) and event.kind == OOM:
+                    self._owe_oom_restart(attempt, event)
             self._dispatch(event)
 
-    def _plan_oom_restart(self, name: str, failure: Failed) -> None:
-        state = self._book.states[name]
-        recovery = self.config.recovery
-        if self._closing or state.oom_restarts >= recovery.max_oom_restarts:
-            log.warning("%s: out of memory, no automatic restart left", name)
+    def _owe_oom_restart(self, attempt: _Attempt, failure: events.Failed) -> None:
+        if self._closing:
             return
-        current = failure.batch_size or self._workers[name].batch_size
-        smaller = next_batch_size(self._experiments[name], current, recovery.min_batch_size)
-        if smaller is None:
-            log.warning("%s: out of memory at batch size %d, the floor is %d", name, current, recovery.min_batch_size)
+        state = self._book.states[attempt.name]
+        batch, why_not = automatic_restart_batch(self._experiments[attempt.name], failure.batch_size or attempt.batch_size,
+                                                 state.oom_restarts, self.config.recovery)
+        if batch is None:
+            log.warning("%s: %s", attempt.name, why_not)
             return
-        self._relaunch[name] = _Relaunch("oom", batch_size=smaller)
+        self._owed[attempt.name] = _Owed("oom", batch_size=batch)
 
     def _on_gpus(self, snapshot: GpuSnapshot) -> None:
-        sample = snapshot.to_event()
+        sample = GpuSample.of(snapshot)
         with self._lock:
             self.gpus = snapshot
             now = time.monotonic()
@@ -393,12 +389,6 @@ class Supervisor(EventHub):
                 self.store.append_gpu_sample(sample)
                 self._gpu_recorded_at = now
         self._dispatch(sample)
-
-    def _wake(self) -> None:
-        try:
-            self._wake_w.send_bytes(b"")
-        except OSError:
-            pass
 
     # --- the drain thread ------------------------------------------------------------
 
@@ -408,78 +398,53 @@ class Supervisor(EventHub):
                 if self._finished:
                     self._deliver_outbox()
                     return
-                by_conn = {w.conn: w for w in self._workers.values()}
-            for conn in wait_for_connections([*by_conn, self._wake_r], timeout=TICK_S):
-                if conn is self._wake_r:
-                    while self._wake_r.poll():
-                        self._wake_r.recv_bytes()
+                attempts = list(self._attempts.values())
+            by_handle = {id(a.handle): a for a in attempts}
+            for handle, arrival in self._backend.wait([a.handle for a in attempts], timeout=TICK_S):
+                attempt = by_handle[id(handle)]
+                if isinstance(arrival, Exit):
+                    self._on_exit(attempt, arrival)
                 else:
-                    self._receive(by_conn[conn])
-            self._check_processes()
+                    self._on_worker_event(attempt, arrival)
+            self._enforce_deadlines()
             with self._lock:
                 self._write_state()
             self._deliver_outbox()
 
-    def _receive(self, worker: _Worker) -> None:
-        try:
-            while worker.conn.poll():
-                self._on_worker_event(worker, worker.conn.recv())
-        except (EOFError, OSError):
-            self._on_exit(worker)
-
-    def _check_processes(self) -> None:
-        """Exits the pipe did not reveal (a child of the worker may hold its end), and
-        stop deadlines that passed."""
+    def _enforce_deadlines(self) -> None:
+        """Kill the workers that were asked to stop and did not within their grace."""
         with self._lock:
-            workers = list(self._workers.values())
-        for worker in workers:
-            if not worker.process.is_alive():
-                self._receive(worker)
-                self._on_exit(worker)
-            elif worker.kill_at is not None and time.monotonic() > worker.kill_at and not worker.killed_by_us:
-                log.warning("%s did not stop in time; killing pid %s", worker.spec.name, worker.process.pid)
-                worker.killed_by_us = True
-                worker.process.kill()
+            overdue = [a for a in self._attempts.values()
+                       if a.kill_at is not None and time.monotonic() > a.kill_at and not a.killed_by_us]
+            for attempt in overdue:
+                log.warning("%s did not stop in time; killing pid %s", attempt.name, attempt.handle.pid)
+                attempt.killed_by_us = True
+                self._backend.kill(attempt.handle)
 
-    def _on_exit(self, worker: _Worker) -> None:
+    def _on_exit(self, attempt: _Attempt, exit: Exit) -> None:
         with self._lock:
-            if worker.closed:
-                return
-            worker.closed = True
-            worker.process.join(timeout=5.0)
-            if worker.process.exitcode is None:
-                worker.process.kill()
-                worker.process.join(timeout=5.0)
-            worker.conn.close()
-            name = worker.spec.name
-            if self._workers.get(name) is worker:
-                del self._workers[name]
-            if worker.outcome is None:
-                self._dispatch(self._unreported_end(worker))
-            relaunch = self._relaunch.pop(name, None)
-            if relaunch is not None and not self._closing:
-                self._launch(name, relaunch)
+            name = attempt.name
+            if self._attempts.get(name) is attempt:
+                del self._attempts[name]
+            if attempt.outcome is None:
+                self._dispatch(self._unreported_end(attempt, exit.exit_code))
+            owed = self._owed.pop(name, None)
+            if owed is not None and not self._closing:
+                self._launch(name, owed)
             self._changed.notify_all()
 
-    def _unreported_end(self, worker: _Worker) -> Failed:
-        """A worker that died without saying how: a signal, a crash in native code, a
-        kill by us after a stop it did not obey."""
-        code = worker.process.exitcode
-        if worker.killed_by_us:
-            kind, message = "killed", f"did not stop within {worker.grace_s:g} s and was killed"
-        elif code is not None and code < 0:
-            kind, message = "killed", f"killed by {_signal_name(-code)}"
-        else:
-            kind, message = "error", f"exited with code {code} without a report"
-        state = self._book.states.get(worker.spec.name)
-        return Failed(worker.spec.name, kind=kind, message=message, exit_code=code,
-                      step=state.timesteps if state else None, batch_size=worker.batch_size,
-                      gpu=worker.spec.gpu, log_tail=read_log_tail(worker.spec.log_path))
+    def _unreported_end(self, attempt: _Attempt, exit_code: int | None) -> events.Failed:
+        kind, message = classify_exit(exit_code, attempt.killed_by_us, attempt.grace_s)
+        state = self._book.states.get(attempt.name)
+        spec = attempt.handle.spec
+        return events.Failed(attempt.name, kind=kind, message=message, exit_code=exit_code,
+                             step=state.timesteps if state else None, batch_size=attempt.batch_size, gpu=spec.gpu,
+                             log_tail=read_log_tail(spec.log_path))
 
     def _deliver_outbox(self) -> None:
         with self._lock:
-            events, self._outbox = self._outbox, []
-        self._deliver(events)
+            pending, self._outbox = self._outbox, []
+        self._deliver(pending)
 
     def _write_state(self, force: bool = False, active: bool = True) -> None:
         now = time.monotonic()
@@ -487,10 +452,3 @@ class Supervisor(EventHub):
             self.store.write_state(self._book.states, self._book.finish_time(), active=active)
             self._dirty = False
             self._last_write = now
-
-
-def _signal_name(number: int) -> str:
-    try:
-        return signal.Signals(number).name
-    except ValueError:
-        return f"signal {number}"

@@ -55,7 +55,7 @@ def mask_cache(tmp_path_factory) -> Path:
         pytest.skip(f"{weights} is not there: real runs cannot load the model")
     from experiments.backends import make_cached_segmenter
     from experiments.datasets import load_split
-    from sa2va_tui.config import load_config
+    from sa2va_contract.config import load_config
 
     folder = tmp_path_factory.mktemp("mask_cache")
     config = load_config(QUICK_CONFIG, [*SMALL_RUN, f"backend.cache_dir={folder}"])

@@ -22,8 +22,8 @@ from sa2va_tui.analysis import hints, reward_trend
 from sa2va_tui.app import AppSource, Sa2vaApp
 from sa2va_tui.app.screens import ConfirmScreen, HelpScreen
 from sa2va_tui.app.widgets import ExperimentCard
-from sa2va_tui.config import EXPERIMENT_KINDS, load_config
-from sa2va_tui.events import (
+from sa2va_contract.config import EXPERIMENT_KINDS, load_config
+from sa2va_contract.events import (
     Checkpoint,
     Event,
     Failed,
@@ -32,11 +32,13 @@ from sa2va_tui.events import (
     Paused,
     Phase,
     Progress,
+    RestartChanges,
     Restarting,
     Resumed,
     Started,
     Stopped,
 )
+from sa2va_contract.gpus import GpuInfo, GpuProcess
 from sa2va_tui.logtail import LogWatcher
 from sa2va_tui.runstate import EventHub
 from sa2va_tui.runstore import RunStore
@@ -226,8 +228,8 @@ async def test_restart_after_an_injected_oom_offers_half_the_batch(real_run):
             await pilot.press("y")
             await until(pilot, lambda: state_of(supervisor, "prompt_rl") == "finished", "the restart finishing")
         restart = events.of(Restarting, "prompt_rl")[-1]
-        assert restart.reason == "manual" and restart.changes["batch_size"] == [32, 16]
-        assert restart.changes["resume_from"] == events.of(Checkpoint, "prompt_rl")[2].path
+        assert restart.reason == "manual" and restart.changes.to_json()["batch_size"] == [32, 16]
+        assert restart.changes.to_json()["resume_from"] == events.of(Checkpoint, "prompt_rl")[2].path
         second = events.of(Started, "prompt_rl")[-1]
         assert (second.batch_size, second.attempt) == (16, 2)
         assert min(e.timesteps for e in events.of(Progress, "prompt_rl", after=second)) == 96  # carried on
@@ -322,7 +324,8 @@ def recorded_run() -> list[Event]:
         Failed("reward_net", kind="oom", message="CUDA out of memory. Tried to allocate 2.00 GiB", step=300,
                batch_size=32, gpu=1, time=T0 + 30),
         Restarting("reward_net", reason="oom", attempt=2,
-                   changes={"batch_size": [32, 16], "gpu": [1, 0], "resume_from": "logs/r/reward_net/ckpt.pt"},
+                   changes=RestartChanges.from_json({"batch_size": [32, 16], "gpu": [1, 0],
+                                                     "resume_from": "logs/r/reward_net/ckpt.pt"}),
                    time=T0 + 31),
         Started("reward_net", pid=4104, gpu=0, batch_size=16, attempt=2, resumed_from="logs/r/reward_net/ckpt.pt",
                 time=T0 + 32),
@@ -338,13 +341,12 @@ def recorded_run() -> list[Event]:
     events.append(Progress("reward_net", timesteps=400, total=1200, time=T0 + 50))
     events.append(Progress("reward_net", timesteps=420, total=1200, time=T0 + 58))
     events.append(GpuSample("", available=True, message="2 NVIDIA GPUs", time=T0 + 59, gpus=[
-        {"index": 0, "name": "NVIDIA A100-SXM4-80GB", "utilization": 63, "memory_used": 31 * GiB,
-         "memory_total": 80 * GiB, "processes": [
-             {"pid": 4101, "used_memory": 9 * GiB, "experiment": "prompt_rl"},
-             {"pid": 4104, "used_memory": 14 * GiB, "experiment": "reward_net"},
-             {"pid": 777, "used_memory": 5 * GiB, "experiment": None}]},
-        {"index": 1, "name": "NVIDIA A100-SXM4-80GB", "utilization": None, "memory_used": 2 * GiB,
-         "memory_total": 80 * GiB, "processes": []},
+        GpuInfo(index=0, name="NVIDIA A100-SXM4-80GB", utilization=63, memory_used=31 * GiB, memory_total=80 * GiB,
+                processes=[GpuProcess(pid=4101, used_memory=9 * GiB, experiment="prompt_rl"),
+                           GpuProcess(pid=4104, used_memory=14 * GiB, experiment="reward_net"),
+                           GpuProcess(pid=777, used_memory=5 * GiB, experiment=None)]),
+        GpuInfo(index=1, name="NVIDIA A100-SXM4-80GB", utilization=None, memory_used=2 * GiB,
+                memory_total=80 * GiB, processes=[]),
     ]))
     return events
 
@@ -385,13 +387,14 @@ def test_layout_snapshot(snap_compare, recorded_app, size):
 def test_oom_restart_confirmation_snapshot(snap_compare, recorded_app):
     """What `r` asks after an out-of-memory failure, drawn from a fixed plan."""
     from sa2va_tui.app.main import restart_question
-    from sa2va_tui.app.source import RestartPlan
+    from sa2va_contract.recovery import RestartPlan
 
     app, hub = recorded_app()
 
     async def run_before(pilot: Pilot) -> None:
         await feed_recorded(hub)(pilot)
-        plan = RestartPlan(batch_size=16, previous_batch_size=32, gpu=1, after_oom=True, resume_step=300)
+        plan = RestartPlan(reason="manual", attempt=2, batch_size=16, previous_batch_size=32, gpu=1, previous_gpu=0,
+                           after_oom=True, resume_from="ckpt.pt", resume_step=300)
         await pilot.app.push_screen(ConfirmScreen("Restart reward_net?", restart_question("reward_net", plan),
                                                   yes="Restart"))
         await pilot.pause()

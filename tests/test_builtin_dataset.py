@@ -7,7 +7,7 @@ import pytest
 
 from experiments.datasets.base import SPLITS, Sample
 from experiments.datasets.builtin import CONDITIONS, KINDS, builtin_split, generate
-from sa2va_tui.config import BUILTIN_PROMPTS, DatasetConfig
+from sa2va_contract.config import BUILTIN_PROMPTS, DatasetConfig
 
 
 def _digest(sample: Sample) -> str:

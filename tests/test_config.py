@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from sa2va_tui.config import ConfigError, load_config
+from sa2va_contract.config import ConfigError, load_config
 
 from conftest import QUICK_CONFIG, ROOT
 

@@ -10,7 +10,7 @@ from experiments.backends.embedded import load_embedded
 from experiments.datasets.base import render_prompt
 from experiments.datasets.builtin import PLAIN_TEMPLATE, builtin_split
 from experiments.metrics import dice
-from sa2va_tui.config import DatasetConfig
+from sa2va_contract.config import DatasetConfig
 
 
 @pytest.fixture(scope="module")

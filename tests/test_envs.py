@@ -21,8 +21,8 @@ from experiments.envs import (
     effective_operations,
 )
 from experiments.metrics import dice
-from experiments.postprocess import ALL_OPS, MORPHOLOGY_OPS
-from sa2va_tui.config import load_config
+from sa2va_contract.config import ALL_OPS, MORPHOLOGY_OPS
+from sa2va_contract.config import load_config
 
 from conftest import QUICK_CONFIG
 

@@ -10,9 +10,13 @@ import pytest
 from rich.console import Console
 
 from experiments.datasets import load_split
-from experiments.evaluate import EVALUATION_FILE, EvaluationTable, evaluate_run, format_table, row_from_masks
+from experiments.evaluate import evaluate_run
+from experiments.metrics import row_from_masks
+from sa2va_contract.evaluation import EvaluationTable
+from sa2va_contract.layout import EVALUATION_FILE
+from sa2va_tui.text import evaluation_table as format_table
 from experiments.harness import WorkerContext
-from sa2va_tui.config import load_config
+from sa2va_contract.config import load_config
 
 from conftest import QUICK_CONFIG
 

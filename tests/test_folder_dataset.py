@@ -8,7 +8,7 @@ import pytest
 
 from experiments.datasets import load_split
 from experiments.datasets.folder import DatasetError, folder_split
-from sa2va_tui.config import DatasetConfig
+from sa2va_contract.config import DatasetConfig
 
 
 def put(path, array):

@@ -11,7 +11,8 @@ import pytest
 from rich.console import Console
 
 from fake_nvml import GiB, FakeGpu, FakeNvml
-from sa2va_tui.gpus import GpuInfo, GpuSampler, GpuSnapshot, Nvml, choose_gpu, read_gpus
+from sa2va_contract.gpus import GpuInfo, GpuSnapshot, choose_gpu
+from sa2va_tui.gpus import GpuSampler, Nvml, read_gpus
 
 
 def two_gpus() -> FakeNvml:
@@ -130,7 +131,7 @@ def test_sampler_reads_once_a_period_until_stopped():
         if len(got) == 3:
             three.set()
 
-    sampler = GpuSampler(Nvml(two_gpus()), lambda: {111: "prompt_rl"}, collect, interval=0.02)
+    sampler = GpuSampler(Nvml(two_gpus()).read, lambda: {111: "prompt_rl"}, collect, interval=0.02)
     sampler.start()
     assert three.wait(10)
     sampler.stop()
@@ -141,7 +142,7 @@ def test_sampler_reads_once_a_period_until_stopped():
 
 def test_sampler_without_gpu_reports_once_and_ends():
     got = []
-    sampler = GpuSampler(Nvml(FakeNvml(init_error=pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)), dict, got.append, 0.01)
+    sampler = GpuSampler(Nvml(FakeNvml(init_error=pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)).read, dict, got.append, 0.01)
     sampler.start()
     sampler.join(5)
     assert not sampler.is_alive() and len(got) == 1 and not got[0].available

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from sa2va_tui.events import Metrics, Progress
+from sa2va_contract.events import Metrics, Progress
 from sa2va_tui.logtail import LogTail, LogWatcher, Sb3TableParser, experiment_names
 
 GENERATOR = textwrap.dedent("""
@@ -207,8 +207,7 @@ def test_watcher_follows_a_log_that_appears_later(sb3_runs, tmp_path):
 
 
 def test_watch_command_reads_logs_once(sb3_runs):
-    from sa2va_tui.app_cli import app
-    from sa2va_tui import commands  # noqa: F401 - registers the commands
+    from sa2va_tui.cli import app
 
     logs = [str(sb3_runs[run] / "train.log") for run in ("ppo", "a2c")]
     result = CliRunner().invoke(app, ["watch", *logs, "--total", "640", "--no-follow", "--headless"])

@@ -9,7 +9,7 @@ import pytest
 from experiments.backends.cache import CachedSegmenter
 from experiments.backends.embedded import load_embedded
 from experiments.datasets import load_split
-from sa2va_tui.config import BUILTIN_PROMPTS, DatasetConfig
+from sa2va_contract.config import BUILTIN_PROMPTS, DatasetConfig
 
 TEMPLATES = BUILTIN_PROMPTS[:3]
 
@@ -67,7 +67,7 @@ def _fill(cache_dir: str, limit: int) -> int:
     from experiments.backends.cache import CachedSegmenter
     from experiments.backends.embedded import load_embedded
     from experiments.datasets import load_split
-    from sa2va_tui.config import BUILTIN_PROMPTS, DatasetConfig
+    from sa2va_contract.config import BUILTIN_PROMPTS, DatasetConfig
 
     cached = CachedSegmenter(load_embedded(), Path(cache_dir))
     cached.warm(load_split(DatasetConfig(limit=limit), "val"), BUILTIN_PROMPTS[:3], batch_size=2)
@@ -81,7 +81,7 @@ def test_two_processes_filling_at_once_leave_no_torn_file(tmp_path, samples, mod
     assert sum(calls) >= 18
     files = sorted(tmp_path.rglob("*.npz"))
     assert len(files) == 18
-    assert not list(tmp_path.rglob(".tmp-*"))
+    assert not list(tmp_path.rglob(".*.tmp"))
     reader = CachedSegmenter(model, tmp_path)
     reader.warm(samples, TEMPLATES)
     assert reader.model_calls == 0 and reader.disk_hits == 18

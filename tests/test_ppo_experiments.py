@@ -11,8 +11,8 @@ from stable_baselines3 import PPO
 
 from experiments.harness import ListSink, StopRequested, WorkerContext
 from experiments.ppo_common import latest_checkpoint
-from sa2va_tui.config import load_config
-from sa2va_tui.events import Checkpoint, Metrics, Phase, Progress
+from sa2va_contract.config import load_config
+from sa2va_contract.events import Checkpoint, Metrics, Phase, Progress
 
 from conftest import QUICK_CONFIG
 
@@ -55,7 +55,7 @@ def test_a_run_writes_its_log_table_csv_tensorboard_checkpoints_and_models(train
     assert sorted(p.name for p in (exp_dir / "checkpoints").glob("*.zip")) == ["ckpt_000000128.zip", "ckpt_000000256.zip"]
     for name in ("best_model.zip", "final_model.zip"):
         assert PPO.load(exp_dir / name).num_timesteps > 0
-    assert not list(exp_dir.rglob(".tmp-*"))  # every write completed by rename
+    assert not list(exp_dir.rglob(".*.tmp"))  # every write completed by rename
     assert summary["timesteps"] == 256
     assert summary["val_policy_dice"] == pytest.approx(summary["val_baseline_dice"] + summary["val_dice_gain"])
 

@@ -29,21 +29,17 @@ import pytest
 from conftest import QUICK_CONFIG, ROOT, run_cli
 from fake_nvml import GiB, FakeGpu, FakeNvml
 from sa2va_tui.analysis import hints, reward_trend
-from sa2va_tui.config import load_config
-from sa2va_tui.events import Checkpoint, Failed, Restarting
+from sa2va_contract.config import load_config
+from sa2va_contract.events import Checkpoint, Failed, GpuSample, Restarting
 from sa2va_tui.gpus import Nvml
-from sa2va_tui.headless import format_duration
-from sa2va_tui.report import (
-    curve_path,
-    headline,
-    metric_series,
-    read_report,
-    render_json,
-    render_markdown,
-)
-from sa2va_tui.report_i18n import MESSAGES
+from sa2va_tui.report import read_report, render_json, render_markdown
+from sa2va_tui.report.curves import curve_path
+from sa2va_tui.report.facts import metric_series
+from sa2va_tui.report.i18n import MESSAGES
+from sa2va_tui.text import format_duration
 from sa2va_tui.runstate import EPISODE_REWARD
-from sa2va_tui.runstore import RUN_FILE, RunStore, load_run, read_events, read_gpu_samples
+from sa2va_contract.layout import RUN_FILE
+from sa2va_tui.runstore import RunStore, load_run, read_events, read_gpu_samples
 from sa2va_tui.supervisor import Supervisor
 
 EXPERIMENTS = ("prompt_rl", "postprocess_rl", "reward_net")
@@ -206,8 +202,8 @@ def test_problems_tell_the_oom_and_its_restart_from_events(run):
     (oom,) = [e for e in events if isinstance(e, Failed)]
     (restart,) = [e for e in events if isinstance(e, Restarting)]
     assert oom.kind == "oom" and oom.step >= OOM_AT_STEP and oom.batch_size == 32
-    assert restart.changes["batch_size"] == [32, 16]
-    checkpoint = Path(restart.changes["resume_from"]).name
+    assert restart.changes.to_json()["batch_size"] == [32, 16]
+    checkpoint = Path(restart.changes.to_json()["resume_from"]).name
     assert checkpoint in {Path(e.path).name for e in events if isinstance(e, Checkpoint)}
 
     data = read_report(run["dir"])
@@ -243,7 +239,7 @@ def test_the_supervisor_keeps_a_gpu_sample_per_record_interval(real_run):
     elapsed = time.monotonic() - started
     samples = read_gpu_samples(supervisor.run_dir)
     assert 2 <= len(samples) <= elapsed / 0.5 + 1
-    assert all(s.available and s.gpus[0]["utilization"] == 40 for s in samples)
+    assert all(s.available and s.gpus[0].utilization == 40 for s in samples)
     assert "| 0 | NVIDIA H100 80GB HBM3 | 40% |" in _section(render_markdown(read_report(supervisor.run_dir)),
                                                              "GPU usage")
 
@@ -258,7 +254,7 @@ def test_gpu_section_and_steadiness_from_a_recorded_gpu_history(run, tmp_path):
     workers = {4242: "prompt_rl", 4343: "reward_net"}
     for steady, bursty in ((60, 10), (62, 90), (58, 10), (61, 90)):
         gpus[0].utilization, gpus[1].utilization = steady, bursty
-        store.append_gpu_sample(Nvml(FakeNvml(gpus)).read(workers).to_event())
+        store.append_gpu_sample(GpuSample.of(Nvml(FakeNvml(gpus)).read(workers)))
     data = read_report(copy)
     table = _section(render_markdown(data, "en"), "GPU usage")
     assert "| 0 | NVIDIA H100 80GB HBM3 | 61% | 20.0 GiB / 80.0 GiB | `prompt_rl` (6.0 GiB) |" in table
@@ -358,7 +354,7 @@ def _dead_pid() -> int:
 
 
 def test_evaluate_prints_and_keeps_the_table_that_the_report_shows(run):
-    from experiments.evaluate import EvaluationTable
+    from sa2va_contract.evaluation import EvaluationTable
 
     assert "Evaluation on val" in run["evaluated"].stdout
     table = EvaluationTable.load(run["dir"] / "evaluation.json")
@@ -444,7 +440,7 @@ def test_the_report_command_reads_files_without_torch_or_matplotlib(run):
     code = (
         "import json, sys\n"
         "from typer.testing import CliRunner\n"
-        "from sa2va_tui.app_cli import app\n"
+        "from sa2va_tui.cli import app\n"
         "from sa2va_tui import commands\n"
         f"result = CliRunner().invoke(app, ['report', {str(run['dir'])!r}, '--lang', 'zh'])\n"
         "assert result.exit_code == 0, result.output\n"
@@ -468,11 +464,11 @@ def test_report_of_a_missing_run_is_one_line(tmp_path):
 
 
 def test_runs_lists_the_run_with_its_states_and_headline_val_dice(run):
-    from experiments.evaluate import EvaluationTable
+    from sa2va_contract.evaluation import EvaluationTable
 
     result = run_cli("runs", "--logs-dir", str(run["dir"].parent))
     assert result.returncode == 0, result.stderr
-    name, dice, delta = headline(EvaluationTable.load(run["dir"] / "evaluation.json"))
+    name, dice, delta = EvaluationTable.load(run["dir"] / "evaluation.json").headline()
     line = next(line for line in result.stdout.splitlines() if run["dir"].name in line)
     assert f"{dice:.4f} {name} ({delta:+.4f})" in line
     for experiment in EXPERIMENTS:

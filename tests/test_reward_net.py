@@ -11,22 +11,14 @@ from experiments.backends import make_cached_segmenter
 from experiments.backends.base import EMBEDDED_WEIGHTS
 from experiments.datasets import load_split
 from experiments.harness import ListSink, WorkerContext, run_experiment
-from experiments.reward_net import (
-    BEST_REWARD_NET,
-    CHECKPOINT,
-    FINAL_REWARD_NET,
-    FINETUNED_SEGMENTER,
-    load_reward_net,
-    pearson,
-    perturb,
-    PERTURBATIONS,
-    evaluation_rows,
-    pick_best_accuracy,
-    run,
-    spearman,
-)
-from sa2va_tui.config import load_config
-from sa2va_tui.events import Checkpoint, Failed, Metrics, Progress
+from experiments.reward.network import load_reward_net
+from experiments.reward.quality import PERTURBATIONS, pearson, perturb, pick_best_accuracy, spearman
+from experiments.reward.rows import evaluation_rows
+from experiments.reward_net import run
+from sa2va_contract.layout import BEST_REWARD_NET, FINAL_REWARD_NET, FINETUNED_SEGMENTER
+from sa2va_contract.layout import REWARD_NET_CHECKPOINT as CHECKPOINT
+from sa2va_contract.config import load_config
+from sa2va_contract.events import Checkpoint, Failed, Metrics, Progress
 
 from conftest import QUICK_CONFIG
 

@@ -10,13 +10,23 @@ import time
 import pytest
 from typer.testing import CliRunner
 
-from sa2va_tui.config import load_config
-from sa2va_tui.events import Checkpoint, Failed, Finished, GpuSample, Metrics, Paused, Progress, Restarting, Resumed, \
-    Started
+from sa2va_contract.config import load_config
+from sa2va_contract.events import (
+    Checkpoint,
+    Failed,
+    Finished,
+    GpuSample,
+    Metrics,
+    Paused,
+    Progress,
+    RestartChanges,
+    Restarting,
+    Resumed,
+    Started,
+)
 from sa2va_tui.runstate import ExperimentState, RateEstimator, StateBook
+from sa2va_contract.layout import EVENTS_FILE, RUN_FILE
 from sa2va_tui.runstore import (
-    EVENTS_FILE,
-    RUN_FILE,
     RunStore,
     RunStoreError,
     find_run,
@@ -71,7 +81,7 @@ def test_events_are_appended_and_a_line_torn_by_a_crash_is_skipped(config):
         Started("a", pid=1, gpu=None, batch_size=8),
         Metrics("a", step=3, values={"rollout/ep_rew_mean": 0.5}),
         Failed("a", kind="oom", message="CUDA out of memory", step=3, batch_size=8, log_tail=["x"]),
-        Restarting("a", reason="oom", attempt=2, changes={"batch_size": [8, 4]}),
+        Restarting("a", reason="oom", attempt=2, changes=RestartChanges.from_json({"batch_size": [8, 4]})),
     ]
     for event in written:
         store.append_event(event)
@@ -158,16 +168,16 @@ def test_restarts_and_checkpoints_fold_into_the_state():
     book.apply(Checkpoint("a", path="/x/ckpt_50.pt", step=50))
     book.apply(Failed("a", kind="oom", message="CUDA out of memory", step=60, batch_size=64, gpu=0))
     s = book.states["a"]
-    assert (s.state, s.pid, s.failure["kind"], s.failure["step"]) == ("failed", None, "oom", 60)
-    book.apply(Restarting("a", reason="oom", attempt=2, changes={"batch_size": [64, 32], "gpu": [0, 1]}))
+    assert (s.state, s.pid, s.failure.kind, s.failure.step) == ("failed", None, "oom", 60)
+    book.apply(Restarting("a", reason="oom", attempt=2,
+                          changes=RestartChanges.from_json({"batch_size": [64, 32], "gpu": [0, 1]})))
     assert (s.state, s.attempts, s.oom_restarts, s.batch_size, s.gpu) == ("restarting", 2, 1, 32, 1)
     assert (s.last_checkpoint, s.checkpoint_step) == ("/x/ckpt_50.pt", 50)
     assert ExperimentState.from_dict({**s.to_dict(), "from_a_newer_version": 1}) == s
 
 
 def test_status_prints_a_run_from_its_folder_alone(config):
-    from sa2va_tui.app_cli import app
-    from sa2va_tui import commands  # noqa: F401 - registers the commands
+    from sa2va_tui.cli import app
 
     store = RunStore.create(config)
     now = time.time()
@@ -190,8 +200,7 @@ def test_status_prints_a_run_from_its_folder_alone(config):
 
 
 def test_status_and_resume_fail_in_one_line(tmp_path):
-    from sa2va_tui.app_cli import app
-    from sa2va_tui import commands  # noqa: F401
+    from sa2va_tui.cli import app
 
     for args in (["status", "--logs-dir", str(tmp_path)], ["resume", "nope", "--logs-dir", str(tmp_path)]):
         result = CliRunner().invoke(app, args)
@@ -200,8 +209,7 @@ def test_status_and_resume_fail_in_one_line(tmp_path):
 
 
 def test_resume_has_nothing_to_do_for_a_finished_run_and_refuses_a_live_one(config):
-    from sa2va_tui.app_cli import app
-    from sa2va_tui import commands  # noqa: F401
+    from sa2va_tui.cli import app
 
     store = RunStore.create(config)
     book = StateBook()

@@ -27,8 +27,8 @@ from typer.testing import CliRunner
 
 from conftest import ENDLESS, QUICK_CONFIG
 from fake_nvml import GiB, FakeGpu, FakeNvml
-from sa2va_tui.config import EXPERIMENT_KINDS, Config, load_config
-from sa2va_tui.events import (
+from sa2va_contract.config import EXPERIMENT_KINDS, Config, load_config
+from sa2va_contract.events import (
     Checkpoint,
     Event,
     Failed,
@@ -41,8 +41,10 @@ from sa2va_tui.events import (
     Started,
     Stopped,
 )
+from sa2va_contract.gpus import GpuProcess
+from sa2va_contract.recovery import smaller_batch_size as next_batch_size
 from sa2va_tui.runstore import RunStore, load_run, pid_alive, read_events
-from sa2va_tui.supervisor import Supervisor, SupervisorError, next_batch_size
+from sa2va_tui.supervisor import Supervisor, SupervisorError
 
 HERE = Path(__file__).resolve().parent
 
@@ -129,8 +131,7 @@ def test_batch_size_halving_keeps_dividing_the_rollout():
 
 
 def test_launch_runs_three_experiments_and_a_variant_to_the_end(real_run, tmp_path):
-    from sa2va_tui.app_cli import app
-    from sa2va_tui import commands  # noqa: F401 - registers the commands
+    from sa2va_tui.cli import app
 
     logs = tmp_path / "logs"
     args = ["launch", "--all", "--headless", "-c", str(QUICK_CONFIG)]
@@ -171,8 +172,7 @@ def test_launch_runs_three_experiments_and_a_variant_to_the_end(real_run, tmp_pa
 
 
 def test_launch_refuses_unknown_experiment_in_one_line(tmp_path):
-    from sa2va_tui.app_cli import app
-    from sa2va_tui import commands  # noqa: F401
+    from sa2va_tui.cli import app
 
     result = CliRunner().invoke(app, ["launch", "--only", "nope", "--set", f"run.logs_dir={tmp_path}"])
     assert result.exit_code == 2
@@ -226,7 +226,7 @@ def test_pause_resume_stop_then_resume_the_run(real_run):
     finally:
         again.shutdown()
     (restart,) = rec2.of(Restarting)
-    assert (restart.reason, restart.attempt, restart.changes) == ("resume", 2, {"resume_from": last.path})
+    assert (restart.reason, restart.attempt, restart.changes.to_json()) == ("resume", 2, {"resume_from": last.path})
     assert (second.attempt, second.resumed_from) == (2, last.path)
     assert min(e.timesteps for e in rec2.of(Progress)) == stopped.step  # carried on, not from zero
     assert f"resumed from {last.path} at {stopped.step} timesteps" in log_of(again, "prompt_rl")
@@ -249,7 +249,7 @@ def test_sigkill_is_reported_and_a_restart_carries_the_timesteps_on(real_run):
         assert len(failed.log_tail) == 20 and any("total_timesteps" in line for line in failed.log_tail)
         assert supervisor.wait(10)  # no automatic restart after a kill
         state = supervisor.states()["prompt_rl"]
-        assert state.state == "failed" and state.failure["kind"] == "killed" and state.pid is None
+        assert state.state == "failed" and state.failure.kind == "killed" and state.pid is None
         assert not pid_alive(started.pid)
         last = rec.of(Checkpoint)[-1]
         assert last.step >= ckpt.step and state.last_checkpoint == last.path
@@ -265,8 +265,8 @@ def test_sigkill_is_reported_and_a_restart_carries_the_timesteps_on(real_run):
     finally:
         supervisor.shutdown()
     (restart,) = rec.of(Restarting)
-    assert (restart.reason, restart.attempt, restart.changes["resume_from"]) == ("manual", 2, last.path)
-    assert restart.changes["batch_size"] == [32, 16]
+    assert (restart.reason, restart.attempt, restart.changes.to_json()["resume_from"]) == ("manual", 2, last.path)
+    assert restart.changes.to_json()["batch_size"] == [32, 16]
     assert (second.resumed_from, second.batch_size) == (last.path, 16)
     after = [e.timesteps for e in rec.after(second, Progress)]
     assert min(after) == last.step and stopped.step > last.step + 128  # carried on, not from zero
@@ -300,7 +300,7 @@ def test_injected_ooms_restart_themselves_with_half_the_batch(real_run):
         assert "out of memory" in oom[name].message
         checkpoints = rec.before(oom[name], Checkpoint, name)
         assert restart[name].reason == "oom" and restart[name].attempt == 2
-        assert restart[name].changes == {"batch_size": [batch, smaller], "resume_from": checkpoints[-1].path}
+        assert restart[name].changes.to_json() == {"batch_size": [batch, smaller], "resume_from": checkpoints[-1].path}
         (first, second) = rec.of(Started, name)
         assert (first.batch_size, second.batch_size, second.resumed_from) == (batch, smaller, checkpoints[-1].path)
         state = load_run(supervisor.run_dir).experiments[name]
@@ -329,9 +329,9 @@ def test_oom_restarts_stop_at_the_limit_and_the_floor(real_run):
     finally:
         supervisor.shutdown()
     assert [e.batch_size for e in rec.of(Failed, "prompt_rl")] == [32, 16, 8]  # 4 would be allowed: the limit
-    assert [e.changes["batch_size"] for e in rec.of(Restarting, "prompt_rl")] == [[32, 16], [16, 8]]
+    assert [e.changes.to_json()["batch_size"] for e in rec.of(Restarting, "prompt_rl")] == [[32, 16], [16, 8]]
     assert [e.batch_size for e in rec.of(Failed, "small_batch")] == [8, 4]  # 2 is under the floor
-    assert [e.changes["batch_size"] for e in rec.of(Restarting, "small_batch")] == [[8, 4]]
+    assert [e.changes.to_json()["batch_size"] for e in rec.of(Restarting, "small_batch")] == [[8, 4]]
     assert all(e.kind == "oom" for e in rec.of(Failed))
     states = load_run(supervisor.run_dir).experiments
     assert (states["prompt_rl"].state, states["prompt_rl"].oom_restarts) == ("failed", 2)  # for good
@@ -357,9 +357,9 @@ def test_an_oom_restart_goes_to_the_freest_gpu(tmp_path):
         assert (first.gpu, first.batch_size) == (0, 32)
         assert rec.wait_for(lambda e: isinstance(e, Paused)).step < 10
         nvml.gpus[0].processes = {first.pid: 3 * GiB}
-        sample = rec.wait_for(lambda e: isinstance(e, GpuSample) and e.gpus[0]["processes"])
-        assert sample.available and sample.gpus[0]["processes"] == [
-            {"pid": first.pid, "used_memory": 3 * GiB, "experiment": "prompt_rl"}]
+        sample = rec.wait_for(lambda e: isinstance(e, GpuSample) and e.gpus[0].processes)
+        assert sample.available and sample.gpus[0].processes == [
+            GpuProcess(pid=first.pid, used_memory=3 * GiB, experiment="prompt_rl")]
         nvml.gpus[0].used = 70 * GiB  # something else fills GPU 0 meanwhile
         supervisor.resume("prompt_rl")
         assert supervisor.wait(60)
@@ -368,7 +368,7 @@ def test_an_oom_restart_goes_to_the_freest_gpu(tmp_path):
     (oom,) = rec.of(Failed)
     assert (oom.kind, oom.step, oom.gpu) == ("oom", 10, 0)
     (restart,) = rec.of(Restarting)
-    assert restart.changes == {"batch_size": [32, 16], "gpu": [0, 1], "resume_from": None}
+    assert restart.changes.to_json() == {"batch_size": [32, 16], "gpu": [0, 1], "resume_from": None}
     assert (rec.of(Started)[1].gpu, rec.of(Started)[1].batch_size) == (1, 16)
     assert rec.of(Finished)[0].summary["cuda_visible_devices"] == "1"
     state = load_run(supervisor.run_dir).experiments["prompt_rl"]
@@ -432,8 +432,8 @@ def test_shutdown_kills_a_worker_that_does_not_stop_in_time(tmp_path):
 
 SUPERVISOR_SCRIPT = textwrap.dedent("""
     import json, sys, time
-    from sa2va_tui.config import load_config
-    from sa2va_tui.events import Started
+    from sa2va_contract.config import load_config
+    from sa2va_contract.events import Started
     from sa2va_tui.runstore import RunStore
     from sa2va_tui.supervisor import Supervisor
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sa2va_tui.config import Config
+from sa2va_contract.config import Config
+from sa2va_contract.layout import MASK_CACHE_DIR
 
 from experiments.backends.base import Prediction, Segmenter, TrainableSegmenter
 from experiments.backends.cache import CachedSegmenter
@@ -27,7 +28,7 @@ def make_segmenter(config: Config, device: str = "cpu") -> Segmenter:
 
 
 def cache_dir_for(config: Config) -> Path:
-    return config.backend.cache_dir or (config.run.logs_dir / ".mask_cache")
+    return config.backend.cache_dir or (config.run.logs_dir / MASK_CACHE_DIR)
 
 
 def make_cached_segmenter(config: Config, device: str = "cpu") -> CachedSegmenter:

@@ -12,8 +12,6 @@ several worker processes can fill one cache at once and none ever reads a torn f
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -21,6 +19,7 @@ import numpy as np
 
 from experiments.backends.base import Prediction, Segmenter
 from experiments.datasets.base import Sample, render_prompt
+from sa2va_contract.files import atomic_writer
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -92,20 +91,13 @@ class CachedSegmenter:
         self._memory[key] = entry
         if self.folder is None:
             return
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
         bits, prob, shape = entry
         arrays = {"bits": bits, "shape": np.asarray(shape)}
         if prob is not None:
             arrays["prob"] = prob
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npz")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                np.savez(handle, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        # Not synced to disk: an entry lost to a crash is computed again.
+        with atomic_writer(self._path(key), durable=False) as handle:
+            np.savez(handle, **arrays)
 
     def segment(
         self,

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import re
-import tempfile
 import zlib
 from functools import lru_cache
 from pathlib import Path
@@ -26,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from experiments.backends.base import EMBEDDED_WEIGHTS, Prediction
+from sa2va_contract.files import atomic_write_bytes
 
 #: Part of the fingerprint: bump it when a code change alters what the same weights output.
 CODE_VERSION = "embedded-1"
@@ -219,21 +218,12 @@ def weights_hash(state: dict[str, torch.Tensor]) -> str:
 
 
 def save_weights(net: FiLMUNet, path: Path, meta: dict | None = None) -> int:
-    """Write the architecture and weights atomically (a temporary file in the same
-    folder, then os.replace), so a reader never sees half a file. Returns its size."""
+    """Write the architecture and weights atomically, so a reader never sees half a
+    file. Returns its size."""
     buffer = io.BytesIO()
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     torch.save({"format": 1, "arch": net.arch, "state": state, "meta": meta or {}}, buffer)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buffer.getvalue())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a weights file is for everyone to read
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(Path(path), buffer.getvalue())
     return len(buffer.getvalue())
 
 

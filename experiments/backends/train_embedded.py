@@ -28,7 +28,7 @@ from experiments.backends.embedded import EmbeddedSegmenter, FiLMUNet, save_weig
 from experiments.datasets.base import render_prompt
 from experiments.datasets.builtin import PLAIN_TEMPLATE, builtin_split, generate
 from experiments.metrics import dice
-from sa2va_tui.config import Config
+from sa2va_contract.config import Config
 
 
 @dataclass(frozen=True)

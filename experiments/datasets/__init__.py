@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sa2va_tui.config import DatasetConfig
+from sa2va_contract.config import DatasetConfig
 
 from experiments.datasets.base import SPLITS, Sample, render_prompt
 

@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SPLITS = ("train", "val", "test")
+from sa2va_contract.config import SPLITS
+
+__all__ = ["SPLITS", "Sample", "render_prompt"]
 
 
 @dataclass(frozen=True, eq=False)

@@ -31,7 +31,7 @@ import cv2
 import numpy as np
 
 from experiments.datasets.base import SPLITS, Sample
-from sa2va_tui.config import DatasetConfig
+from sa2va_contract.config import DatasetConfig
 
 KINDS = ("vessels", "blobs", "rings", "boxes")
 _LINE_KINDS = ("vessels", "rings")

@@ -27,7 +27,8 @@ from gymnasium import spaces
 from experiments.envs.features import MASK_FEATURES
 from experiments.envs.prompt import OBS_BOUND
 from experiments.envs.tables import PostprocessTable
-from experiments.postprocess import ALL_OPS, STOP, THRESHOLD_OPS, MaskEditor, OpSettings
+from experiments.postprocess import MaskEditor, OpSettings
+from sa2va_contract.config import ALL_OPS, STOP, THRESHOLD_OPS
 
 
 def effective_operations(operations: Sequence[str], gives_probabilities: bool) -> list[str]:

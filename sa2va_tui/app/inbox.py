@@ -16,7 +16,7 @@ from typing import Callable
 
 from textual.message import Message
 
-from sa2va_tui.events import Event, GpuSample, Metrics, Phase, Progress
+from sa2va_contract.events import Event, GpuSample, Metrics, Phase, Progress
 from sa2va_tui.runstate import EPISODE_REWARD
 
 #: Episode-reward readings kept per experiment, for the sparkline and the trend.

@@ -10,8 +10,6 @@ runs in a thread worker; every failure on the way ends in `Dashboard.problem`.
 from __future__ import annotations
 
 import logging
-import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -42,18 +40,17 @@ from sa2va_tui.app.widgets import (
     TitleBar,
     event_line,
 )
-from sa2va_tui.events import Failed
-from sa2va_tui.headless import describe
+from sa2va_contract.events import Failed
+from sa2va_contract.files import LOG_TAIL_BYTES
+from sa2va_tui.logtail import FileFollower, LineSplitter
+from sa2va_tui.text import describe
 from sa2va_tui.runstate import ExperimentState, StateBook
 
 #: Redraws a second at most, however fast events arrive.
 REFRESH_HZ = 4
 #: Clocks (ETA, finish time) tick this often even when no event arrives.
 CLOCK_S = 1.0
-#: The log view starts with at most this much of the end of a log file.
-LOG_TAIL_BYTES = 64 * 1024
 LOG_POLL_S = 0.5
-_LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 
 class Problem(Message):
@@ -341,24 +338,21 @@ class Dashboard(Screen):
     def _follow_log(self, name: str, path: Path) -> None:
         """Post the end of `path`, then what is appended to it, until cancelled."""
         worker = get_current_worker()
-        position, partial, reset = None, "", True
-        while not worker.is_cancelled:
-            try:
-                size = os.path.getsize(path)
-                if position is None or size < position:
-                    position, partial, reset = max(0, size - LOG_TAIL_BYTES), "", True
-                with open(path, "rb") as f:
-                    f.seek(position)
-                    data = f.read(size - position)
-            except OSError:
-                data = b""
-            position = (position or 0) + len(data)
-            if data or reset:
-                lines = _LINE_BREAK.split(partial + data.decode("utf-8", errors="replace"))
-                partial = lines.pop()
-                self.post_message(LogLines(name, lines, reset))
-                reset = False
-            time.sleep(LOG_POLL_S)
+        follower, lines = FileFollower(path, from_end=LOG_TAIL_BYTES), LineSplitter()
+        try:
+            while not worker.is_cancelled:
+                try:
+                    data = follower.read()
+                except OSError:
+                    data = b""
+                if follower.restarted:
+                    lines.reset()
+                if data or follower.restarted:
+                    self.post_message(LogLines(name, lines.feed(data), reset=follower.restarted))
+                if follower.caught_up:
+                    time.sleep(LOG_POLL_S)
+        finally:
+            follower.close()
 
     @on(LogLines)
     def _log_lines(self, message: LogLines) -> None:

@@ -11,24 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Protocol
 
+from sa2va_contract.recovery import RestartPlan
+
 if TYPE_CHECKING:
     from sa2va_tui.logtail import LogWatcher
     from sa2va_tui.runstate import EventHub
     from sa2va_tui.supervisor import Supervisor
-
-
-@dataclass(frozen=True)
-class RestartPlan:
-    """What a restart will change, for the confirmation to show before it happens."""
-
-    batch_size: int | None
-    previous_batch_size: int | None
-    #: The GPU index the new process will get; None: the CPU.
-    gpu: int | None
-    #: The experiment's last attempt ended in CUDA out-of-memory: the batch is halved.
-    after_oom: bool
-    #: The checkpoint step it resumes from; None: from the start.
-    resume_step: int | None
 
 
 class Controller(Protocol):
@@ -47,8 +35,8 @@ class Controller(Protocol):
 
 
 class SupervisorControl:
-    """`Controller` over a `Supervisor`, with its own placement and batch-size policy
-    for the restart preview (the same functions it uses when it restarts by itself)."""
+    """`Controller` over a `Supervisor`: the restart dialog shows the supervisor's own
+    plan, and confirming it carries out exactly that plan."""
 
     def __init__(self, supervisor: "Supervisor") -> None:
         self._supervisor = supervisor
@@ -63,26 +51,10 @@ class SupervisorControl:
         self._supervisor.stop(name)
 
     def restart_plan(self, name: str) -> RestartPlan:
-        from sa2va_tui.gpus import choose_gpu
-        from sa2va_tui.supervisor import next_batch_size
-
-        config = self._supervisor.config
-        experiment = config.experiments()[name]
-        state = self._supervisor.states()[name]
-        after_oom = state.state == "failed" and (state.failure or {}).get("kind") == "oom"
-        batch = state.batch_size
-        if after_oom and batch:
-            # No smaller size left above the floor: the same batch, shown as such.
-            batch = next_batch_size(experiment, batch, config.recovery.min_batch_size) or batch
-        gpu = None if experiment.device == "cpu" else choose_gpu(self._supervisor.gpus, experiment.gpu)
-        return RestartPlan(batch_size=batch, previous_batch_size=state.batch_size, gpu=gpu, after_oom=after_oom,
-                           resume_step=state.checkpoint_step if state.last_checkpoint else None)
+        return self._supervisor.restart_plan(name)
 
     def restart(self, name: str, plan: RestartPlan) -> None:
-        if plan.batch_size != plan.previous_batch_size:
-            self._supervisor.restart(name, batch_size=plan.batch_size)
-        else:
-            self._supervisor.restart(name)
+        self._supervisor.restart(name, plan=plan)
 
 
 @dataclass

@@ -12,8 +12,8 @@ from textual.message import Message
 from textual.widget import Widget
 
 from sa2va_tui.analysis import PPO_METRICS, REWARD_NET_METRICS, Hint, hints, reward_trend
-from sa2va_tui.events import GpuSample
-from sa2va_tui.headless import format_clock, format_duration
+from sa2va_contract.events import GpuSample
+from sa2va_tui.text import format_clock, format_duration
 from sa2va_tui.runstate import ExperimentState
 
 from sa2va_tui.app.render import STATE_MARKS, STATE_STYLES, bar, number, sparkline, state_label
@@ -90,10 +90,10 @@ class CardView:
         if s.checkpoint_step is not None:
             extra.append(f"checkpoint at {s.checkpoint_step:,}")
         if s.state == "failed" and s.failure:
-            extra.append(f"{s.failure.get('kind')}: {s.failure.get('message')}")
+            extra.append(f"{s.failure.kind}: {s.failure.message}")
         state = s.state
         if state == "failed" and s.failure:
-            state += f" ({s.failure.get('kind')})"
+            state += f" ({s.failure.kind})"
         return cls(index, s.name, state, tuple(details), s.fraction, progress, figures, rewards, trend, tuple(extra))
 
 
@@ -236,13 +236,13 @@ class GpuView:
                        "GPUs are not read while watching logs; `sa2va-tui gpus` shows them", ())
         gpus = []
         for gpu in sample.gpus:
-            users = tuple((p.get("experiment") or f"pid {p['pid']}", p.get("used_memory")) for p in gpu["processes"])
+            users = tuple((p.experiment or f"pid {p.pid}", p.used_memory) for p in gpu.processes)
             # Ours placed on this GPU but not (yet) listed by NVML, e.g. still loading.
             listed = {u for u, _ in users}
             users += tuple((s.name, None) for s in states.values()
-                           if s.gpu == gpu["index"] and s.pid and s.name not in listed)
-            gpus.append((gpu["index"], (gpu.get("name") or "N/A").removeprefix("NVIDIA "), gpu.get("utilization"), gpu.get("memory_used"),
-                         gpu.get("memory_total"), users))
+                           if s.gpu == gpu.index and s.pid and s.name not in listed)
+            gpus.append((gpu.index, (gpu.name or "N/A").removeprefix("NVIDIA "), gpu.utilization, gpu.memory_used,
+                         gpu.memory_total, users))
         return cls(sample.available, sample.message, tuple(gpus))
 
 

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from sa2va_tui.app_cli import ConfigOption, SetOption, app, fail, load_config_or_exit
+from sa2va_tui.commands.common import ConfigOption, SetOption, app, fail, load_config_or_exit
 
 
 @app.command()

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from sa2va_tui.app_cli import ConfigOption, SetOption, app, fail, load_config_or_exit
+from sa2va_tui.commands.common import ConfigOption, SetOption, app, fail, load_config_or_exit
 
 
 @app.command("train-embedded")
@@ -26,14 +26,14 @@ def train_embedded(
     cfg = load_config_or_exit(config, set_)
     if cfg.dataset.kind != "builtin":
         fail("dataset.kind: the embedded model trains on the built-in dataset (kind: builtin)")
-    from experiments.backends.base import EMBEDDED_WEIGHTS
-    from experiments.backends.train_embedded import train_embedded as train
+    from sa2va_tui import engine
 
-    target = out or EMBEDDED_WEIGHTS
-    summary = train(cfg, target, minutes_budget=minutes, progress=True)
+    shipped = engine.embedded_weights()
+    target = out or shipped
+    summary = engine.train_embedded(cfg, target, minutes_budget=minutes)
     for key, value in summary.items():
         typer.echo(f"{key}: {value}")
-    if target == EMBEDDED_WEIGHTS:
+    if target == shipped:
         typer.echo("the shipped weights changed: cached masks of the old model are no longer used")
 
 
@@ -48,6 +48,6 @@ def headroom(
     Dice against the best prompt and the best post-processing chosen with the labels,
     and simple label-free choosers as a learnability check."""
     cfg = load_config_or_exit(config, set_)
-    from experiments.headroom import print_headroom
+    from sa2va_tui import engine
 
-    print_headroom(cfg, split, train_images)
+    engine.print_headroom(cfg, split, train_images)

@@ -13,8 +13,7 @@ from typing import Optional
 
 import typer
 
-from sa2va_tui.app_cli import app, fail
-from sa2va_tui.commands.run_cmds import LogsDirOption, _find_run_or_exit
+from sa2va_tui.commands.common import LogsDirOption, app, fail, find_run_or_exit, load_run_or_exit
 
 RunArgument = typer.Argument(None, help="A run folder or run id (default: the latest run).")
 #: TensorBoard binds here only: its pages must not be reachable from other machines.
@@ -49,7 +48,7 @@ def report(
     from sa2va_tui.runstore import RunStoreError
 
     try:
-        data = read_report(_find_run_or_exit(run, logs_dir))
+        data = read_report(find_run_or_exit(run, logs_dir))
     except RunStoreError as err:
         fail(str(err))
     render = render_json if format_ is ReportFormat.json else render_markdown
@@ -86,12 +85,15 @@ def evaluate(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from experiments.datasets.base import SPLITS
+    from sa2va_contract.config import SPLITS
+    from sa2va_contract.layout import EVALUATION_FILE
+    from sa2va_tui import engine
     from sa2va_tui.runstore import RunStoreError, load_run, load_run_config
+    from sa2va_tui.text import evaluation_table
 
     if split not in SPLITS:
         fail(f"--split {split}: one of {', '.join(SPLITS)}")
-    run_dir = _find_run_or_exit(run, logs_dir)
+    run_dir = find_run_or_exit(run, logs_dir)
     try:
         snapshot, config = load_run(run_dir), load_run_config(run_dir)
     except RunStoreError as err:
@@ -106,14 +108,12 @@ def evaluate(
             console.print(f"note: {name} has not finished ({s.state}); a model it saved so far is evaluated if any",
                           highlight=False, soft_wrap=True)
 
-    from experiments.evaluate import EVALUATION_FILE, evaluate_run, format_table
-
     columns = (TextColumn(f"evaluating on {split}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as bar:
         task = bar.add_task("evaluate", total=None)
-        table = evaluate_run(config, run_dir, split,
-                             on_progress=lambda done, total: bar.update(task, completed=done, total=total))
-    console.print(format_table(table))
+        table = engine.evaluate_run(config, run_dir, split,
+                                    on_progress=lambda done, total: bar.update(task, completed=done, total=total))
+    console.print(evaluation_table(table))
     console.print(f"saved: {run_dir / EVALUATION_FILE}", highlight=False, soft_wrap=True)
 
 
@@ -126,14 +126,10 @@ def tensorboard(
     """One TensorBoard over every experiment of a run, on 127.0.0.1 only.
 
     Each experiment is its own named run, on one port; Ctrl+C stops it."""
-    from sa2va_tui.report import tensorboard_dir
-    from sa2va_tui.runstore import RunStoreError, load_run
+    from sa2va_tui.runstore import tensorboard_dir
 
-    run_dir = _find_run_or_exit(run, logs_dir)
-    try:
-        snapshot = load_run(run_dir)
-    except RunStoreError as err:
-        fail(str(err))
+    snapshot = load_run_or_exit(run, logs_dir)
+    run_dir = snapshot.path
     folders = {name: tensorboard_dir(run_dir / name) for name in snapshot.experiments}
     spec = {name: folder.resolve() for name, folder in folders.items() if folder is not None}
     if not spec:
@@ -211,8 +207,9 @@ def runs(logs_dir: Path = LogsDirOption) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from sa2va_tui.report import format_time, shown_state
+    from sa2va_tui.report.facts import shown_state
     from sa2va_tui.runstore import RunStoreError, list_runs, load_run
+    from sa2va_tui.text import format_time
 
     found = list_runs(logs_dir)
     if not found:
@@ -237,12 +234,12 @@ def runs(logs_dir: Path = LogsDirOption) -> None:
 
 def _headline_dice(run_dir: Path) -> str:
     """`0.7312 combined (+0.0210)`: the best method on val and its gain over the baseline."""
-    from sa2va_tui.report import headline, load_evaluation
+    from sa2va_contract.evaluation import load_evaluation
 
     table = load_evaluation(run_dir)
     if table is None or table.split != "val":
         return "-"
-    best = headline(table)
+    best = table.headline()
     if best is None:
         return "-"
     name, dice, delta = best

@@ -8,16 +8,24 @@ from typing import TYPE_CHECKING, NoReturn, Optional
 
 import typer
 
-from sa2va_tui.app_cli import ConfigOption, SetOption, app, fail, load_config_or_exit
+from sa2va_tui.commands.common import (
+    ConfigOption,
+    LogsDirOption,
+    SetOption,
+    app,
+    fail,
+    find_run_or_exit,
+    load_config_or_exit,
+    load_run_or_exit,
+)
 
 if TYPE_CHECKING:
     from rich.table import Table
 
+    from sa2va_contract.gpus import GpuSnapshot
     from sa2va_tui.app import AppSource
-    from sa2va_tui.gpus import GpuSnapshot
     from sa2va_tui.runstate import EventHub
 
-LogsDirOption = typer.Option(Path("logs"), "--logs-dir", help="Where the run folders are.")
 HeadlessOption = typer.Option(False, "--headless", help="No Textual app: progress bars and one line per event.")
 
 
@@ -74,15 +82,6 @@ def launch(
     _run_supervisor(Supervisor(cfg, RunStore.create(cfg)), list(only) or None, headless)
 
 
-def _find_run_or_exit(ref: Optional[str], logs_dir: Path) -> Path:
-    from sa2va_tui.runstore import RunStoreError, find_run
-
-    try:
-        return find_run(None if ref == "latest" else ref, logs_dir)
-    except RunStoreError as err:
-        fail(str(err))
-
-
 @app.command()
 def resume(
     run: str = typer.Argument(..., help="A run folder, a run id under --logs-dir, or 'latest'."),
@@ -93,7 +92,7 @@ def resume(
     from sa2va_tui.runstore import RunStoreError
     from sa2va_tui.supervisor import Supervisor, SupervisorError
 
-    run_dir = _find_run_or_exit(run, logs_dir)
+    run_dir = find_run_or_exit(run, logs_dir)
     try:
         supervisor = Supervisor.for_run(run_dir)
     except (RunStoreError, SupervisorError) as err:
@@ -113,14 +112,11 @@ def status(
     from rich.console import Console
     from rich.table import Table
 
-    from sa2va_tui.headless import format_clock, format_duration
     from sa2va_tui.runstate import StateBook
-    from sa2va_tui.runstore import RunStoreError, load_run, pid_alive
+    from sa2va_tui.runstore import pid_alive
+    from sa2va_tui.text import format_clock, format_duration
 
-    try:
-        snapshot = load_run(_find_run_or_exit(run, logs_dir))
-    except RunStoreError as err:
-        fail(str(err))
+    snapshot = load_run_or_exit(run, logs_dir)
     now = time.time()
     live = snapshot.supervised
     table = Table(box=None, pad_edge=False)

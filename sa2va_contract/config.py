@@ -16,6 +16,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 EXPERIMENT_KINDS = ("prompt_rl", "postprocess_rl", "reward_net")
 
+#: Train learns, val chooses, test reports.
+SPLITS = ("train", "val", "test")
+
+#: The post-processing agent's operations (`experiments.postprocess` implements them):
+#: morphology acts on binary masks, threshold moves on the backend's probabilities.
+MORPHOLOGY_OPS = ("dilate", "erode", "open", "close", "fill_holes", "drop_small", "bridge_gaps")
+THRESHOLD_OPS = ("threshold_up", "threshold_down")
+ALL_OPS = MORPHOLOGY_OPS + THRESHOLD_OPS
+#: The action that ends a post-processing episode.
+STOP = "stop"
+
 
 class ConfigError(Exception):
     """A config that cannot be used; `str()` is the one line to show."""
@@ -177,8 +188,7 @@ class PostprocessRLConfig(RLExperimentBase):
     #: timesteps (val Dice gain +0.017 against +0.008 at scale 1, 2 seeds).
     reward_scale: float = Field(10.0, gt=0)
     operations: list[str] = Field(
-        default_factory=lambda: ["dilate", "erode", "open", "close", "fill_holes", "drop_small", "bridge_gaps",
-                                 "threshold_up", "threshold_down"],
+        default_factory=lambda: list(ALL_OPS),
         min_length=1,
     )
     kernel_size: int = Field(3, ge=1)
@@ -189,8 +199,6 @@ class PostprocessRLConfig(RLExperimentBase):
 
     @model_validator(mode="after")
     def _known_operations(self) -> "PostprocessRLConfig":
-        from experiments.postprocess import ALL_OPS
-
         for i, op in enumerate(self.operations):
             if op not in ALL_OPS:
                 raise ValueError(f"operations.{i}: unknown operation {op!r} (known: {', '.join(ALL_OPS)})")

@@ -1,0 +1,90 @@
+"""What `sa2va-tui check` verifies of the data and the model a config points to, before
+a run spends an hour finding out (the GPUs are the tool's part: `sa2va_tui.preflight`)."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from experiments.datasets.folder import DatasetError, read_manifest, scan_split
+from sa2va_contract.config import Config
+
+
+@dataclass
+class Preflight:
+    found: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+def check_data_and_model(config: Config) -> Preflight:
+    report = Preflight()
+    _check_dataset(config, report)
+    _check_backend(config, report)
+    return report
+
+
+def _check_dataset(config: Config, report: Preflight) -> None:
+    dataset = config.dataset
+    if dataset.kind == "builtin":
+        sizes = dataset.sizes
+        limit = f", at most {dataset.limit} per split" if dataset.limit else ""
+        report.found.append(
+            f"dataset: built-in, {dataset.image_size}x{dataset.image_size}, "
+            f"train/val/test {sizes.train}/{sizes.val}/{sizes.test}{limit}, seed {dataset.seed}"
+        )
+        return
+    assert dataset.root is not None
+    if not dataset.root.is_dir():
+        report.problems.append(f"dataset.root: {dataset.root}: no such folder")
+        return
+    for split in ("train", "val", "test"):
+        scan = scan_split(dataset.root, split)
+        if split == "test" and not (dataset.root / split).exists():
+            report.warnings.append(f"dataset: {dataset.root / split}: no test split (evaluate --split test will not work)")
+            continue
+        report.problems.extend(scan.problems)
+        if scan.pairs:
+            report.found.append(f"dataset: {dataset.root / split}: {len(scan.pairs)} image/mask pairs")
+    if dataset.manifest is not None:
+        try:
+            described = read_manifest(dataset.manifest)
+            report.found.append(f"dataset.manifest: {dataset.manifest}: {len(described)} expressions")
+        except DatasetError as err:
+            report.problems.extend(err.problems)
+
+
+def _check_backend(config: Config, report: Preflight) -> None:
+    backend = config.backend
+    report.found.append(
+        f"prompts: {len(backend.prompts)} candidates, default {backend.default_prompt}: {backend.prompts[backend.default_prompt]!r}"
+    )
+    if backend.kind == "embedded":
+        from experiments.backends.base import EMBEDDED_WEIGHTS
+
+        weights = backend.weights or EMBEDDED_WEIGHTS
+        if Path(weights).is_file():
+            report.found.append(f"backend: embedded model, weights {weights}")
+        else:
+            report.problems.append(f"backend.weights: {weights}: no such file (sa2va-tui train-embedded writes it)")
+        return
+    path = Path(str(backend.model_path)).expanduser()
+    if not path.is_dir():
+        report.problems.append(f"backend.model_path: {backend.model_path}: no such checkpoint folder")
+    elif not (path / "config.json").is_file():
+        report.problems.append(f"backend.model_path: {path}: not a transformers checkpoint (no config.json)")
+    else:
+        report.found.append(f"backend: sa2va checkpoint {path}")
+        from experiments.backends.sa2va import INTERNLM2_MAX_TRANSFORMERS, _version_tuple, is_internlm2_checkpoint
+
+        if importlib.util.find_spec("transformers") is None:
+            report.problems.append("backend.kind: sa2va needs transformers: pip install -e '.[sa2va]'")
+        else:
+            from importlib.metadata import version
+
+            have = version("transformers")
+            if is_internlm2_checkpoint(path) and _version_tuple(have)[:2] > INTERNLM2_MAX_TRANSFORMERS:
+                report.problems.append(f"backend.model_path: {path} is InternLM2-based and needs transformers<=4.49, not {have}")
+    if backend.trust_remote_code:
+        report.warnings.append(f"backend.trust_remote_code: the code shipped in {backend.model_path} will run")

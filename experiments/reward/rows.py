@@ -1,0 +1,71 @@
+"""The reward-network experiment's two rows of the evaluation table: the fine-tuned
+segmenter with the default prompt, and reward-network reranking."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from experiments.datasets import Sample, render_prompt
+from experiments.metrics import row_from_masks
+from experiments.reward.network import RewardNet, consensus_map, images_to_tensor, load_reward_net, resize_maps
+from sa2va_contract.evaluation import ROW_LABELS
+from sa2va_contract.layout import BEST_REWARD_NET, FINETUNED_SEGMENTER
+
+
+#: Post-processing choices that reranking considers for every candidate prompt's mask.
+RERANK_OPERATIONS = ((), ("fill_holes",), ("drop_small",), ("bridge_gaps",), ("close",), ("drop_small", "fill_holes"))
+
+
+def rerank(reward_net: RewardNet, samples: Sequence[Sample], segmenter, templates: Sequence[str], query: str,
+           settings, size: int) -> list[np.ndarray]:
+    """Per image, of every candidate prompt times a few post-processing choices, the
+    mask the reward network scores highest. No label is read."""
+    from experiments.postprocess import apply_sequence
+
+    chosen = []
+    for sample in samples:
+        predictions = [segmenter.predict(sample, template) for template in templates]
+        candidates = [apply_sequence(p.mask, p.prob, ops, settings) for p in predictions for ops in RERANK_OPERATIONS]
+        n = len(candidates)
+        masks = resize_maps(torch.from_numpy(np.stack(candidates)).float().unsqueeze(1), size)
+        images = resize_maps(images_to_tensor([sample.image]), size).expand(n, -1, -1, -1)
+        agreed = resize_maps(consensus_map([p.mask for p in predictions]).unsqueeze(0), size).expand(n, -1, -1, -1)
+        with torch.no_grad():
+            scores = reward_net(images, masks, agreed, [render_prompt(query, sample)] * n)
+        chosen.append(candidates[int(torch.argmax(scores))])
+    return chosen
+
+
+def evaluation_rows(config, run_dir: Path, samples: Sequence[Sample], segmenter) -> tuple[list, dict[str, str]]:
+    """The reward-network experiment's two rows of the evaluation table: the fine-tuned
+    segmenter with the default prompt, and reward-network reranking."""
+    from experiments.backends import cache_dir_for, make_trainable
+    from experiments.backends.cache import CachedSegmenter
+    from experiments.postprocess import OpSettings
+
+    exp_dir = Path(run_dir) / "reward_net"
+    ids, truths = [s.id for s in samples], [s.mask for s in samples]
+    template = config.backend.prompts[config.backend.default_prompt]
+    rows, missing = [], {}
+    tuned_path = exp_dir / FINETUNED_SEGMENTER
+    if tuned_path.is_file():
+        tuned = CachedSegmenter(make_trainable(config, finetuned=tuned_path), cache_dir_for(config))
+        masks = [tuned.predict(s, template).mask for s in samples]
+        rows.append(row_from_masks("finetuned", ROW_LABELS["finetuned"], "model", ids, masks, truths,
+                                   source=str(tuned_path)))
+    else:
+        missing["finetuned"] = f"no {FINETUNED_SEGMENTER} in {exp_dir}"
+    net_path = exp_dir / BEST_REWARD_NET
+    if net_path.is_file():
+        settings = OpSettings.of(config.postprocess_rl)
+        masks = rerank(load_reward_net(net_path), samples, segmenter, config.backend.prompts, template, settings,
+                       config.reward_net.reward.input_size)
+        rows.append(row_from_masks("reward_rerank", ROW_LABELS["reward_rerank"], "policy", ids, masks, truths,
+                                   source=str(net_path)))
+    else:
+        missing["reward_rerank"] = f"no {BEST_REWARD_NET} in {exp_dir}"
+    return rows, missing

@@ -1,0 +1,61 @@
+"""Every file and folder name of a run folder, in one place.
+
+    logs/<run-id>/                 run id = <YYYYmmdd-HHMMSS>-<run.name>, never reused
+        config.yaml                the resolved config the run started with
+        run.json                   every experiment's state (replaced atomically)
+        events.jsonl               one JSON line per event, appended
+        gpus.jsonl                 a GPU sample every few seconds (the report's GPU history)
+        evaluation.json            after `sa2va-tui evaluate`
+        <experiment>/
+            train.log              everything the worker printed, SB3's tables included
+            progress.csv           one row per PPO iteration
+            tensorboard/           one TensorBoard run, continued on resume
+            checkpoints/           ckpt_<timesteps>.zip (PPO), last.pt (reward network)
+            best_model.zip, best.json, final_model.zip                      (PPO)
+            best_reward_net.pth, final_reward_net.pth, finetuned_segmenter.pt (reward net)
+    logs/.mask_cache/<model fingerprint>/   segmenter outputs shared by every run
+
+The engine writes these names and the tool reads them back; neither spells one out.
+"""
+
+from __future__ import annotations
+
+import re
+
+# --- the run ------------------------------------------------------------------------
+CONFIG_FILE = "config.yaml"
+RUN_FILE = "run.json"
+EVENTS_FILE = "events.jsonl"
+GPUS_FILE = "gpus.jsonl"
+EVALUATION_FILE = "evaluation.json"
+#: Under the logs folder, beside the runs (unless `backend.cache_dir` moves it).
+MASK_CACHE_DIR = ".mask_cache"
+
+# --- one experiment -----------------------------------------------------------------
+LOG_FILE = "train.log"
+PROGRESS_CSV = "progress.csv"
+TENSORBOARD_DIR = "tensorboard"
+#: The name TensorBoard gives its event files.
+TFEVENTS_GLOB = "events.out.tfevents.*"
+CHECKPOINT_DIR = "checkpoints"
+BEST_MODEL = "best_model.zip"
+BEST_RECORD = "best.json"
+FINAL_MODEL = "final_model.zip"
+#: The reward network's one checkpoint (network, fine-tuned segmenter, optimisers).
+REWARD_NET_CHECKPOINT = f"{CHECKPOINT_DIR}/last.pt"
+BEST_REWARD_NET = "best_reward_net.pth"
+FINAL_REWARD_NET = "final_reward_net.pth"
+FINETUNED_SEGMENTER = "finetuned_segmenter.pt"
+
+_PPO_CHECKPOINT = re.compile(r"^ckpt_(\d+)\.zip$")
+
+
+def ppo_checkpoint_name(timesteps: int) -> str:
+    """Zero-padded, so that names sort as their timesteps do."""
+    return f"ckpt_{timesteps:09d}.zip"
+
+
+def ppo_checkpoint_step(name: str) -> int | None:
+    """The timesteps a PPO checkpoint's file name says, None for any other name."""
+    found = _PPO_CHECKPOINT.match(name)
+    return int(found.group(1)) if found else None

@@ -1,0 +1,162 @@
+"""The recovery policy, in one module of pure functions: how a failure is classified,
+and what the next attempt of an experiment does (batch size, device, attempt number,
+where it resumes), or why there is none.
+
+The worker classifies the exception it caught; the supervisor classifies an exit no
+report explained, decides automatic restarts and plans every new attempt; the app's
+restart dialog shows the plan the supervisor will carry out, made by the same call.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from collections import Counter
+from dataclasses import dataclass
+
+from sa2va_contract.config import ExperimentConfig, RecoveryConfig
+from sa2va_contract.gpus import GpuSnapshot, choose_gpu
+from sa2va_contract.kinds import kind_of
+
+OOM, ERROR, KILLED = "oom", "error", "killed"
+FAILURE_KINDS = (OOM, ERROR, KILLED)
+#: Why a new attempt starts: automatically after an out-of-memory failure, because a
+#: person asked, or because a run is resumed.
+RESTART_REASONS = ("oom", "manual", "resume")
+
+
+# --- classifying failures -------------------------------------------------------------
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """PyTorch's OOM in all its forms: the typed errors, and the allocator's message
+    wrapped in a RuntimeError by older code paths; Python's own MemoryError too."""
+    if isinstance(error, MemoryError):
+        return True
+    # An error can only be torch's if torch is loaded; asking must not load it.
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(error, torch.OutOfMemoryError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and (
+        "out of memory" in text.lower() or "DefaultCPUAllocator: can't allocate memory" in text
+    )
+
+
+def classify_exception(error: BaseException) -> str:
+    """The failure kind of an exception an experiment raised."""
+    return OOM if is_out_of_memory(error) else ERROR
+
+
+def classify_exit(exit_code: int | None, killed_by_us: bool, grace_s: float | None) -> tuple[str, str]:
+    """(kind, message) of a worker that ended without saying how: a signal, a crash in
+    native code, a kill by us after a stop it did not obey."""
+    if killed_by_us:
+        return KILLED, f"did not stop within {grace_s or 0:g} s and was killed"
+    if exit_code is not None and exit_code < 0:
+        return KILLED, f"killed by {signal_name(-exit_code)}"
+    return ERROR, f"exited with code {exit_code} without a report"
+
+
+def signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+# --- batch sizes ----------------------------------------------------------------------
+
+
+def smaller_batch_size(experiment: ExperimentConfig, current: int, floor: int) -> int | None:
+    """The batch size after an out-of-memory failure: half of `current` or the largest
+    size below that the experiment can use (for PPO, one that divides its rollout),
+    never below `floor`; None when there is none left to try."""
+    half = current // 2
+    rollout = kind_of(experiment).rollout(experiment)
+    if rollout is None:
+        return half if half >= floor else None
+    return next((b for b in range(half, floor - 1, -1) if rollout % b == 0), None)
+
+
+def batch_size_problem(experiment: ExperimentConfig, batch_size: int) -> str | None:
+    """Why the experiment cannot run at `batch_size`, or None when it can."""
+    if batch_size < 1:
+        return f"batch size {batch_size}: must be at least 1"
+    rollout = kind_of(experiment).rollout(experiment)
+    if rollout is not None and rollout % batch_size:
+        return f"batch size {batch_size}: must divide n_steps * n_envs = {rollout}"
+    return None
+
+
+def automatic_restart_batch(experiment: ExperimentConfig, failed_batch: int, oom_restarts: int,
+                            recovery: RecoveryConfig) -> tuple[int | None, str]:
+    """After an out-of-memory failure at `failed_batch`: the batch size to restart
+    with automatically, or None and why not."""
+    if oom_restarts >= recovery.max_oom_restarts:
+        return None, f"out of memory, no automatic restart left ({recovery.max_oom_restarts} allowed)"
+    smaller = smaller_batch_size(experiment, failed_batch, recovery.min_batch_size)
+    if smaller is None:
+        return None, f"out of memory at batch size {failed_batch}, the floor is {recovery.min_batch_size}"
+    return smaller, ""
+
+
+# --- the next attempt -----------------------------------------------------------------
+
+
+def choose_device(experiment: ExperimentConfig, gpus: GpuSnapshot, placed: Counter[int] | None = None) -> int | None:
+    """The GPU a new attempt gets (None: the CPU): the pinned one, else the freest."""
+    if experiment.device == "cpu":
+        return None
+    return choose_gpu(gpus, experiment.gpu, placed)
+
+
+@dataclass(frozen=True)
+class RestartPlan:
+    """What the next attempt of an experiment will do."""
+
+    reason: str
+    attempt: int
+    batch_size: int
+    #: The last attempt's batch size (None before any).
+    previous_batch_size: int | None
+    #: The GPU index the new process will get; None: the CPU.
+    gpu: int | None
+    previous_gpu: int | None
+    #: The last attempt ended in an out-of-memory failure: the batch is halved.
+    after_oom: bool
+    #: The checkpoint it resumes from and its step; None: from the start.
+    resume_from: str | None
+    resume_step: int | None
+
+
+def plan_restart(
+    experiment: ExperimentConfig,
+    reason: str,
+    *,
+    attempts: int,
+    last_batch_size: int | None,
+    last_gpu: int | None,
+    last_failure: str | None,
+    checkpoint: str | None,
+    checkpoint_step: int | None,
+    recovery: RecoveryConfig,
+    gpus: GpuSnapshot,
+    placed: Counter[int] | None = None,
+    batch_size: int | None = None,
+) -> RestartPlan:
+    """The next attempt: at `batch_size` when given (an automatic restart decided it),
+    else at half the last batch after an out-of-memory failure (the same batch when no
+    smaller one is allowed), else at the last batch; on the device `choose_device`
+    gives now; from the last checkpoint."""
+    after_oom = last_failure == OOM
+    current = last_batch_size or kind_of(experiment).batch_size(experiment)
+    if batch_size is None:
+        batch_size = current
+        if after_oom:
+            batch_size = smaller_batch_size(experiment, current, recovery.min_batch_size) or current
+    return RestartPlan(
+        reason=reason, attempt=attempts + 1, batch_size=batch_size, previous_batch_size=last_batch_size,
+        gpu=choose_device(experiment, gpus, placed), previous_gpu=last_gpu, after_oom=after_oom,
+        resume_from=checkpoint, resume_step=checkpoint_step if checkpoint else None,
+    )

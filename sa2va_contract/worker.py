@@ -1,0 +1,47 @@
+"""What the supervisor hands a worker process, and the function a spawned worker
+starts in.
+
+The supervisor never imports the engine: it spawns `start_worker` with the worker's
+entry point as a "module:function" string, and only the new process imports it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sa2va_contract.config import Config
+
+#: The engine's side of a worker process: `worker_main(spec, connection)`.
+WORKER_MAIN = "experiments.worker:worker_main"
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker process needs, picklable for the spawn start method."""
+
+    name: str
+    #: "module:function" of the experiment's `run(ctx)`.
+    entry: str
+    config: Config
+    exp_dir: Path
+    log_path: Path
+    gpu: int | None
+    supervisor_pid: int
+    attempt: int = 1
+    resume_from: Path | None = None
+    #: The batch size this attempt runs at when it differs from the config's (after an
+    #: out-of-memory failure); the worker applies it to its experiment's config.
+    batch_size_override: int | None = None
+
+
+def load_function(entry: str) -> Any:
+    module, _, function = entry.partition(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def start_worker(main: str, *args: Any) -> None:
+    """A spawned process's target: import `main` ("module:function") and call it."""
+    load_function(main)(*args)

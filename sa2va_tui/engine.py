@@ -1,0 +1,51 @@
+"""The one door from the tool to engine code that runs in the tool's own process.
+
+The commands that do engine work in-process (`evaluate`, `headroom`, `train-embedded`,
+`check`) call these functions, which import the engine only when called, so that
+`sa2va-tui --help` and the app stay light. Nothing else in `sa2va_tui` imports
+`experiments`: the project's import contracts check it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from sa2va_contract.config import Config
+    from sa2va_contract.evaluation import EvaluationTable
+
+
+def evaluate_run(config: "Config", run_dir: Path, split: str,
+                 on_progress: Callable[[int, int], None] | None = None) -> "EvaluationTable":
+    """Score the run's models on `split` and save the table in the run folder."""
+    from experiments.evaluate import evaluate_run as evaluate
+
+    return evaluate(config, run_dir, split, on_progress=on_progress)
+
+
+def embedded_weights() -> Path:
+    """The embedded model's weights as shipped in the package."""
+    from experiments.backends.base import EMBEDDED_WEIGHTS
+
+    return EMBEDDED_WEIGHTS
+
+
+def train_embedded(config: "Config", target: Path, minutes_budget: float | None) -> dict[str, Any]:
+    """Train the embedded model from scratch; returns its summary."""
+    from experiments.backends.train_embedded import train_embedded as train
+
+    return train(config, target, minutes_budget=minutes_budget, progress=True)
+
+
+def print_headroom(config: "Config", split: str, train_images: int) -> None:
+    from experiments.headroom import print_headroom as headroom
+
+    headroom(config, split, train_images)
+
+
+def check_data_and_model(config: "Config") -> Any:
+    """What `check` finds about the dataset and the model: an `experiments.preflight.Preflight`."""
+    from experiments.preflight import check_data_and_model as check
+
+    return check(config)

@@ -15,14 +15,15 @@ from collections import Counter
 from dataclasses import dataclass
 
 from sa2va_contract.config import ExperimentConfig, RecoveryConfig
+from sa2va_contract.events import Change, RestartChanges
 from sa2va_contract.gpus import GpuSnapshot, choose_gpu
 from sa2va_contract.kinds import kind_of
 
 OOM, ERROR, KILLED = "oom", "error", "killed"
 FAILURE_KINDS = (OOM, ERROR, KILLED)
-#: Why a new attempt starts: automatically after an out-of-memory failure, because a
-#: person asked, or because a run is resumed.
-RESTART_REASONS = ("oom", "manual", "resume")
+#: Why an attempt starts: the first of a run, automatically after an out-of-memory
+#: failure, because a person asked, or because a run is resumed.
+START, RESTART_REASONS = "start", ("oom", "manual", "resume")
 
 
 # --- classifying failures -------------------------------------------------------------
@@ -129,6 +130,16 @@ class RestartPlan:
     resume_from: str | None
     resume_step: int | None
 
+    @property
+    def changes(self) -> RestartChanges:
+        """What this attempt does differently from the last one."""
+        previous = self.previous_batch_size
+        return RestartChanges(
+            resume_from=self.resume_from,
+            batch_size=Change(previous, self.batch_size) if previous and previous != self.batch_size else None,
+            gpu=Change(self.previous_gpu, self.gpu) if self.previous_gpu != self.gpu else None,
+        )
+
 
 def plan_restart(
     experiment: ExperimentConfig,
@@ -147,8 +158,8 @@ def plan_restart(
 ) -> RestartPlan:
     """The next attempt: at `batch_size` when given (an automatic restart decided it),
     else at half the last batch after an out-of-memory failure (the same batch when no
-    smaller one is allowed), else at the last batch; on the device `choose_device`
-    gives now; from the last checkpoint."""
+    smaller one is allowed), else at the last batch (the config's for the first); on
+    the device `choose_device` gives now; from the last checkpoint (none for `START`)."""
     after_oom = last_failure == OOM
     current = last_batch_size or kind_of(experiment).batch_size(experiment)
     if batch_size is None:
@@ -158,5 +169,5 @@ def plan_restart(
     return RestartPlan(
         reason=reason, attempt=attempts + 1, batch_size=batch_size, previous_batch_size=last_batch_size,
         gpu=choose_device(experiment, gpus, placed), previous_gpu=last_gpu, after_oom=after_oom,
-        resume_from=checkpoint, resume_step=checkpoint_step if checkpoint else None,
+        resume_from=checkpoint if reason != START else None, resume_step=checkpoint_step if checkpoint else None,
     )

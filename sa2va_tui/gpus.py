@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import importlib
 import threading
-from typing import Any, Callable
+import time
+from collections import Counter
+from typing import Any, Callable, Iterable
 
+from sa2va_contract.events import GpuSample
 from sa2va_contract.gpus import GpuInfo, GpuProcess, GpuSnapshot
 
 #: Why NVML could not start, by error code name, in words for the researcher.
@@ -137,3 +140,38 @@ class GpuSampler(threading.Thread):
 
     def stop(self) -> None:
         self._stopped.set()
+
+
+class GpuWatch:
+    """A supervisor's knowledge of the GPUs: the latest reading, where its own workers
+    sit, and a sample kept in the run folder every `record_interval` seconds (the
+    report's GPU history; the events of every second are only shown). Not thread-safe:
+    its owner serialises access."""
+
+    def __init__(self, read: Callable[[dict[int, str]], GpuSnapshot], keep: Callable[[GpuSample], None],
+                 record_interval: float) -> None:
+        self._read = read
+        self._keep = keep
+        self._record_interval = record_interval
+        self._recorded_at: float | None = None
+        self.snapshot = GpuSnapshot(available=False, message="not read yet")
+
+    def view(self, workers: Iterable[tuple[int | None, str, int | None]]) -> tuple[GpuSnapshot, Counter[int]]:
+        """The GPUs now, and per GPU how many of `workers` (pid, experiment, GPU) sit on
+        it unlisted by NVML: just started, the memory they are about to take still shows
+        as free, so placement counts them."""
+        workers = list(workers)
+        self.snapshot = self._read({pid: name for pid, name, _ in workers if pid})
+        listed = {p.pid for g in self.snapshot.gpus for p in g.processes}
+        placed = Counter(gpu for pid, _, gpu in workers if gpu is not None and pid not in listed)
+        return self.snapshot, placed
+
+    def record(self, snapshot: GpuSnapshot) -> GpuSample:
+        """A reading the sampler made: kept as the latest, and in the run folder when due."""
+        self.snapshot = snapshot
+        sample = GpuSample.of(snapshot)
+        now = time.monotonic()
+        if self._recorded_at is None or now - self._recorded_at >= self._record_interval:
+            self._keep(sample)
+            self._recorded_at = now
+        return sample

@@ -14,7 +14,7 @@ import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any, Callable, Iterator
 
 from sa2va_contract.config import Config, ConfigError, dump_config, load_config
 from sa2va_contract.events import Event, GpuSample, event_from_dict
@@ -122,6 +122,26 @@ class RunStore:
         if self._events is not None:
             self._events.close()
             self._events = None
+
+
+class StateWriter:
+    """run.json rewritten when something changed, at most every `interval` seconds
+    unless forced (progress arrives many times a second)."""
+
+    def __init__(self, store: RunStore, interval: float) -> None:
+        self._store = store
+        self._interval = interval
+        self._last = 0.0
+        #: Set by the owner whenever a state changed.
+        self.dirty = False
+
+    def write(self, states: dict[str, ExperimentState], finish_time: Callable[[], float | None], force: bool = False,
+              active: bool = True) -> None:
+        now = time.monotonic()
+        if force or (self.dirty and now - self._last >= self._interval):
+            self._store.write_state(states, finish_time(), active=active)
+            self.dirty = False
+            self._last = now
 
 
 @dataclass

@@ -21,25 +21,25 @@ from pathlib import Path
 from typing import Any
 
 from sa2va_contract import events
-from sa2va_contract.config import Config, ExperimentConfig
-from sa2va_contract.events import Change, Event, GpuSample, RestartChanges
+from sa2va_contract.config import Config, ExperimentConfig, RecoveryConfig
+from sa2va_contract.events import Event
 from sa2va_contract.files import read_log_tail
 from sa2va_contract.gpus import GpuSnapshot
 from sa2va_contract.kinds import kind_of, resolve_entry
 from sa2va_contract.recovery import (
     OOM,
+    START,
     RestartPlan,
     automatic_restart_batch,
     batch_size_problem,
-    choose_device,
     classify_exit,
     plan_restart,
 )
 from sa2va_contract.worker import WorkerSpec
-from sa2va_tui.gpus import GpuSampler
+from sa2va_tui.gpus import GpuSampler, GpuWatch
 from sa2va_tui.placement import Exit, LaunchError, PlacementBackend, WorkerHandle
 from sa2va_tui.runstate import EventHub, ExperimentState
-from sa2va_tui.runstore import RunStore, load_run, load_run_config
+from sa2va_tui.runstore import RunStore, StateWriter, load_run, load_run_config
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,24 @@ class _Attempt:
     def name(self) -> str:
         return self.handle.spec.name
 
+    def stop_by(self, grace_s: float) -> None:
+        """Asked to stop: the earliest deadline of all requests holds."""
+        kill_at = time.monotonic() + grace_s
+        if self.kill_at is None or kill_at < self.kill_at:
+            self.grace_s, self.kill_at = grace_s, kill_at
+
+    @property
+    def overdue(self) -> bool:
+        """Asked to stop, not stopped within its grace, not killed yet."""
+        return self.kill_at is not None and time.monotonic() > self.kill_at and not self.killed_by_us
+
+    def unreported_failure(self, exit_code: int | None, step: int) -> events.Failed:
+        """The failure of an attempt that ended without saying how."""
+        kind, message = classify_exit(exit_code, self.killed_by_us, self.grace_s)
+        spec = self.handle.spec
+        return events.Failed(self.name, kind=kind, message=message, exit_code=exit_code, step=step,
+                             batch_size=self.batch_size, gpu=spec.gpu, log_tail=read_log_tail(spec.log_path))
+
 
 class Supervisor(EventHub):
     """Runs the experiments of one run folder.
@@ -90,19 +108,13 @@ class Supervisor(EventHub):
     receives the workers' events, applies them, writes the run folder and calls the
     subscribers, in order, on itself; a sampler thread reads the GPUs once a second."""
 
-    def __init__(
-        self,
-        config: Config,
-        store: RunStore,
-        *,
-        backend: PlacementBackend | None = None,
-        entry_points: dict[str, str] | None = None,
-        nvml: Any = None,
-        gpu_interval: float = 1.0,
-        stop_grace_s: float = 30.0,
-        gpu_record_interval: float = GPU_RECORD_INTERVAL_S,
-        prior: dict[str, ExperimentState] | None = None,
-    ) -> None:
+    def __init__(self, config: Config, store: RunStore, *, backend: PlacementBackend | None = None,
+                 entry_points: dict[str, str] | None = None, nvml: Any = None, gpu_interval: float = 1.0,
+                 stop_grace_s: float = 30.0, gpu_record_interval: float = GPU_RECORD_INTERVAL_S,
+                 prior: dict[str, ExperimentState] | None = None) -> None:
+        """`backend` runs the workers (default: processes on this machine, whose GPUs
+        `nvml` reads); `entry_points` replaces the kinds' entry points (tests);
+        `prior` is the state of a run being resumed."""
         super().__init__(prior)
         if backend is None:
             from sa2va_tui.placement.local import LocalBackend
@@ -115,8 +127,7 @@ class Supervisor(EventHub):
         self._entry_points = entry_points
         self._gpu_interval = gpu_interval
         self._stop_grace_s = stop_grace_s
-        self._gpu_record_interval = gpu_record_interval
-        self._gpu_recorded_at: float | None = None
+        self._gpus = GpuWatch(backend.read_gpus, store.append_gpu_sample, gpu_record_interval)
         self._attempts: dict[str, _Attempt] = {}
         self._owed: dict[str, _Owed] = {}
         self._outbox: list[Event] = []
@@ -125,9 +136,7 @@ class Supervisor(EventHub):
         self._started = False
         self._closing = False
         self._finished = False
-        self._dirty = False
-        self._last_write = 0.0
-        self.gpus = GpuSnapshot(available=False, message="not read yet")
+        self._state_writer = StateWriter(store, STATE_WRITE_INTERVAL_S)
 
     @classmethod
     def for_run(cls, run_dir: Path, **kwargs: Any) -> "Supervisor":
@@ -160,7 +169,8 @@ class Supervisor(EventHub):
             self._write_state(force=True)
         atexit.register(self.shutdown)
         self._drain.start()
-        self._sampler = GpuSampler(self._backend.read_gpus, self._worker_pids, self._on_gpus, self._gpu_interval)
+        pids = lambda: {pid: name for pid, name, _ in self._placed_workers() if pid}  # noqa: E731
+        self._sampler = GpuSampler(self._backend.read_gpus, pids, self._on_gpus, self._gpu_interval)
         self._sampler.start()
         with self._lock:
             for name in names:
@@ -197,15 +207,10 @@ class Supervisor(EventHub):
         `restart_plan`) says."""
         with self._lock:
             self._known(name)
-            if self._closing:
-                raise SupervisorError("shutting down")
-            if self._book.states[name].state == "finished":
-                raise SupervisorError(f"{name} has finished; nothing to restart")
-            wanted = plan.batch_size if plan is not None else batch_size
-            if wanted is not None:
-                problem = batch_size_problem(self._experiments[name], wanted)
-                if problem:
-                    raise SupervisorError(problem)
+            refusal = restart_refusal(name, self._book.states[name], self._experiments[name], self._closing,
+                                      plan.batch_size if plan is not None else batch_size)
+            if refusal:
+                raise SupervisorError(refusal)
             if name in self._owed:
                 return  # a restart is already on its way (after an out-of-memory failure)
             owed = _Owed("manual", batch_size=batch_size, plan=plan)
@@ -215,7 +220,7 @@ class Supervisor(EventHub):
             else:
                 self._owed[name] = owed
                 self._book.mark_restarting(name)
-                self._dirty = True
+                self._state_writer.dirty = True
                 self._ask_stop(attempt, "restart", self._stop_grace_s)
 
     @property
@@ -256,73 +261,38 @@ class Supervisor(EventHub):
     def _launch(self, name: str, owed: _Owed | None) -> None:
         """Start one attempt: the first (`owed` None) or one owed. Lock held."""
         experiment = self._experiments[name]
-        state = self._book.states[name]
-        if owed is None:
-            batch = state.batch_size or kind_of(experiment).batch_size(experiment)
-            gpu, resume_from = self._place(experiment), None
-        else:
-            plan = owed.plan or self._plan(name, owed.reason, owed.batch_size)
-            batch, gpu, resume_from = plan.batch_size, plan.gpu, plan.resume_from
-        if experiment.device == "cuda" and gpu is None:
+        plan = (owed.plan if owed else None) or self._plan(name, owed.reason if owed else START,
+                                                           owed.batch_size if owed else None)
+        if experiment.device == "cuda" and plan.gpu is None:
             self._dispatch(events.Failed(name, kind="error", message=f"device is cuda but {self.gpus.message}"))
             return
-        attempt = state.attempts + 1
         if owed is not None:
-            changes = RestartChanges(
-                resume_from=resume_from,
-                batch_size=Change(state.batch_size, batch) if state.batch_size and batch != state.batch_size else None,
-                gpu=Change(state.gpu, gpu) if state.gpu != gpu else None,
-            )
-            self._dispatch(events.Restarting(name, reason=owed.reason, attempt=attempt, changes=changes))
-        configured = kind_of(experiment).batch_size(experiment)
-        spec = WorkerSpec(
-            name=name,
-            entry=resolve_entry(experiment.kind, self._entry_points),
-            config=self.config,
-            exp_dir=self.store.exp_dir(name),
-            log_path=self.store.log_path(name),
-            gpu=gpu,
-            supervisor_pid=os.getpid(),
-            attempt=attempt,
-            resume_from=Path(resume_from) if resume_from else None,
-            batch_size_override=batch if batch != configured else None,
-        )
+            self._dispatch(events.Restarting(name, reason=plan.reason, attempt=plan.attempt, changes=plan.changes))
         try:
-            handle = self._backend.launch(spec)
+            handle = self._backend.launch(worker_spec(name, experiment, plan, self.config, self.store,
+                                                      resolve_entry(experiment.kind, self._entry_points)))
         except LaunchError as err:
             self._dispatch(events.Failed(name, kind="error", message=str(err)))
             return
-        self._attempts[name] = _Attempt(handle=handle, batch_size=batch)
+        self._attempts[name] = _Attempt(handle=handle, batch_size=plan.batch_size)
         self._book.launched(name, handle.pid)
-        self._dirty = True
+        self._state_writer.dirty = True
         self._backend.wake()
 
     def _plan(self, name: str, reason: str, batch_size: int | None = None) -> RestartPlan:
-        state = self._book.states[name]
-        snapshot, placed = self._gpu_view()
-        return plan_restart(
-            self._experiments[name], reason, attempts=state.attempts, last_batch_size=state.batch_size,
-            last_gpu=state.gpu, last_failure=state.failure.kind if state.failure and state.state == "failed" else None,
-            checkpoint=state.last_checkpoint, checkpoint_step=state.checkpoint_step, recovery=self.config.recovery,
-            gpus=snapshot, placed=placed, batch_size=batch_size,
-        )
+        snapshot, placed = self._gpus.view(self._placed_workers())
+        return plan_for(self._experiments[name], self._book.states[name], reason, self.config.recovery, snapshot,
+                        placed, batch_size)
 
-    def _place(self, experiment: ExperimentConfig) -> int | None:
-        snapshot, placed = self._gpu_view()
-        return choose_device(experiment, snapshot, placed)
-
-    def _gpu_view(self) -> tuple[GpuSnapshot, Counter[int]]:
-        """The GPUs now, and how many of our workers each holds that NVML does not list
-        yet (just started: the memory they are about to take still shows as free)."""
-        self.gpus = self._backend.read_gpus(self._worker_pids())
-        seen = {p.pid for g in self.gpus.gpus for p in g.processes}
-        placed = Counter(a.handle.spec.gpu for a in self._attempts.values()
-                         if a.handle.spec.gpu is not None and a.handle.pid not in seen)
-        return self.gpus, placed
-
-    def _worker_pids(self) -> dict[int, str]:
+    def _placed_workers(self) -> list[tuple[int | None, str, int | None]]:
+        """(pid, experiment, GPU) of every worker of ours."""
         with self._lock:
-            return {a.handle.pid: name for name, a in self._attempts.items() if a.handle.pid}
+            return [(a.handle.pid, name, a.handle.spec.gpu) for name, a in self._attempts.items()]
+
+    @property
+    def gpus(self) -> GpuSnapshot:
+        """The latest reading of the GPUs."""
+        return self._gpus.snapshot
 
     # --- control helpers -------------------------------------------------------------
 
@@ -340,9 +310,7 @@ class Supervisor(EventHub):
 
     def _ask_stop(self, attempt: _Attempt, reason: str, grace_s: float) -> None:
         self._backend.send(attempt.handle, events.Stop(reason))
-        kill_at = time.monotonic() + grace_s
-        if attempt.kill_at is None or kill_at < attempt.kill_at:
-            attempt.grace_s, attempt.kill_at = grace_s, kill_at
+        attempt.stop_by(grace_s)
         self._backend.wake()
 
     # --- events ----------------------------------------------------------------------
@@ -356,7 +324,7 @@ class Supervisor(EventHub):
                 self._book.mark_restarting(event.experiment)
             self.store.append_event(event)
             self._outbox.append(event)
-            self._dirty = True
+            self._state_writer.dirty = True
             self._changed.notify_all()
         if threading.current_thread() is not self._drain:
             self._backend.wake()
@@ -381,13 +349,8 @@ class Supervisor(EventHub):
         self._owed[attempt.name] = _Owed("oom", batch_size=batch)
 
     def _on_gpus(self, snapshot: GpuSnapshot) -> None:
-        sample = GpuSample.of(snapshot)
         with self._lock:
-            self.gpus = snapshot
-            now = time.monotonic()
-            if self._gpu_recorded_at is None or now - self._gpu_recorded_at >= self._gpu_record_interval:
-                self.store.append_gpu_sample(sample)
-                self._gpu_recorded_at = now
+            sample = self._gpus.record(snapshot)
         self._dispatch(sample)
 
     # --- the drain thread ------------------------------------------------------------
@@ -414,9 +377,7 @@ class Supervisor(EventHub):
     def _enforce_deadlines(self) -> None:
         """Kill the workers that were asked to stop and did not within their grace."""
         with self._lock:
-            overdue = [a for a in self._attempts.values()
-                       if a.kill_at is not None and time.monotonic() > a.kill_at and not a.killed_by_us]
-            for attempt in overdue:
+            for attempt in [a for a in self._attempts.values() if a.overdue]:
                 log.warning("%s did not stop in time; killing pid %s", attempt.name, attempt.handle.pid)
                 attempt.killed_by_us = True
                 self._backend.kill(attempt.handle)
@@ -427,19 +388,11 @@ class Supervisor(EventHub):
             if self._attempts.get(name) is attempt:
                 del self._attempts[name]
             if attempt.outcome is None:
-                self._dispatch(self._unreported_end(attempt, exit.exit_code))
+                self._dispatch(attempt.unreported_failure(exit.exit_code, self._book.states[name].timesteps))
             owed = self._owed.pop(name, None)
             if owed is not None and not self._closing:
                 self._launch(name, owed)
             self._changed.notify_all()
-
-    def _unreported_end(self, attempt: _Attempt, exit_code: int | None) -> events.Failed:
-        kind, message = classify_exit(exit_code, attempt.killed_by_us, attempt.grace_s)
-        state = self._book.states.get(attempt.name)
-        spec = attempt.handle.spec
-        return events.Failed(attempt.name, kind=kind, message=message, exit_code=exit_code,
-                             step=state.timesteps if state else None, batch_size=attempt.batch_size, gpu=spec.gpu,
-                             log_tail=read_log_tail(spec.log_path))
 
     def _deliver_outbox(self) -> None:
         with self._lock:
@@ -447,8 +400,36 @@ class Supervisor(EventHub):
         self._deliver(pending)
 
     def _write_state(self, force: bool = False, active: bool = True) -> None:
-        now = time.monotonic()
-        if force or (self._dirty and now - self._last_write >= STATE_WRITE_INTERVAL_S):
-            self.store.write_state(self._book.states, self._book.finish_time(), active=active)
-            self._dirty = False
-            self._last_write = now
+        self._state_writer.write(self._book.states, self._book.finish_time, force=force, active=active)
+
+
+def restart_refusal(name: str, state: ExperimentState, experiment: ExperimentConfig, closing: bool,
+                    batch_size: int | None) -> str | None:
+    """Why an experiment cannot be restarted now (at `batch_size`), or None."""
+    if closing:
+        return "shutting down"
+    if state.state == "finished":
+        return f"{name} has finished; nothing to restart"
+    return batch_size_problem(experiment, batch_size) if batch_size is not None else None
+
+
+def plan_for(experiment: ExperimentConfig, state: ExperimentState, reason: str, recovery: RecoveryConfig,
+             gpus: GpuSnapshot, placed: Counter[int], batch_size: int | None = None) -> RestartPlan:
+    """The recovery policy's plan for the next attempt of an experiment in `state`."""
+    failed = state.failure.kind if state.failure and state.state == "failed" else None
+    return plan_restart(experiment, reason, attempts=state.attempts, last_batch_size=state.batch_size,
+                        last_gpu=state.gpu, last_failure=failed, checkpoint=state.last_checkpoint,
+                        checkpoint_step=state.checkpoint_step, recovery=recovery, gpus=gpus, placed=placed,
+                        batch_size=batch_size)
+
+
+def worker_spec(name: str, experiment: ExperimentConfig, plan: RestartPlan, config: Config, store: RunStore,
+                entry: str) -> WorkerSpec:
+    """What the worker of an attempt carried out as `plan` needs."""
+    configured = kind_of(experiment).batch_size(experiment)
+    return WorkerSpec(
+        name=name, entry=entry, config=config, exp_dir=store.exp_dir(name), log_path=store.log_path(name),
+        gpu=plan.gpu, supervisor_pid=os.getpid(), attempt=plan.attempt,
+        resume_from=Path(plan.resume_from) if plan.resume_from else None,
+        batch_size_override=plan.batch_size if plan.batch_size != configured else None,
+    )

@@ -27,6 +27,8 @@ SMALL_RUN = (
 #: Timesteps that a PPO experiment of SMALL_RUN does not reach within any test: for one
 #: that must still be running when the test acts on it (it is stopped at the end).
 ENDLESS = 10_000_000
+#: The step at which the report tests' run runs out of memory (prompt_rl).
+OOM_AT_STEP = 150
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -70,3 +72,70 @@ def real_run(mask_cache, tmp_path) -> list[str]:
     """`--set` overrides for a small real run: SMALL_RUN, the shared mask cache, and a
     logs folder of the test's own."""
     return [*SMALL_RUN, f"backend.cache_dir={mask_cache}", f"run.logs_dir={tmp_path / 'logs'}"]
+
+
+@pytest.fixture(scope="session")
+def report_run(tmp_path_factory, mask_cache):
+    """A real quick run for the report tests: its folder, a report read while it ran,
+    and the reports, curves and evaluation made after it, through the real commands."""
+    import pynvml
+
+    from fake_nvml import FakeNvml
+    from sa2va_contract.config import load_config
+    from sa2va_tui.report import read_report
+    from sa2va_tui.runstore import RunStore
+    from sa2va_tui.supervisor import Supervisor
+
+    base = tmp_path_factory.mktemp("report")
+    config = load_config(QUICK_CONFIG, [
+        f"run.logs_dir={base / 'logs'}",
+        f"prompt_rl.faults={{oom_at_step: {OOM_AT_STEP}, oom_min_batch_size: 32}}",
+        # Smaller still, to keep the module within a minute on two cores: the images of
+        # the session's mask cache, one epoch of the reward network. Its 30 fine-tuning
+        # steps (a few seconds) are the training that the mid-run report is read during:
+        # the PPO experiments train for a fraction of a second on an idle machine.
+        "dataset.limit=8", f"backend.cache_dir={mask_cache}",
+        "reward_net.reward={samples: 4, epochs: 1, batch_size: 64, perturbations_per_mask: 0}",
+        "reward_net.finetune={steps: 30, batch_size: 2}",
+    ])
+    # No NVIDIA library, deterministically, whatever machine runs the tests.
+    nvml = FakeNvml(init_error=pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
+    supervisor = Supervisor(config, RunStore.create(config), nvml=nvml, gpu_record_interval=0.2)
+    run_dir = supervisor.run_dir
+    supervisor.start()
+    try:
+        mid = _report_while_running(supervisor)
+        assert supervisor.wait(240), "the quick run did not finish in 4 minutes"
+    finally:
+        supervisor.shutdown()
+    before_evaluation = read_report(run_dir)
+    evaluated = run_cli("evaluate", str(run_dir), timeout=240)
+    out = base / "out"
+    reports = {
+        lang: run_cli("report", str(run_dir), "--lang", lang, "-o", str(out / lang / "report.md"))
+        for lang in ("en", "zh")
+    }
+    as_json = run_cli("report", str(run_dir), "--format", "json", "--lang", "zh", "-o", str(out / "report.json"))
+    return {"dir": run_dir, "mid": mid, "before_evaluation": before_evaluation, "evaluated": evaluated,
+            "reports": reports, "json": as_json, "out": out}
+
+
+def _report_while_running(supervisor, timeout: float = 180.0):
+    """The report as read from the run folder while an experiment trains."""
+    import time
+
+    from sa2va_tui.report import read_report
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not supervisor.done:
+        data = read_report(supervisor.run_dir)
+        if any(is_training(e) for e in data.experiments.values()):
+            return data
+        time.sleep(0.1)
+    raise AssertionError("no experiment was seen training with an ETA")
+
+
+def is_training(exp) -> bool:
+    """Running, its process alive, with timesteps and time left."""
+    return exp.shown_state == "running" and exp.pid is not None and bool(exp.remaining_s) and bool(
+        exp.remaining_timesteps)

@@ -14,19 +14,15 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import string
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
-import pynvml
 import pytest
 
-from conftest import QUICK_CONFIG, ROOT, run_cli
+from conftest import OOM_AT_STEP, QUICK_CONFIG, is_training
 from fake_nvml import GiB, FakeGpu, FakeNvml
 from sa2va_tui.analysis import hints, reward_trend
 from sa2va_contract.config import load_config
@@ -41,81 +37,18 @@ from sa2va_tui.runstate import EPISODE_REWARD
 from sa2va_contract.layout import RUN_FILE
 from sa2va_tui.runstore import RunStore, load_run, read_events, read_gpu_samples
 from sa2va_tui.supervisor import Supervisor
+from reports import EXPERIMENTS, report_section, report_text
 
-EXPERIMENTS = ("prompt_rl", "postprocess_rl", "reward_net")
-OOM_AT_STEP = 150
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 #: Words that stay as they are in a Chinese report: names of things, not sentences.
 PROPER_NOUNS = {"GPU", "CPU", "PPO", "CNN", "Dice", "IoU", "Recall", "Precision", "NVIDIA", "TensorBoard", "GiB",
                 "MiB", "KiB"}
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory, mask_cache):
-    """A real quick run: its folder, a report read while it ran, and the reports,
-    curves and evaluation made after it, through the real commands."""
-    base = tmp_path_factory.mktemp("report")
-    config = load_config(QUICK_CONFIG, [
-        f"run.logs_dir={base / 'logs'}",
-        f"prompt_rl.faults={{oom_at_step: {OOM_AT_STEP}, oom_min_batch_size: 32}}",
-        # Smaller still, to keep the module within a minute on two cores: the images of
-        # the session's mask cache, one epoch of the reward network. Its 30 fine-tuning
-        # steps (a few seconds) are the training that the mid-run report is read during:
-        # the PPO experiments train for a fraction of a second on an idle machine.
-        "dataset.limit=8", f"backend.cache_dir={mask_cache}",
-        "reward_net.reward={samples: 4, epochs: 1, batch_size: 64, perturbations_per_mask: 0}",
-        "reward_net.finetune={steps: 30, batch_size: 2}",
-    ])
-    # No NVIDIA library, deterministically, whatever machine runs the tests.
-    nvml = FakeNvml(init_error=pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
-    supervisor = Supervisor(config, RunStore.create(config), nvml=nvml, gpu_record_interval=0.2)
-    run_dir = supervisor.run_dir
-    supervisor.start()
-    try:
-        mid = _report_while_running(supervisor)
-        assert supervisor.wait(240), "the quick run did not finish in 4 minutes"
-    finally:
-        supervisor.shutdown()
-    before_evaluation = read_report(run_dir)
-    evaluated = run_cli("evaluate", str(run_dir), timeout=240)
-    out = base / "out"
-    reports = {
-        lang: run_cli("report", str(run_dir), "--lang", lang, "-o", str(out / lang / "report.md"))
-        for lang in ("en", "zh")
-    }
-    as_json = run_cli("report", str(run_dir), "--format", "json", "--lang", "zh", "-o", str(out / "report.json"))
-    return {"dir": run_dir, "mid": mid, "before_evaluation": before_evaluation, "evaluated": evaluated,
-            "reports": reports, "json": as_json, "out": out}
 
-
-def _report_while_running(supervisor: Supervisor, timeout: float = 180.0):
-    """The report as read from the run folder while an experiment trains."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not supervisor.done:
-        data = read_report(supervisor.run_dir)
-        if any(_training(e) for e in data.experiments.values()):
-            return data
-        time.sleep(0.1)
-    raise AssertionError("no experiment was seen training with an ETA")
-
-
-def _training(exp) -> bool:
-    """Running, its process alive, with timesteps and time left."""
-    return exp.shown_state == "running" and exp.pid is not None and bool(exp.remaining_s) and bool(
-        exp.remaining_timesteps)
-
-
-def _text(run, lang: str) -> str:
-    result = run["reports"][lang]
-    assert result.returncode == 0, result.stderr
-    return (run["out"] / lang / "report.md").read_text(encoding="utf-8")
-
-
-def _section(markdown: str, heading: str) -> str:
-    """The body of the `## heading` section."""
-    start = markdown.index(f"## {heading}\n")
-    end = markdown.find("\n## ", start + 1)
-    return markdown[start:end if end != -1 else None]
+@pytest.fixture
+def run(report_run):
+    return report_run
 
 
 def _english_words(markdown: str) -> set[str]:
@@ -143,13 +76,13 @@ def test_the_run_finished_after_its_injected_oom_was_restarted(run):
 def test_overview_and_experiment_sections_tell_run_json(run):
     data = read_report(run["dir"])
     markdown = render_markdown(data, "en")
-    overview = _section(markdown, "Overview")
+    overview = report_section(markdown, "Overview")
     for name, s in load_run(run["dir"]).experiments.items():
         row = next(line for line in overview.splitlines() if f"`{name}`" in line)
         assert f"| finished | CPU | {s.timesteps}/{s.total} (100%) |" in row
         reward = "-" if s.episode_reward is None else format(s.episode_reward, ".4g")
         assert row.endswith(f"| {reward} |")
-        section = _section(markdown, f"Experiment `{name}`")
+        section = report_section(markdown, f"Experiment `{name}`")
         assert "- State: finished\n- Process id: -\n" in section
         assert f"batch size: {s.batch_size}, attempts: {s.attempts}" in section
         for key, value in s.metrics.items():
@@ -161,22 +94,22 @@ def test_overview_and_experiment_sections_tell_run_json(run):
         log = run["dir"] / name / "train.log"
         assert f"`tail -f {log}`" in section
         assert f"`sa2va-tui tensorboard {run['dir']}`" in section
-    assert "batch size: 16, attempts: 2" in _section(markdown, "Experiment `prompt_rl`")
-    assert "reward/spearman" in _section(markdown, "Experiment `reward_net`")
+    assert "batch size: 16, attempts: 2" in report_section(markdown, "Experiment `prompt_rl`")
+    assert "reward/spearman" in report_section(markdown, "Experiment `reward_net`")
 
 
 def test_a_report_read_mid_run_shows_live_processes_and_their_eta(run):
     mid = run["mid"]
     assert mid.live and mid.supervisor_pid == os.getpid()
-    exp = next(e for e in mid.experiments.values() if _training(e))
+    exp = next(e for e in mid.experiments.values() if is_training(e))
     assert exp.pid == exp.state.pid != os.getpid()
     assert exp.remaining_timesteps == exp.state.total - exp.state.timesteps > 0
     assert exp.finish_at == pytest.approx(mid.generated_at + exp.remaining_s)
     markdown = render_markdown(mid, "en")
     assert f"Running: supervisor pid {os.getpid()}" in markdown
-    assert f"| `{exp.name}` | running |" in _section(markdown, "Overview")
-    assert f"- Process id: {exp.pid}\n" in _section(markdown, f"Experiment `{exp.name}`")
-    finish = _section(markdown, "Expected finish")
+    assert f"| `{exp.name}` | running |" in report_section(markdown, "Overview")
+    assert f"- Process id: {exp.pid}\n" in report_section(markdown, f"Experiment `{exp.name}`")
+    finish = report_section(markdown, "Expected finish")
     assert re.search(rf"\| `{exp.name}` \| running \| {exp.remaining_timesteps} \| [0-9.]+ \| "
                      rf"{re.escape(format_duration(exp.remaining_s))} \|", finish)
     assert f"`sa2va-tui status {mid.run_ref}`" in markdown
@@ -209,11 +142,11 @@ def test_problems_tell_the_oom_and_its_restart_from_events(run):
     data = read_report(run["dir"])
     (problem,) = data.problems
     assert (problem.experiment, problem.kind, problem.step, problem.batch_size) == ("prompt_rl", "oom", oom.step, 32)
-    problems = _section(render_markdown(data, "en"), "Problems and how they were resolved")
+    problems = report_section(render_markdown(data, "en"), "Problems and how they were resolved")
     assert (f"`prompt_rl`: failed (out of memory) at step {oom.step}, batch size 32, on CPU: `{oom.message}`. "
             f"Restarted automatically after running out of memory (attempt 2): batch size 32 → 16; "
             f"resumed from checkpoint `{checkpoint}`. Now: finished.") in problems
-    zh = _section(render_markdown(data, "zh"), "问题及处理方式")
+    zh = report_section(render_markdown(data, "zh"), "问题及处理方式")
     assert f"在第 {oom.step} 步失败（显存不足），批大小 32" in zh and "批大小 32 → 16" in zh
 
 
@@ -221,7 +154,7 @@ def test_gpu_section_says_there_was_no_gpu(run):
     assert len(read_gpu_samples(run["dir"])) == 1  # without a GPU the sampler reports once, and stops
     data = read_report(run["dir"])
     assert data.gpu_available is False and "NVML library was not found" in data.gpu_message
-    gpus = _section(render_markdown(data, "en"), "GPU usage")
+    gpus = report_section(render_markdown(data, "en"), "GPU usage")
     assert f"No NVIDIA GPU (`{data.gpu_message}`): every experiment ran on the CPU." in gpus
 
 
@@ -240,7 +173,7 @@ def test_the_supervisor_keeps_a_gpu_sample_per_record_interval(real_run):
     samples = read_gpu_samples(supervisor.run_dir)
     assert 2 <= len(samples) <= elapsed / 0.5 + 1
     assert all(s.available and s.gpus[0].utilization == 40 for s in samples)
-    assert "| 0 | NVIDIA H100 80GB HBM3 | 40% |" in _section(render_markdown(read_report(supervisor.run_dir)),
+    assert "| 0 | NVIDIA H100 80GB HBM3 | 40% |" in report_section(render_markdown(read_report(supervisor.run_dir)),
                                                              "GPU usage")
 
 
@@ -256,7 +189,7 @@ def test_gpu_section_and_steadiness_from_a_recorded_gpu_history(run, tmp_path):
         gpus[0].utilization, gpus[1].utilization = steady, bursty
         store.append_gpu_sample(GpuSample.of(Nvml(FakeNvml(gpus)).read(workers)))
     data = read_report(copy)
-    table = _section(render_markdown(data, "en"), "GPU usage")
+    table = report_section(render_markdown(data, "en"), "GPU usage")
     assert "| 0 | NVIDIA H100 80GB HBM3 | 61% | 20.0 GiB / 80.0 GiB | `prompt_rl` (6.0 GiB) |" in table
     assert "| 1 | NVIDIA H100 80GB HBM3 | 90% | 30.0 GiB / 80.0 GiB | `reward_net` (9.0 GiB) |" in table
     assert "| mean 60%, spread 1.5 points, memory up to 20.0 GiB, over 4 samples |" in table  # 60, 62, 58, 61
@@ -270,11 +203,11 @@ def test_expected_finish_and_comparison(run):
     markdown = render_markdown(data, "en")
     states = load_run(run["dir"]).experiments
     last = max(s.ended_at for s in states.values())
-    finish = _section(markdown, "Expected finish")
+    finish = report_section(markdown, "Expected finish")
     assert f"The whole run finished at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(last))}." in finish
     for name in EXPERIMENTS:
         assert re.search(rf"\| `{name}` \| finished \| 0 \| - \| 0s \|", finish)
-    comparison = _section(markdown, "Comparison of the experiments")
+    comparison = report_section(markdown, "Comparison of the experiments")
     for name in ("prompt_rl", "postprocess_rl"):
         metrics = states[name].metrics
         kl, ev = metrics["train/approx_kl"], metrics["train/explained_variance"]
@@ -310,18 +243,18 @@ def test_success_indicators_are_checked_from_the_data(run):
     expected = "unknown" if not judged else ("pass" if all(t == "rising" for t in judged) else "fail")
     assert by_name["reward_rising"].status == expected
     assert by_name["gpu_steady"].status == "unknown" and by_name["gpu_steady"].facts["reason"] == "no_gpu"
-    section = _section(render_markdown(data, "en"), "Success indicators")
+    section = report_section(render_markdown(data, "en"), "Success indicators")
     assert "- ✓ No crash — passed: out-of-memory failures: 1, restarted: 1" in section
 
 
 def test_files_tree_and_next_steps(run):
     data = read_report(run["dir"])
     markdown = render_markdown(data, "en")
-    files = _section(markdown, "Output files")
+    files = report_section(markdown, "Output files")
     for name in (RUN_FILE, "events.jsonl", "config.yaml", "prompt_rl/", "tensorboard/", "progress.csv",
                  "best_model.zip", "final_model.zip", "best_reward_net.pth", "finetuned_segmenter.pt"):
         assert re.search(rf"[├└]── {re.escape(name)}", files), name
-    steps = _section(markdown, "Next steps")
+    steps = report_section(markdown, "Next steps")
     assert (f"- Evaluate the finished experiments (`prompt_rl`, `postprocess_rl`, `reward_net`) on the `val` split: "
             f"`sa2va-tui evaluate {run['dir']} --split val`") in steps
     assert "resume" not in steps  # nothing is left unfinished
@@ -338,10 +271,10 @@ def test_an_interrupted_run_says_so_and_how_to_continue(run, tmp_path):
     data = read_report(copy)
     assert not data.live and data.experiments["reward_net"].shown_state == "interrupted"
     markdown = render_markdown(data, "en")
-    assert "| `reward_net` | interrupted |" in _section(markdown, "Overview")
-    assert "`reward_net`: left unfinished at step" in _section(markdown, "Problems and how they were resolved")
+    assert "| `reward_net` | interrupted |" in report_section(markdown, "Overview")
+    assert "`reward_net`: left unfinished at step" in report_section(markdown, "Problems and how they were resolved")
     assert (f"- Continue the unfinished experiments (`reward_net`) from their last checkpoints: "
-            f"`sa2va-tui resume {copy}`") in _section(markdown, "Next steps")
+            f"`sa2va-tui resume {copy}`") in report_section(markdown, "Next steps")
 
 
 def _dead_pid() -> int:
@@ -352,38 +285,6 @@ def _dead_pid() -> int:
 
 # --- evaluation -------------------------------------------------------------------------
 
-
-def test_evaluate_prints_and_keeps_the_table_that_the_report_shows(run):
-    from sa2va_contract.evaluation import EvaluationTable
-
-    assert "Evaluation on val" in run["evaluated"].stdout
-    table = EvaluationTable.load(run["dir"] / "evaluation.json")
-    assert {"baseline", "prompt_policy", "postprocess_policy", "combined", "oracle_prompt"} <= {
-        r.name for r in table.rows}
-    section = _section(_text(run, "en"), "Evaluation")
-    for row in table.rows:
-        delta = "" if row.name == table.baseline else f" {table.delta(row, 'dice'):+.4f} |"
-        assert f"| {row.label} | {row.mean('dice'):.4f} ± {row.std('dice'):.3f} |" in section
-        assert delta in section
-    zh = _section(_text(run, "zh"), "评估结果")
-    assert f"| 提示选择策略 | {table.row('prompt_policy').mean('dice'):.4f}" in zh
-    assert "Not evaluated yet" in render_markdown(run["before_evaluation"], "en")
-
-
-def test_evaluate_refuses_a_run_with_nothing_finished(run, tmp_path):
-    copy = Path(shutil.copytree(run["dir"], tmp_path / run["dir"].name, ignore=shutil.ignore_patterns("*.zip")))
-    state = json.loads((copy / RUN_FILE).read_text())
-    for exp in state["experiments"].values():
-        exp["state"] = "failed"
-    (copy / RUN_FILE).write_text(json.dumps(state))
-    result = run_cli("evaluate", str(copy))
-    assert result.returncode == 2 and result.stderr.count("\n") == 1
-    assert "no experiment has finished yet" in result.stderr and "Traceback" not in result.stderr
-
-
-# --- languages, formats, curves -------------------------------------------------------
-
-
 def test_every_message_exists_in_both_languages_with_the_same_placeholders():
     fields = string.Formatter()
     for key, (en, zh) in MESSAGES.items():
@@ -392,13 +293,13 @@ def test_every_message_exists_in_both_languages_with_the_same_placeholders():
 
 
 def test_the_chinese_report_has_no_english_sentence_left(run):
-    zh = _text(run, "zh")
+    zh = report_text(run, "zh")
     leaks = _english_words(zh) - PROPER_NOUNS
     assert not leaks, f"English words in the Chinese report: {sorted(leaks)}"
     for heading in ("概览", "GPU 使用情况", "预计完成时间", "实验对比", "问题及处理方式", "输出文件", "后续步骤", "成功指标",
                     "评估结果", "学习曲线"):
         assert f"\n## {heading}\n" in zh
-    assert not re.search(r"[\u4e00-\u9fff]", _text(run, "en"))
+    assert not re.search(r"[\u4e00-\u9fff]", report_text(run, "en"))
 
 
 def test_json_report_carries_the_facts_and_translated_sentences(run):
@@ -424,7 +325,7 @@ def test_curves_are_png_images_next_to_the_report_and_referenced_from_it(run):
     from PIL import Image
 
     report = run["out"] / "en" / "report.md"
-    markdown = _text(run, "en")
+    markdown = report_text(run, "en")
     assert run["reports"]["en"].stdout.count("curves: ") == 3
     for curve in ("episode_reward", "ppo_metrics", "reward_net"):
         path = curve_path(report, curve)
@@ -434,101 +335,3 @@ def test_curves_are_png_images_next_to_the_report_and_referenced_from_it(run):
         height, width, _ = imread(path).shape
         assert width > 300 and height > 200
         assert f"]({path.name})" in markdown
-
-
-def test_the_report_command_reads_files_without_torch_or_matplotlib(run):
-    code = (
-        "import json, sys\n"
-        "from typer.testing import CliRunner\n"
-        "from sa2va_tui.cli import app\n"
-        "from sa2va_tui import commands\n"
-        f"result = CliRunner().invoke(app, ['report', {str(run['dir'])!r}, '--lang', 'zh'])\n"
-        "assert result.exit_code == 0, result.output\n"
-        "assert '成功指标' in result.output, result.output\n"
-        f"result = CliRunner().invoke(app, ['report', {str(run['dir'])!r}, '--format', 'json'])\n"
-        "assert result.exit_code == 0 and json.loads(result.output)['lang'] == 'en', result.output\n"
-        "heavy = [m for m in ('torch', 'stable_baselines3', 'matplotlib') if m in sys.modules]\n"
-        "assert not heavy, heavy\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60,
-                            env={**os.environ, "COLUMNS": "120"})
-    assert result.returncode == 0, result.stderr
-
-
-def test_report_of_a_missing_run_is_one_line(tmp_path):
-    result = run_cli("report", "nope", "--logs-dir", str(tmp_path))
-    assert result.returncode == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
-
-
-# --- runs, tensorboard ------------------------------------------------------------------
-
-
-def test_runs_lists_the_run_with_its_states_and_headline_val_dice(run):
-    from sa2va_contract.evaluation import EvaluationTable
-
-    result = run_cli("runs", "--logs-dir", str(run["dir"].parent))
-    assert result.returncode == 0, result.stderr
-    name, dice, delta = EvaluationTable.load(run["dir"] / "evaluation.json").headline()
-    line = next(line for line in result.stdout.splitlines() if run["dir"].name in line)
-    assert f"{dice:.4f} {name} ({delta:+.4f})" in line
-    for experiment in EXPERIMENTS:
-        assert f"{experiment} finished" in result.stdout
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _listening_addresses(port: int) -> set[str]:
-    """Local addresses listening on `port`, from /proc/net/tcp{,6} (state 0A: LISTEN)."""
-    found = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            local, state = line.split()[1], line.split()[3]
-            address, hex_port = local.rsplit(":", 1)
-            if state == "0A" and int(hex_port, 16) == port:
-                found.add(address)
-    return found
-
-
-@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads the listening sockets from /proc")
-def test_tensorboard_serves_every_experiment_on_localhost_only(run):
-    port = _free_port()
-    process = subprocess.Popen([sys.executable, "-m", "sa2va_tui.cli", "tensorboard", str(run["dir"]), "--port",
-                                str(port)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        line = process.stdout.readline()  # printed once TensorBoard answers; empty if the command ended
-        assert line.startswith(f"TensorBoard at http://127.0.0.1:{port}/ with runs prompt_rl, postprocess_rl, "
-                               "reward_net"), line or process.stderr.read()
-        assert _listening_addresses(port) == {"0100007F"}  # 127.0.0.1, and nothing else
-        served = _get_json(f"http://127.0.0.1:{port}/data/runs", timeout=60)
-        for name in EXPERIMENTS:
-            assert any(r == name or r.startswith(f"{name}/") for r in served), served
-    finally:
-        process.send_signal(signal.SIGINT)  # what Ctrl+C does
-        process.wait(timeout=20)
-    assert process.returncode == 0
-    assert not _listening_addresses(port)
-
-
-def _get_json(url: str, timeout: float):
-    """TensorBoard lists runs once it has scanned the folders: ask until it has."""
-    deadline = time.monotonic() + timeout
-    while True:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            runs = json.loads(response.read())
-        if len(runs) >= len(EXPERIMENTS) or time.monotonic() > deadline:
-            return runs
-        time.sleep(0.5)
-
-
-def test_tensorboard_on_a_port_in_use_is_one_line(run):
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        port = busy.getsockname()[1]
-        result = run_cli("tensorboard", str(run["dir"]), "--port", str(port))
-    assert result.returncode == 2 and f"port {port} on 127.0.0.1 is in use" in result.stderr
-    assert result.stderr.count("\n") == 1

@@ -25,7 +25,7 @@ import numpy as np
 from gymnasium import spaces
 
 from experiments.envs.features import MASK_FEATURES
-from experiments.envs.prompt import OBS_BOUND
+from experiments.envs.episode import OBS_BOUND, clip_observation, episode_sample
 from experiments.envs.tables import PostprocessTable
 from experiments.postprocess import MaskEditor, OpSettings
 from sa2va_contract.config import ALL_OPS, STOP, THRESHOLD_OPS
@@ -108,10 +108,7 @@ class PostProcessEnv(gym.Env):
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
-        if options and "sample" in options:
-            self.sample = int(options["sample"])
-        else:
-            self.sample = int(self.np_random.integers(len(self.table)))
+        self.sample = episode_sample(self.np_random, len(self.table), options)
         t = self.table
         self.editor = MaskEditor(t.start_masks[self.sample], t.probs[self.sample], self.settings)
         self.steps = 0
@@ -178,7 +175,7 @@ class PostProcessEnv(gym.Env):
     def _observation(self) -> np.ndarray:
         t = self.table
         obs = np.concatenate([t.context[self.sample], t.start_features[self.sample], self._features, self._history])
-        return np.clip(obs, -OBS_BOUND, OBS_BOUND, out=obs)
+        return clip_observation(obs)
 
     def answer(self) -> np.ndarray:
         """The mask the episode ends with."""

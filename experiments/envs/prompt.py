@@ -22,11 +22,9 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
+from experiments.envs.episode import OBS_BOUND, clip_observation, episode_sample
 from experiments.envs.features import MASK_FEATURES
 from experiments.envs.tables import PromptTable
-
-#: Observations are clipped to this; features are built to lie in about [0, 1].
-OBS_BOUND = 10.0
 
 
 class PromptSelectEnv(gym.Env):
@@ -55,10 +53,7 @@ class PromptSelectEnv(gym.Env):
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
-        if options and "sample" in options:
-            self.sample = int(options["sample"])
-        else:
-            self.sample = int(self.np_random.integers(len(self.table)))
+        self.sample = episode_sample(self.np_random, len(self.table), options)
         self.prompt = self.table.default_prompt
         self.steps = 0
         self.masks_used += 1
@@ -100,7 +95,7 @@ class PromptSelectEnv(gym.Env):
             features[self.prompt],
             self._history,
         ])
-        return np.clip(obs, -OBS_BOUND, OBS_BOUND, out=obs)
+        return clip_observation(obs)
 
     def answer(self) -> int:
         """The candidate prompt the episode ends on (its mask is the answer)."""

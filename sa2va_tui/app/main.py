@@ -23,12 +23,13 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.content import Content
 from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import Button, ContentSwitcher, Footer, Log, RichLog
-from textual.worker import Worker, WorkerState, get_current_worker
+from textual.widgets import Button, ContentSwitcher, Footer, RichLog
+from textual.worker import Worker, WorkerState
 
 from sa2va_tui.app.inbox import Inbox, SourceEvent
+from sa2va_tui.app.logview import LogView
 from sa2va_tui.app.screens import ConfirmScreen, HelpScreen
-from sa2va_tui.app.source import AppSource, RestartPlan
+from sa2va_tui.app.source import AppSource
 from sa2va_tui.app.widgets import (
     CardView,
     ExperimentCard,
@@ -41,8 +42,7 @@ from sa2va_tui.app.widgets import (
     event_line,
 )
 from sa2va_contract.events import Failed
-from sa2va_contract.files import LOG_TAIL_BYTES
-from sa2va_tui.logtail import FileFollower, LineSplitter
+from sa2va_contract.recovery import RestartPlan
 from sa2va_tui.text import describe
 from sa2va_tui.runstate import ExperimentState, StateBook
 
@@ -50,7 +50,6 @@ from sa2va_tui.runstate import ExperimentState, StateBook
 REFRESH_HZ = 4
 #: Clocks (ETA, finish time) tick this often even when no event arrives.
 CLOCK_S = 1.0
-LOG_POLL_S = 0.5
 
 
 class Problem(Message):
@@ -67,14 +66,6 @@ class Note(Message):
     def __init__(self, who: str, text: str) -> None:
         super().__init__()
         self.who, self.text = who, text
-
-
-class LogLines(Message):
-    """New lines of the followed log file; `reset` when they replace what is shown."""
-
-    def __init__(self, name: str, lines: list[str], reset: bool = False) -> None:
-        super().__init__()
-        self.name, self.lines, self.reset = name, lines, reset
 
 
 class ProblemLogHandler(logging.Handler):
@@ -136,7 +127,7 @@ class Dashboard(Screen):
                 yield GpuPanel(id="gpus")
         with ContentSwitcher(id="bottom", initial="events"):
             yield RichLog(id="events", max_lines=2000, markup=True, wrap=True, min_width=20)
-            yield Log(id="logtail", max_lines=5000)
+            yield LogView(id="logtail")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -321,7 +312,7 @@ class Dashboard(Screen):
             self._show_log(self.selected)
         else:
             self._tailing = None
-            self.workers.cancel_group(self, "logtail")
+            self.query_one(LogView).stop()
             self.query_one(ContentSwitcher).current = "events"
             self.query_one("#bottom").border_title = "events"
 
@@ -330,38 +321,7 @@ class Dashboard(Screen):
         self._tailing = name
         self.query_one(ContentSwitcher).current = "logtail"
         self.query_one("#bottom").border_title = f"log of {name}: {path}" if path else f"log of {name}: unknown"
-        self.query_one("#logtail", Log).clear()
-        if path is not None:
-            self._follow_log(name, Path(path))
-
-    @work(thread=True, exclusive=True, exit_on_error=False, group="logtail")
-    def _follow_log(self, name: str, path: Path) -> None:
-        """Post the end of `path`, then what is appended to it, until cancelled."""
-        worker = get_current_worker()
-        follower, lines = FileFollower(path, from_end=LOG_TAIL_BYTES), LineSplitter()
-        try:
-            while not worker.is_cancelled:
-                try:
-                    data = follower.read()
-                except OSError:
-                    data = b""
-                if follower.restarted:
-                    lines.reset()
-                if data or follower.restarted:
-                    self.post_message(LogLines(name, lines.feed(data), reset=follower.restarted))
-                if follower.caught_up:
-                    time.sleep(LOG_POLL_S)
-        finally:
-            follower.close()
-
-    @on(LogLines)
-    def _log_lines(self, message: LogLines) -> None:
-        if message.name != self._tailing:
-            return
-        log = self.query_one("#logtail", Log)
-        if message.reset:
-            log.clear()
-        log.write_lines(message.lines)
+        self.query_one(LogView).follow(Path(path) if path is not None else None)
 
     # --- the event log ---------------------------------------------------------------
 

@@ -3,7 +3,6 @@ run spends an hour finding out."""
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,19 +78,44 @@ def _check_backend(config: Config, report: Preflight) -> None:
     elif not (path / "config.json").is_file():
         report.problems.append(f"backend.model_path: {path}: not a transformers checkpoint (no config.json)")
     else:
-        report.found.append(f"backend: sa2va checkpoint {path}")
-        from experiments.backends.sa2va import INTERNLM2_MAX_TRANSFORMERS, _version_tuple, is_internlm2_checkpoint
-
-        if importlib.util.find_spec("transformers") is None:
-            report.problems.append("backend.kind: sa2va needs transformers: pip install -e '.[sa2va]'")
-        else:
-            from importlib.metadata import version
-
-            have = version("transformers")
-            if is_internlm2_checkpoint(path) and _version_tuple(have)[:2] > INTERNLM2_MAX_TRANSFORMERS:
-                report.problems.append(f"backend.model_path: {path} is InternLM2-based and needs transformers<=4.49, not {have}")
+        _check_sa2va_checkpoint(config, path, report)
     if backend.trust_remote_code:
         report.warnings.append(f"backend.trust_remote_code: the code shipped in {backend.model_path} will run")
+
+
+def _check_sa2va_checkpoint(config: Config, path: Path, report: Preflight) -> None:
+    """The family config.json names, and what it needs: one line per missing piece."""
+    from experiments.backends import sa2va_families as families
+
+    try:
+        detected = families.detect_family(path, config.backend.family)
+    except families.FamilyError as err:
+        report.problems.append(str(err))
+        return
+    family = detected.family
+    report.found.append(f"backend: sa2va checkpoint {path}: {family.label} ({detected.reason})")
+    loader = families.loader_override()
+    if loader is not None:
+        report.warnings.append(f"backend: {families.LOADER_ENV}={loader} loads the model, not transformers: "
+                               "its requirements and the CUDA GPU are not checked")
+        return
+    report.problems.extend(families.requirement_problems(family, path, families.installed(family)))
+    if config.backend.device_map == "split" and not family.splittable:
+        report.problems.append(f"backend.device_map: split exists upstream for InternVL-based checkpoints only, "
+                               f"not {family.label}")
+    _check_fits(config, path, report)
+
+
+def _check_fits(config: Config, path: Path, report: Preflight) -> None:
+    """A checkpoint larger than the freest GPU needs the split layout."""
+    from experiments.backends.sa2va_families import weights_bytes
+    from sa2va_tui.gpus import read_gpus
+
+    free = [g.memory_free for g in read_gpus().gpus if g.memory_free is not None]
+    size = weights_bytes(path)
+    if free and config.backend.device_map is None and size > max(free):
+        report.warnings.append(f"backend.model_path: {path}: {size / 2**30:.0f} GiB of weights, more than the freest "
+                               f"GPU's {max(free) / 2**30:.0f} GiB: set backend.device_map: split")
 
 
 def _check_gpus(config: Config, report: Preflight) -> None:
@@ -103,11 +127,17 @@ def _check_gpus(config: Config, report: Preflight) -> None:
         report.found.append(f"gpus: {snapshot.message}; experiments run on the CPU")
         for name, gpu in pinned.items():
             report.problems.append(f"{name}.gpu: GPU {gpu} asked for, but {snapshot.message}")
-        if config.backend.kind == "sa2va":
-            report.problems.append("backend.kind: sa2va needs a CUDA GPU and none is visible")
+        if config.backend.kind == "sa2va" and not _stand_in_loader():
+            report.problems.append("backend.kind: sa2va needs a CUDA GPU (Sa2VA has no CPU path) and none is visible")
         return
     indices = {gpu.index for gpu in snapshot.gpus}
     report.found.append(f"gpus: {len(indices)} visible ({', '.join(str(g.index) + ' ' + str(g.name) for g in snapshot.gpus)})")
     for name, gpu in pinned.items():
         if gpu not in indices:
             report.problems.append(f"{name}.gpu: GPU {gpu} asked for, but only {sorted(indices)} exist")
+
+
+def _stand_in_loader() -> bool:
+    from experiments.backends.sa2va_families import loader_override
+
+    return loader_override() is not None

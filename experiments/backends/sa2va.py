@@ -208,7 +208,8 @@ def _device_map(path: Path, family: Family, wanted: str | None, gpus: int) -> di
         raise BackendError(f"backend.device_map: split exists upstream for InternVL-based checkpoints only, "
                            f"not {family.label}: use null (one GPU)")
     if gpus < 2:
-        raise BackendError(f"backend.device_map: split needs at least 2 visible GPUs and this worker sees {gpus}")
+        raise BackendError(f"backend.device_map: split needs at least 2 visible GPUs and this worker sees {gpus} "
+                           "(the supervisor gives an experiment one GPU; reserving several is not implemented yet)")
     try:
         return split_device_map(llm_layer_count(path), gpus)
     except FamilyError as err:

@@ -146,3 +146,16 @@ def test_fingerprint_follows_the_weights(tmp_path):
     (path / "model.safetensors").write_bytes(b"other weights")
     assert checkpoint_fingerprint(path) != first
     assert json.loads((path / "config.json").read_text())["architectures"] == ["Sa2VAChatModel"]
+
+
+def test_with_a_gpu_the_loader_names_what_the_family_lacks(tmp_path, monkeypatch):
+    """As on a GPU machine where the [sa2va] extra was not installed (this one has no
+    transformers): one line, naming the family's requirements, before any weight is read."""
+    monkeypatch.delenv(LOADER_ENV, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    path = write_checkpoint(tmp_path, "qwen3_vl")
+    with pytest.raises(BackendError) as err:
+        load_sa2va(backend(path))
+    line = str(err.value)
+    assert "\n" not in line and line.startswith(f"backend.model_path: {path} is Qwen3-VL-based and needs transformers")
+    assert "imports qwen_vl_utils: pip install qwen-vl-utils" in line

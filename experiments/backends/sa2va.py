@@ -194,6 +194,9 @@ def _load_with_transformers(path: Path, family: Family, backend) -> Loaded:
     except ModuleNotFoundError as err:
         raise BackendError(f"backend.model_path: {path}: its model code imports {err.name}, which is not installed: "
                            f"pip install -e '.[{family.extra}]'") from None
+    except ImportError as err:  # a name this transformers lacks: the wrong version for the family
+        raise BackendError(f"backend.model_path: {path}: its model code failed to import ({err}); {family.label} "
+                           f"needs transformers{family.transformers_spec}: pip install -e '.[{family.extra}]'") from None
     except (OSError, ValueError, RuntimeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise BackendError(f"backend.model_path: {path}: loading failed: {type(err).__name__}: {first}") from None

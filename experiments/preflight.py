@@ -3,7 +3,6 @@ a run spends an hour finding out (the GPUs are the tool's part: `sa2va_tui.prefl
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,16 +74,35 @@ def _check_backend(config: Config, report: Preflight) -> None:
     elif not (path / "config.json").is_file():
         report.problems.append(f"backend.model_path: {path}: not a transformers checkpoint (no config.json)")
     else:
-        report.found.append(f"backend: sa2va checkpoint {path}")
-        from experiments.backends.sa2va import INTERNLM2_MAX_TRANSFORMERS, _version_tuple, is_internlm2_checkpoint
-
-        if importlib.util.find_spec("transformers") is None:
-            report.problems.append("backend.kind: sa2va needs transformers: pip install -e '.[sa2va]'")
-        else:
-            from importlib.metadata import version
-
-            have = version("transformers")
-            if is_internlm2_checkpoint(path) and _version_tuple(have)[:2] > INTERNLM2_MAX_TRANSFORMERS:
-                report.problems.append(f"backend.model_path: {path} is InternLM2-based and needs transformers<=4.49, not {have}")
+        _check_sa2va_checkpoint(config, path, report)
     if backend.trust_remote_code:
         report.warnings.append(f"backend.trust_remote_code: the code shipped in {backend.model_path} will run")
+
+
+def _check_sa2va_checkpoint(config: Config, path: Path, report: Preflight) -> None:
+    """The family config.json names, and what it needs: one line per missing piece."""
+    from experiments.backends import sa2va_families as families
+
+    try:
+        detected = families.detect_family(path, config.backend.family)
+    except families.FamilyError as err:
+        report.problems.append(str(err))
+        return
+    family = detected.family
+    report.found.append(f"backend: sa2va checkpoint {path}: {family.label} ({detected.reason})")
+    loader = families.loader_override()
+    if loader is not None:
+        report.warnings.append(f"backend: {families.LOADER_ENV}={loader} loads the model, not transformers: "
+                               "its requirements and the CUDA GPU are not checked")
+        return
+    report.problems.extend(families.requirement_problems(family, path, families.installed(family)))
+    if config.backend.device_map == "split" and not family.splittable:
+        report.problems.append(f"backend.device_map: split exists upstream for InternVL-based checkpoints only, "
+                               f"not {family.label}")
+
+
+def checkpoint_bytes(path: Path) -> int:
+    """The size of a checkpoint's weights, for the check that it fits a GPU."""
+    from experiments.backends.sa2va_families import weights_bytes
+
+    return weights_bytes(path)

@@ -113,6 +113,8 @@ def run(ctx: WorkerContext) -> dict[str, Any]:
     val = load_split(config.dataset, "val")[: max(8, reward_cfg.samples // 4)]
 
     train_masks = _candidate_masks(ctx, segmenter, list(train) + list(val))
+    peaks: dict[str, float] = {}
+    record_peak_gpu_memory(peaks, "model_and_masks")
     rng_seed = exp.seed
     query = config.backend.prompts[config.backend.default_prompt]
     train_set = build_quality_set(train, train_masks, query, reward_cfg.perturbations_per_mask, reward_cfg.input_size,
@@ -178,13 +180,25 @@ def run(ctx: WorkerContext) -> dict[str, Any]:
     for parameter in best_net.parameters():
         parameter.requires_grad_(False)
     consensus = {s.id: consensus_map(masks) for s, masks in ((s, train_masks[s.id]) for s in train)}
-    tuned = finetune(ctx, best_net, train, val, consensus, tune_batch, progress, writer, resume)
+    record_peak_gpu_memory(peaks, "reward_training")
+    # The trainable form wraps the segmenter's model: one Sa2VA per worker.
+    tuned = finetune(ctx, best_net, train, val, consensus, tune_batch, progress, writer, resume, base=segmenter)
+    record_peak_gpu_memory(peaks, "finetune")
     writer.close()
     return {
         "reward_net": {k: round(float(v), 4) for k, v in best.items()},
         "finetune": tuned,
         "batch_size": batch_size,
+        **({"peak_gpu_memory_gib": peaks} if peaks else {}),
     }
+
+
+def record_peak_gpu_memory(peaks: dict[str, float], phase: str) -> None:
+    """The most GPU memory torch held during `phase` (since the last call), in GiB; the
+    counter restarts for the next phase. Nothing without CUDA."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        peaks[phase] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        torch.cuda.reset_peak_memory_stats()
 
 
 def finetune(
@@ -197,6 +211,7 @@ def finetune(
     progress: _Progress,
     writer,
     resume: dict | None,
+    base=None,
 ) -> dict[str, float]:
     """Raise the reward network's score of the segmenter's soft masks on unlabelled
     train images, anchored to the starting model's masks. The embedded model is tuned
@@ -206,7 +221,7 @@ def finetune(
     config, cfg = ctx.config, ctx.experiment.finetune
     device = ctx.device
     template = config.backend.prompts[config.backend.default_prompt]
-    model = make_trainable(config, device)
+    model = make_trainable(config, device, base=base)
     # Measured before any step, and before a resumed run's weights are loaded, so that
     # they describe the starting model.
     before_val = _val_dice(model, val, template)

@@ -97,9 +97,13 @@ class BackendConfig(Strict):
     #: sa2va: a local checkpoint folder or a hub id already in the local cache.
     model_path: str | None = None
     trust_remote_code: bool = False
+    #: Only bfloat16 is safe with Sa2VA's code (see the check below).
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    #: sa2va: null puts the model on the worker's GPU; "auto" spreads it over all visible GPUs.
-    device_map: Literal["auto"] | None = None
+    #: sa2va: null puts the model on the worker's GPU; "split" lays an InternVL-based
+    #: checkpoint over the worker's GPUs as upstream does (for one that fits no single GPU).
+    device_map: Literal["split", "auto"] | None = None
+    #: sa2va: internvl2_5, internvl3, qwen2_5_vl or qwen3_vl; null: told from config.json.
+    family: Literal["internvl2_5", "internvl3", "qwen2_5_vl", "qwen3_vl"] | None = None
     #: Candidate prompts the prompt agent chooses among; `{target}` is the sample's target.
     prompts: list[str] = Field(default_factory=lambda: list(BUILTIN_PROMPTS), min_length=2)
     #: Index into `prompts` of the baseline prompt.
@@ -115,6 +119,12 @@ class BackendConfig(Strict):
             raise ValueError(f"default_prompt: {self.default_prompt} is not an index of the {len(self.prompts)} prompts")
         if self.kind == "sa2va" and not self.model_path:
             raise ValueError("model_path: the sa2va backend needs model_path")
+        if self.dtype != "bfloat16":
+            raise ValueError(f"dtype: {self.dtype} is not safe, use bfloat16 (Sa2VA's code casts the model, or its inputs, "
+                             "to bfloat16 on the first call)")
+        if self.device_map == "auto":
+            raise ValueError("device_map: auto is not safe (Sa2VA's code hard-codes .cuda()); use split for upstream's "
+                             "layout over several GPUs, or null")
         return self
 
 

@@ -1,7 +1,7 @@
 """The one door from the tool to engine code that runs in the tool's own process.
 
 The commands that do engine work in-process (`evaluate`, `headroom`, `train-embedded`,
-`check`) call these functions, which import the engine only when called, so that
+`check`, `check --deep`) call these functions, which import the engine only when called, so that
 `sa2va-tui --help` and the app stay light. Nothing else in `sa2va_tui` imports
 `experiments`: the project's import contracts check it.
 """
@@ -44,8 +44,36 @@ def print_headroom(config: "Config", split: str, train_images: int) -> None:
     headroom(config, split, train_images)
 
 
+def deep_check(config: "Config", echo: Callable[[str], None]) -> str | None:
+    """`check --deep` on the configured Sa2VA checkpoint: the one line of its failure,
+    None when every step passed."""
+    from experiments.backends.sa2va import BackendError
+    from experiments.backends.sa2va_deep_check import run_deep_check
+
+    try:
+        run_deep_check(config, echo)
+    except BackendError as err:
+        return str(err)
+    return None
+
+
 def check_data_and_model(config: "Config") -> Any:
     """What `check` finds about the dataset and the model: an `experiments.preflight.Preflight`."""
     from experiments.preflight import check_data_and_model as check
 
     return check(config)
+
+
+def checkpoint_bytes(path: Path) -> int:
+    """The size of a Sa2VA checkpoint's weights."""
+    from experiments.preflight import checkpoint_bytes as size
+
+    return size(path)
+
+
+def sa2va_loader() -> str | None:
+    """The "module:function" that loads Sa2VA instead of transformers (the tests'
+    stand-in), None for the real loader."""
+    from experiments.backends.sa2va_families import loader_override
+
+    return loader_override()

@@ -4,6 +4,7 @@ run spends an hour finding out. The data and the model are checked by the engine
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from sa2va_contract.config import Config
@@ -15,6 +16,8 @@ def preflight(config: Config) -> Any:
     """An `experiments.preflight.Preflight`: what was found, warnings, problems."""
     report = engine.check_data_and_model(config)
     _check_gpus(config, report)
+    if config.backend.kind == "sa2va" and not report.problems and engine.sa2va_loader() is None:
+        _check_fits(config, report)
     names = ", ".join(config.experiments()) or "none"
     report.found.append(f"experiments: {names}")
     return report
@@ -27,11 +30,21 @@ def _check_gpus(config: Config, report: Any) -> None:
         report.found.append(f"gpus: {snapshot.message}; experiments run on the CPU")
         for name, gpu in pinned.items():
             report.problems.append(f"{name}.gpu: GPU {gpu} asked for, but {snapshot.message}")
-        if config.backend.kind == "sa2va":
-            report.problems.append("backend.kind: sa2va needs a CUDA GPU and none is visible")
+        if config.backend.kind == "sa2va" and engine.sa2va_loader() is None:
+            report.problems.append("backend.kind: sa2va needs a CUDA GPU (Sa2VA has no CPU path) and none is visible")
         return
     indices = {gpu.index for gpu in snapshot.gpus}
     report.found.append(f"gpus: {len(indices)} visible ({', '.join(str(g.index) + ' ' + str(g.name) for g in snapshot.gpus)})")
     for name, gpu in pinned.items():
         if gpu not in indices:
             report.problems.append(f"{name}.gpu: GPU {gpu} asked for, but only {sorted(indices)} exist")
+
+
+def _check_fits(config: Config, report: Any) -> None:
+    """A checkpoint larger than the freest GPU needs the split layout."""
+    path = Path(str(config.backend.model_path)).expanduser()
+    free = [g.memory_free for g in read_gpus().gpus if g.memory_free is not None]
+    size = engine.checkpoint_bytes(path)
+    if free and config.backend.device_map is None and size > max(free):
+        report.warnings.append(f"backend.model_path: {path}: {size / 2**30:.0f} GiB of weights, more than the freest "
+                               f"GPU's {max(free) / 2**30:.0f} GiB: set backend.device_map: split")

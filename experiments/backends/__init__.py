@@ -24,7 +24,7 @@ def make_segmenter(config: Config, device: str = "cpu") -> Segmenter:
     from experiments.backends.sa2va import load_sa2va
 
     assert backend.model_path is not None  # the config validator guarantees it
-    return load_sa2va(backend.model_path, backend.trust_remote_code, backend.dtype, backend.device_map)
+    return load_sa2va(backend)
 
 
 def cache_dir_for(config: Config) -> Path:
@@ -36,17 +36,25 @@ def make_cached_segmenter(config: Config, device: str = "cpu") -> CachedSegmente
     return CachedSegmenter(make_segmenter(config, device), cache_dir_for(config))
 
 
-def make_trainable(config: Config, device: str = "cpu", finetuned: Path | None = None):
+def make_trainable(config: Config, device: str = "cpu", finetuned: Path | None = None, base: Segmenter | None = None):
     """The configured model in its trainable form (a Segmenter too), optionally with
     weights a fine-tuning run saved: the whole network for the embedded model, the
-    mask-decoder path for Sa2VA."""
+    mask-decoder path for Sa2VA.
+
+    `base` is the segmenter the worker already holds (cached or not). Sa2VA wraps its
+    loaded model instead of loading a second copy (two copies of a 26B model do not
+    fit); the wrapper trains float32 copies of its weights and never writes the model,
+    so `base` keeps answering for the starting weights. The embedded model is tuned
+    whole and in place, so it is loaded afresh (0.38 M parameters)."""
     if config.backend.kind == "embedded":
         from experiments.backends.embedded import load_embedded
 
         return load_embedded(finetuned or config.backend.weights, device=device, batch_size=config.backend.batch_size)
-    from experiments.backends.sa2va import Sa2VAMaskDecoder
+    from experiments.backends.sa2va_trainable import Sa2VAMaskDecoder
 
-    trainable = Sa2VAMaskDecoder(make_segmenter(config, device))
+    if isinstance(base, CachedSegmenter):
+        base = base.segmenter
+    trainable = Sa2VAMaskDecoder(base if base is not None else make_segmenter(config, device))
     if finetuned is not None:
         trainable.load(finetuned)
     return trainable

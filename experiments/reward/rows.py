@@ -53,7 +53,7 @@ def evaluation_rows(config, run_dir: Path, samples: Sequence[Sample], segmenter)
     rows, missing = [], {}
     tuned_path = exp_dir / FINETUNED_SEGMENTER
     if tuned_path.is_file():
-        tuned = CachedSegmenter(make_trainable(config, finetuned=tuned_path), cache_dir_for(config))
+        tuned = CachedSegmenter(make_trainable(config, finetuned=tuned_path, base=segmenter), cache_dir_for(config))
         masks = [tuned.predict(s, template).mask for s in samples]
         rows.append(row_from_masks("finetuned", ROW_LABELS["finetuned"], "model", ids, masks, truths,
                                    source=str(tuned_path)))

@@ -11,7 +11,12 @@ from sa2va_tui.commands.common import ConfigOption, SetOption, app, fail, load_c
 
 
 @app.command()
-def check(config: Optional[Path] = ConfigOption, set_: list[str] = SetOption) -> None:
+def check(
+    config: Optional[Path] = ConfigOption,
+    set_: list[str] = SetOption,
+    deep: bool = typer.Option(False, "--deep", help="Sa2VA: also load the model, segment one image with every prompt "
+                              "and take two fine-tuning steps, on the GPU, and estimate the mask cache's time."),
+) -> None:
     """Validate a config and what it points to: dataset files, model path, GPUs asked for."""
     from sa2va_tui.preflight import preflight
 
@@ -25,4 +30,15 @@ def check(config: Optional[Path] = ConfigOption, set_: list[str] = SetOption) ->
         typer.echo(f"error {line}", err=True)
     if report.problems:
         fail(f"{len(report.problems)} problem(s) in {config or 'the config'}")
+    if deep:
+        _deep_check(cfg)
     typer.echo("config is ready")
+
+
+def _deep_check(cfg) -> None:
+    """The engine's deep check: it brings torch and the model into this process."""
+    from sa2va_tui import engine
+
+    problem = engine.deep_check(cfg, typer.echo)
+    if problem:
+        fail(problem)

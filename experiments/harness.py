@@ -114,6 +114,8 @@ class WorkerContext:
     #: None keeps the config's.
     batch_size_override: int | None = None
     _last_step: int = field(default=0, init=False)
+    #: Whether a training step was reached: a failure before it is a start-up failure.
+    training_started: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
         self.exp_dir.mkdir(parents=True, exist_ok=True)
@@ -157,6 +159,7 @@ class WorkerContext:
         """Call between training steps: blocks while paused, raises StopRequested when
         asked to stop, and raises an injected out-of-memory error where configured."""
         self._last_step = step
+        self.training_started = True
         self.control_point()
         faults = self.experiment.faults
         if faults.oom_at_step is not None and step >= faults.oom_at_step and self._fault_armed():
@@ -215,7 +218,7 @@ def run_experiment(ctx: WorkerContext, entry: str, log_path: Path | None = None)
     except Exception as err:  # noqa: BLE001 - every failure is reported, none escapes
         message = f"{type(err).__name__}: {err}".strip()
         log.error("failed at step %d", ctx.last_step, exc_info=err)
-        kind = classify_exception(err)
+        kind = classify_exception(err, ctx.training_started)
         tail: list[str] = []
         if kind != "oom":  # an out-of-memory failure says all in its message
             tail = read_log_tail(log_path) if log_path else traceback.format_exception(err)[-LOG_TAIL_LINES:]

@@ -8,6 +8,7 @@ and exit 2 without a traceback.
 from __future__ import annotations
 
 import copy
+import shlex
 from pathlib import Path
 from typing import Any, Literal
 
@@ -173,6 +174,9 @@ class ExperimentBase(Strict):
     device: Literal["cpu", "cuda", "auto"] = "auto"
     #: Pin a GPU index; null lets the supervisor pick the freest.
     gpu: int | None = Field(None, ge=0)
+    #: GPU memory one worker needs, for the queue (null: what its first attempt
+    #: peaked at, or a GPU of its own until that is known).
+    gpu_memory_gb: float | None = Field(None, gt=0)
     faults: Faults = Faults()
 
 
@@ -248,12 +252,33 @@ ExperimentConfig = PromptRLConfig | PostprocessRLConfig | RewardNetConfig
 class RecoveryConfig(Strict):
     max_oom_restarts: int = Field(3, ge=0)
     min_batch_size: int = Field(4, ge=1)
+    #: Automatic restarts (from the last checkpoint, same batch) after a crash that is
+    #: neither an out-of-memory failure nor a failure at start-up; 0: none.
+    retry_errors: int = Field(0, ge=0)
 
 
 class RunConfig(Strict):
     logs_dir: Path = Path("logs")
     #: A label that goes into the run id.
     name: str = "run"
+    #: At most this many experiments run at once (null: as many as the devices have
+    #: room for); the others wait in the queue.
+    max_parallel: int | None = Field(None, ge=1)
+    #: A command run (without a shell) when an experiment finishes, fails for good or
+    #: is restarted after an out-of-memory failure; it gets SA2VA_RUN, SA2VA_EXPERIMENT,
+    #: SA2VA_EVENT and SA2VA_STATE in its environment.
+    on_event: str | None = None
+
+    @model_validator(mode="after")
+    def _command_parses(self) -> "RunConfig":
+        if self.on_event is not None:
+            try:
+                argv = shlex.split(self.on_event)
+            except ValueError as err:
+                raise ValueError(f"on_event: not a command line ({err})") from None
+            if not argv:
+                raise ValueError("on_event: an empty command")
+        return self
 
 
 class Config(Strict):

@@ -17,7 +17,6 @@ from typing import Any, ClassVar
 from sa2va_contract.gpus import GpuInfo, GpuSnapshot
 
 PHASES = ("loading_model", "caching_masks", "training", "evaluating", "saving")
-FAILURE_KINDS = ("oom", "error", "killed")
 
 
 @dataclass
@@ -53,6 +52,14 @@ class Started(Event):
 
 
 @dataclass
+class Queued(Event):
+    """Recorded by the supervisor: the experiment waits in line for room on a device."""
+
+    position: int
+    type: ClassVar[str] = "queued"
+
+
+@dataclass
 class Phase(Event):
     phase: str
     done: int | None = None
@@ -65,6 +72,9 @@ class Phase(Event):
 class Progress(Event):
     timesteps: int
     total: int
+    #: Timesteps per second as the source itself measured them (SB3's `time/fps`);
+    #: None: the reader estimates the rate from when reports arrive.
+    rate: float | None = None
     type: ClassVar[str] = "progress"
     supersedes: ClassVar[bool] = True
 
@@ -199,7 +209,7 @@ class GpuSample(Event):
 
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.type: cls
-    for cls in (Started, Phase, Progress, Metrics, Checkpoint, Failed, Finished, Paused, Resumed, Stopped, Restarting,
+    for cls in (Queued, Started, Phase, Progress, Metrics, Checkpoint, Failed, Finished, Paused, Resumed, Stopped, Restarting,
                 GpuSample)
 }
 

@@ -11,19 +11,20 @@ from __future__ import annotations
 
 import signal
 import sys
-from collections import Counter
 from dataclasses import dataclass
 
 from sa2va_contract.config import ExperimentConfig, RecoveryConfig
 from sa2va_contract.events import Change, RestartChanges
-from sa2va_contract.gpus import GpuSnapshot, choose_gpu
 from sa2va_contract.kinds import kind_of
 
-OOM, ERROR, KILLED = "oom", "error", "killed"
-FAILURE_KINDS = (OOM, ERROR, KILLED)
+#: Out of memory; failed before the first training step (import error, missing
+#: checkpoint, bad data found at load: a retry would fail the same way); any other
+#: crash; killed by a signal.
+OOM, STARTUP, ERROR, KILLED = "oom", "startup", "error", "killed"
+FAILURE_KINDS = (OOM, STARTUP, ERROR, KILLED)
 #: Why an attempt starts: the first of a run, automatically after an out-of-memory
-#: failure, because a person asked, or because a run is resumed.
-START, RESTART_REASONS = "start", ("oom", "manual", "resume")
+#: failure or a crash, because a person asked, or because a run is resumed.
+START, RESTART_REASONS = "start", ("oom", "error", "manual", "resume")
 
 
 # --- classifying failures -------------------------------------------------------------
@@ -44,9 +45,12 @@ def is_out_of_memory(error: BaseException) -> bool:
     )
 
 
-def classify_exception(error: BaseException) -> str:
-    """The failure kind of an exception an experiment raised."""
-    return OOM if is_out_of_memory(error) else ERROR
+def classify_exception(error: BaseException, training_started: bool = True) -> str:
+    """The failure kind of an exception an experiment raised, before its first
+    training step or after."""
+    if is_out_of_memory(error):
+        return OOM
+    return ERROR if training_started else STARTUP
 
 
 def classify_exit(exit_code: int | None, killed_by_us: bool, grace_s: float | None) -> tuple[str, str]:
@@ -90,26 +94,39 @@ def batch_size_problem(experiment: ExperimentConfig, batch_size: int) -> str | N
     return None
 
 
-def automatic_restart_batch(experiment: ExperimentConfig, failed_batch: int, oom_restarts: int,
-                            recovery: RecoveryConfig) -> tuple[int | None, str]:
-    """After an out-of-memory failure at `failed_batch`: the batch size to restart
-    with automatically, or None and why not."""
-    if oom_restarts >= recovery.max_oom_restarts:
-        return None, f"out of memory, no automatic restart left ({recovery.max_oom_restarts} allowed)"
-    smaller = smaller_batch_size(experiment, failed_batch, recovery.min_batch_size)
-    if smaller is None:
-        return None, f"out of memory at batch size {failed_batch}, the floor is {recovery.min_batch_size}"
-    return smaller, ""
+@dataclass(frozen=True)
+class AutomaticRestart:
+    """A new attempt recovery starts by itself: why, and at which batch size."""
+
+    reason: str
+    batch_size: int
+
+
+def automatic_restart(experiment: ExperimentConfig, kind: str, failed_batch: int, oom_restarts: int,
+                      error_restarts: int, recovery: RecoveryConfig,
+                      killed_by_us: bool = False) -> tuple[AutomaticRestart | None, str]:
+    """After a failure of `kind` at `failed_batch`: the restart recovery makes by
+    itself, or None and why not. An out-of-memory failure is retried at a smaller
+    batch; a failure at start-up never (it would fail the same way); any other crash
+    only as often as `recovery.retry_errors` allows, at the same batch."""
+    if kind == OOM:
+        if oom_restarts >= recovery.max_oom_restarts:
+            return None, f"out of memory, no automatic restart left ({recovery.max_oom_restarts} allowed)"
+        smaller = smaller_batch_size(experiment, failed_batch, recovery.min_batch_size)
+        if smaller is None:
+            return None, f"out of memory at batch size {failed_batch}, the floor is {recovery.min_batch_size}"
+        return AutomaticRestart("oom", smaller), ""
+    if kind == STARTUP:
+        return None, "failed at start-up: not retried (it would fail the same way); fix it, then restart"
+    if killed_by_us:
+        return None, "killed after it did not stop in time: not retried"
+    if error_restarts >= recovery.retry_errors:
+        return None, ("crashed: not retried (recovery.retry_errors is 0)" if not recovery.retry_errors
+                      else f"crashed: no automatic restart left ({recovery.retry_errors} allowed)")
+    return AutomaticRestart("error", failed_batch), ""
 
 
 # --- the next attempt -----------------------------------------------------------------
-
-
-def choose_device(experiment: ExperimentConfig, gpus: GpuSnapshot, placed: Counter[int] | None = None) -> int | None:
-    """The GPU a new attempt gets (None: the CPU): the pinned one, else the freest."""
-    if experiment.device == "cpu":
-        return None
-    return choose_gpu(gpus, experiment.gpu, placed)
 
 
 @dataclass(frozen=True)
@@ -152,14 +169,14 @@ def plan_restart(
     checkpoint: str | None,
     checkpoint_step: int | None,
     recovery: RecoveryConfig,
-    gpus: GpuSnapshot,
-    placed: Counter[int] | None = None,
+    gpu: int | None,
     batch_size: int | None = None,
 ) -> RestartPlan:
     """The next attempt: at `batch_size` when given (an automatic restart decided it),
     else at half the last batch after an out-of-memory failure (the same batch when no
     smaller one is allowed), else at the last batch (the config's for the first); on
-    the device `choose_device` gives now; from the last checkpoint (none for `START`)."""
+    `gpu` (None: the CPU), where the caller found room; from the last checkpoint (none
+    for `START`)."""
     after_oom = last_failure == OOM
     current = last_batch_size or kind_of(experiment).batch_size(experiment)
     if batch_size is None:
@@ -168,6 +185,6 @@ def plan_restart(
             batch_size = smaller_batch_size(experiment, current, recovery.min_batch_size) or current
     return RestartPlan(
         reason=reason, attempt=attempts + 1, batch_size=batch_size, previous_batch_size=last_batch_size,
-        gpu=choose_device(experiment, gpus, placed), previous_gpu=last_gpu, after_oom=after_oom,
+        gpu=gpu, previous_gpu=last_gpu, after_oom=after_oom,
         resume_from=checkpoint if reason != START else None, resume_step=checkpoint_step if checkpoint else None,
     )

@@ -5,7 +5,13 @@ from __future__ import annotations
 import sys
 
 # Importing a command module registers its commands on `app`; each module is light.
-from sa2va_tui.commands import config_cmds, model_cmds, report_cmds, run_cmds  # noqa: F401
+from sa2va_tui.commands import (  # noqa: F401
+    compare_cmds,
+    config_cmds,
+    model_cmds,
+    report_cmds,
+    run_cmds,
+)
 from sa2va_tui.commands.common import app
 
 __all__ = ["app", "main"]

@@ -22,10 +22,11 @@ import math
 import os
 import re
 import threading
+import time
 from pathlib import Path
 from typing import BinaryIO
 
-from sa2va_contract.events import Event, Metrics, Progress
+from sa2va_contract.events import Event, Finished, Metrics, Progress
 from sa2va_tui.runstate import EventHub
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -37,6 +38,9 @@ _ROW = re.compile(r"\| (?P<key>[^|]*?) *\| (?P<value>[^|]*?) *\|$")
 #: SB3 indents a key under its section ("rollout/") by three spaces.
 _INDENT = "   "
 TIMESTEPS_KEY = "time/total_timesteps"
+FPS_KEY = "time/fps"
+#: A followed log silent this long (seconds) shows as stalled, not running.
+STALLED_AFTER_S = 300.0
 
 
 class Sb3TableParser:
@@ -94,6 +98,8 @@ class FileFollower:
         self.caught_up = False
         #: Set when what follows replaces what was read before (truncation, a new file).
         self.restarted = False
+        #: When the file last changed (its modification time), None before it exists.
+        self.modified: float | None = None
 
     def read(self) -> bytes:
         self.restarted = False
@@ -106,6 +112,8 @@ class FileFollower:
             stat = os.stat(self.path)
         except FileNotFoundError:
             stat = None
+        if stat is not None:
+            self.modified = stat.st_mtime
         if self._file is None:
             if stat is None:
                 return b""
@@ -167,11 +175,22 @@ class LogTail:
         self._lines = LineSplitter()
         self._parser = Sb3TableParser()
         self._tables = 0
+        #: The last timesteps its tables reported.
+        self.timesteps = 0
 
     @property
     def caught_up(self) -> bool:
         """Whether the last poll read everything there was."""
         return self._follower.caught_up
+
+    @property
+    def modified(self) -> float | None:
+        return self._follower.modified
+
+    @property
+    def at_total(self) -> bool:
+        """Its tables reached the total timesteps it was given."""
+        return bool(self.total) and self.timesteps >= self.total
 
     def poll(self) -> list[Event]:
         """Events from what was written since the last poll, up to `FileFollower.CHUNK` bytes of it."""
@@ -191,7 +210,8 @@ class LogTail:
         step = int(timesteps) if timesteps is not None else self._tables
         events: list[Event] = [Metrics(self.name, step=step, values=table)]
         if timesteps is not None:
-            events.append(Progress(self.name, timesteps=step, total=self.total))
+            self.timesteps = step
+            events.append(Progress(self.name, timesteps=step, total=self.total, rate=table.get(FPS_KEY)))
         return events
 
     def close(self) -> None:
@@ -209,8 +229,9 @@ class LogWatcher(EventHub):
     With `follow=False` it reads what is there and is done."""
 
     def __init__(self, paths: list[Path], total: int | None = None, follow: bool = True,
-                 interval: float = 0.25) -> None:
+                 interval: float = 0.25, stalled_after: float = STALLED_AFTER_S) -> None:
         super().__init__()
+        self._stalled_after = stalled_after
         paths = [Path(p) for p in paths]
         self.tails = [LogTail(p, n, total) for p, n in zip(paths, experiment_names(paths))]
         self.follow = follow
@@ -244,8 +265,24 @@ class LogWatcher(EventHub):
             with self._lock:
                 for event in events:
                     self._book.apply(event)
+                events += self._judge(time.time())
                 self._read_once = self._read_once or caught_up
                 self._changed.notify_all()
             self._deliver(events)
             if caught_up and (not self.follow or self._stopped.wait(self._interval)):
                 return
+
+    def _judge(self, now: float) -> list[Event]:
+        """A log read to its end at its total has finished (when it was last written);
+        one silent for `stalled_after` seconds has stalled. Lock held."""
+        ended: list[Event] = []
+        for tail in self.tails:
+            state = self._book.states[tail.name]
+            if not tail.caught_up or state.terminal or tail.modified is None:
+                continue
+            if tail.at_total:
+                ended.append(Finished(tail.name, time=tail.modified))
+                self._book.apply(ended[-1])
+            elif self.follow and now - tail.modified > self._stalled_after:
+                self._book.stalled(tail.name)
+        return ended

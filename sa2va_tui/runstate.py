@@ -20,7 +20,7 @@ from sa2va_contract.events import Event
 
 log = logging.getLogger(__name__)
 
-STATES = ("pending", "running", "paused", "restarting", "failed", "finished", "stopped")
+STATES = ("pending", "queued", "running", "stalled", "paused", "restarting", "failed", "finished", "stopped")
 TERMINAL_STATES = ("failed", "finished", "stopped")
 #: The metric that `status` and the UI show as "episode reward".
 EPISODE_REWARD = "rollout/ep_rew_mean"
@@ -59,6 +59,16 @@ class ExperimentState:
     batch_size: int | None = None
     attempts: int = 0
     oom_restarts: int = 0
+    #: Automatic restarts after a crash (`recovery.retry_errors`).
+    error_restarts: int = 0
+    #: Since when it waits in line for room on a device, and its place in line (1:
+    #: next); None while it does not wait.
+    queued_at: float | None = None
+    queue_position: int | None = None
+    #: Seconds it waited in line, all attempts together (the wait in progress aside).
+    queued_s: float = 0.0
+    #: The most GPU memory (bytes) a worker of it was seen holding.
+    gpu_memory_peak: int | None = None
     last_checkpoint: str | None = None
     checkpoint_step: int | None = None
     #: Timesteps per second, smoothed.
@@ -82,6 +92,10 @@ class ExperimentState:
     @property
     def episode_reward(self) -> float | None:
         return self.metrics.get(EPISODE_REWARD)
+
+    def waited_s(self, now: float) -> float:
+        """Seconds it waited in line, the wait in progress included."""
+        return self.queued_s + (max(0.0, now - self.queued_at) if self.queued_at is not None else 0.0)
 
     def eta_at(self, now: float) -> float | None:
         """Seconds left as seen at `now` (the estimate ages while nobody updates it)."""
@@ -157,7 +171,9 @@ class StateBook:
         s = self.add(event.experiment)
         rate = self._rates.setdefault(event.experiment, RateEstimator())
         now = event.time
-        if isinstance(event, events.Started):
+        if isinstance(event, events.Queued):
+            s.state, s.queued_at, s.queue_position, s.pid = "queued", now, event.position, None
+        elif isinstance(event, events.Started):
             s.state, s.pid, s.gpu, s.batch_size, s.attempts = "running", event.pid, event.gpu, event.batch_size, event.attempt
             s.started_at = s.started_at or now
             s.ended_at = None
@@ -166,8 +182,10 @@ class StateBook:
             s.phase, s.phase_done, s.phase_total = event.phase, event.done, event.total
         elif isinstance(event, events.Progress):
             s.timesteps, s.total = event.timesteps, event.total
-            s.rate = rate.update(event.timesteps, now)
-            if s.state == "pending":
+            estimated = rate.update(event.timesteps, now)
+            # A log read in one burst arrives all at once: its own rate is the true one.
+            s.rate = event.rate if event.rate else estimated
+            if s.state in ("pending", "stalled"):
                 s.state = "running"
             s.eta_s = (max(0, s.total - s.timesteps) / s.rate) if s.rate and s.total else None
         elif isinstance(event, events.Metrics):
@@ -186,6 +204,7 @@ class StateBook:
         elif isinstance(event, events.Restarting):
             s.state, s.attempts = "restarting", event.attempt
             s.oom_restarts += event.reason == "oom"
+            s.error_restarts += event.reason == "error"
             if event.changes.batch_size is not None:
                 s.batch_size = event.changes.batch_size.new
             if event.changes.gpu is not None:
@@ -213,6 +232,32 @@ class StateBook:
     def mark_restarting(self, name: str) -> None:
         """A new attempt has been decided; the current one is on its way out."""
         self.states[name].state = "restarting"
+
+    def dequeued(self, name: str, now: float) -> None:
+        """`name` leaves the line (to start, or because it was stopped)."""
+        state = self.states[name]
+        if state.queued_at is not None:
+            state.queued_s += max(0.0, now - state.queued_at)
+            state.queued_at = None
+        state.queue_position = None
+        if state.state == "queued":
+            state.state = "pending"
+
+    def line_order(self, names: list[str]) -> None:
+        """The places in line of the experiments waiting, first to last."""
+        for position, name in enumerate(names, start=1):
+            self.states[name].queue_position = position
+
+    def stalled(self, name: str) -> None:
+        """A watched log has been silent too long; its next report makes it running again."""
+        state = self.states[name]
+        if state.state == "running":
+            state.state, state.eta_s = "stalled", None
+
+    def gpu_memory_seen(self, name: str, used: int) -> None:
+        state = self.states.get(name)
+        if state is not None and (state.gpu_memory_peak is None or used > state.gpu_memory_peak):
+            state.gpu_memory_peak = used
 
     def launched(self, name: str, pid: int | None) -> None:
         """A worker process for `name` exists (its Started event follows)."""

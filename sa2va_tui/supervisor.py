@@ -1,43 +1,30 @@
 """The engine between the CLI and the experiments: one worker per attempt of each
-experiment, their events, their control, GPU placement and recovery.
+experiment, their events, their control, the queue, GPU placement and recovery.
 
 It knows nothing of any UI: a Textual app and the headless printer both `subscribe()`.
 It imports no torch, stable-baselines3 or transformers, and no engine code: workers
 are started by entry-point name through a placement backend (`placement.local` by
-default), which keeps the mechanics of processes; this class keeps the policy: state,
-the run store, recovery (`sa2va_contract.recovery`) and deadlines.
+default), which keeps the mechanics of processes; the supervisor keeps the policy:
+state, the run store, recovery (`sa2va_contract.recovery`), the line of experiments
+waiting for room (`launching`) and deadlines.
 """
 
 from __future__ import annotations
 
 import atexit
 import logging
-import os
 import threading
-import time
-from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sa2va_contract import events
-from sa2va_contract.config import Config, ExperimentConfig, RecoveryConfig
+from sa2va_contract.config import Config, ExperimentConfig
 from sa2va_contract.events import Event
-from sa2va_contract.files import read_log_tail
 from sa2va_contract.gpus import GpuSnapshot
-from sa2va_contract.kinds import kind_of, resolve_entry
-from sa2va_contract.recovery import (
-    OOM,
-    START,
-    RestartPlan,
-    automatic_restart_batch,
-    batch_size_problem,
-    classify_exit,
-    plan_restart,
-)
-from sa2va_contract.worker import WorkerSpec
+from sa2va_contract.recovery import RestartPlan, automatic_restart, batch_size_problem
 from sa2va_tui.gpus import GpuSampler, GpuWatch
-from sa2va_tui.placement import Exit, LaunchError, PlacementBackend, WorkerHandle
+from sa2va_tui.launching import Attempt, Launcher, Owed
+from sa2va_tui.placement import Exit, PlacementBackend
 from sa2va_tui.runstate import EventHub, ExperimentState
 from sa2va_tui.runstore import RunStore, StateWriter, load_run, load_run_config
 
@@ -45,7 +32,7 @@ log = logging.getLogger(__name__)
 
 #: run.json is rewritten at most this often while only progress changes.
 STATE_WRITE_INTERVAL_S = 0.5
-#: How long the drain thread waits when nothing arrives (deadlines, run.json).
+#: How long the drain thread waits when nothing arrives (deadlines, the line, run.json).
 TICK_S = 0.25
 #: A GPU sample is kept in the run folder at most this often (the report's history).
 GPU_RECORD_INTERVAL_S = 10.0
@@ -55,66 +42,22 @@ class SupervisorError(Exception):
     """A request that cannot be carried out; `str()` is the one line to show."""
 
 
-@dataclass
-class _Owed:
-    """A new attempt the supervisor owes an experiment once its current one is gone:
-    why, and either the plan a person confirmed or the batch size recovery chose."""
-
-    reason: str
-    batch_size: int | None = None
-    plan: RestartPlan | None = None
-
-
-@dataclass(eq=False)
-class _Attempt:
-    """One attempt of one experiment: the backend's handle and what the policy tracks."""
-
-    handle: WorkerHandle
-    batch_size: int
-    #: The terminal event (Finished, Stopped, Failed) it sent, if any.
-    outcome: Event | None = None
-    #: After a stop request: the grace it was given, and when it runs out.
-    grace_s: float | None = None
-    kill_at: float | None = None
-    killed_by_us: bool = False
-
-    @property
-    def name(self) -> str:
-        return self.handle.spec.name
-
-    def stop_by(self, grace_s: float) -> None:
-        """Asked to stop: the earliest deadline of all requests holds."""
-        kill_at = time.monotonic() + grace_s
-        if self.kill_at is None or kill_at < self.kill_at:
-            self.grace_s, self.kill_at = grace_s, kill_at
-
-    @property
-    def overdue(self) -> bool:
-        """Asked to stop, not stopped within its grace, not killed yet."""
-        return self.kill_at is not None and time.monotonic() > self.kill_at and not self.killed_by_us
-
-    def unreported_failure(self, exit_code: int | None, step: int) -> events.Failed:
-        """The failure of an attempt that ended without saying how."""
-        kind, message = classify_exit(exit_code, self.killed_by_us, self.grace_s)
-        spec = self.handle.spec
-        return events.Failed(self.name, kind=kind, message=message, exit_code=exit_code, step=step,
-                             batch_size=self.batch_size, gpu=spec.gpu, log_tail=read_log_tail(spec.log_path))
-
-
 class Supervisor(EventHub):
     """Runs the experiments of one run folder.
 
     Thread model: public methods may be called from any thread; one drain thread
-    receives the workers' events, applies them, writes the run folder and calls the
-    subscribers, in order, on itself; a sampler thread reads the GPUs once a second."""
+    receives the workers' events, applies them, writes the run folder, starts what
+    waits in line when room frees, and calls the subscribers, in order, on itself; a
+    sampler thread reads the GPUs once a second."""
 
     def __init__(self, config: Config, store: RunStore, *, backend: PlacementBackend | None = None,
                  entry_points: dict[str, str] | None = None, nvml: Any = None, gpu_interval: float = 1.0,
                  stop_grace_s: float = 30.0, gpu_record_interval: float = GPU_RECORD_INTERVAL_S,
-                 prior: dict[str, ExperimentState] | None = None) -> None:
+                 prior: dict[str, ExperimentState] | None = None, cores: int | None = None) -> None:
         """`backend` runs the workers (default: processes on this machine, whose GPUs
-        `nvml` reads); `entry_points` replaces the kinds' entry points (tests);
-        `prior` is the state of a run being resumed."""
+        `nvml` reads); `entry_points` replaces the kinds' entry points (tests); `prior`
+        is the state of a run being resumed; `cores` the CPU workers at once (default:
+        this process's cores)."""
         super().__init__(prior)
         if backend is None:
             from sa2va_tui.placement.local import LocalBackend
@@ -124,18 +67,17 @@ class Supervisor(EventHub):
         self.store = store
         self._backend = backend
         self._experiments = config.experiments()
-        self._entry_points = entry_points
         self._gpu_interval = gpu_interval
         self._stop_grace_s = stop_grace_s
         self._gpus = GpuWatch(backend.read_gpus, store.append_gpu_sample, gpu_record_interval)
-        self._attempts: dict[str, _Attempt] = {}
-        self._owed: dict[str, _Owed] = {}
+        self._attempts: dict[str, Attempt] = {}
+        self._owed: dict[str, Owed] = {}
+        self._launcher = Launcher(config, store, backend, self._book, self._gpus, self._attempts, self._dispatch,
+                                  entry_points, cores)
         self._outbox: list[Event] = []
         self._drain = threading.Thread(target=self._drain_loop, name="supervisor-drain", daemon=True)
         self._sampler: GpuSampler | None = None
-        self._started = False
-        self._closing = False
-        self._finished = False
+        self._started = self._closing = self._finished = False
         self._state_writer = StateWriter(store, STATE_WRITE_INTERVAL_S)
 
     @classmethod
@@ -152,9 +94,14 @@ class Supervisor(EventHub):
     def run_dir(self) -> Path:
         return self.store.path
 
+    @property
+    def gpus(self) -> GpuSnapshot:
+        """The latest reading of the GPUs."""
+        return self._gpus.snapshot
+
     def start(self, names: list[str] | None = None) -> None:
         """Start the named experiments (default: every enabled one, or for a resumed
-        run every unfinished one, each from its last checkpoint)."""
+        run every unfinished one, each from its last checkpoint), as room allows."""
         with self._lock:
             if self._started:
                 raise SupervisorError("this supervisor has already started")
@@ -166,18 +113,17 @@ class Supervisor(EventHub):
             self._started = True
             for name in names:
                 self._book.add(name, self._experiments[name].kind)
+            for name in names:
+                state = self._book.states[name]
+                if state.state != "finished":
+                    self._launcher.request(name, Owed("resume") if state.attempts else None)
+            self._launcher.schedule()
             self._write_state(force=True)
         atexit.register(self.shutdown)
         self._drain.start()
-        pids = lambda: {pid: name for pid, name, _ in self._placed_workers() if pid}  # noqa: E731
+        pids = lambda: {pid: name for pid, name, _ in self._launcher.occupants() if pid}  # noqa: E731
         self._sampler = GpuSampler(self._backend.read_gpus, pids, self._on_gpus, self._gpu_interval)
         self._sampler.start()
-        with self._lock:
-            for name in names:
-                state = self._book.states[name]
-                if state.state == "finished":
-                    continue
-                self._launch(name, _Owed("resume") if state.attempts else None)
 
     def pause(self, name: str) -> None:
         """The worker blocks at its next step point (within a second)."""
@@ -189,45 +135,57 @@ class Supervisor(EventHub):
             self._backend.send(self._live(name).handle, events.Resume())
 
     def stop(self, name: str) -> None:
-        """The worker saves a checkpoint and exits; killed if it has not within the grace."""
+        """The worker saves a checkpoint and exits (killed if it has not within the
+        grace); an experiment waiting in line leaves it and never starts."""
         with self._lock:
+            self._known(name)
             self._owed.pop(name, None)
+            if self._launcher.withdraw(name):
+                self._dispatch(events.Stopped(name, step=self._book.states[name].timesteps,
+                                              reason="removed from the line"))
+                return
             self._ask_stop(self._live(name), "stop", self._stop_grace_s)
 
     def restart_plan(self, name: str) -> RestartPlan:
         """What `restart(name)` would do now: the plan the restart dialog shows."""
         with self._lock:
             self._known(name)
-            return self._plan(name, "manual")
+            return self._launcher.plan_now(name, "manual")
 
     def restart(self, name: str, batch_size: int | None = None, plan: RestartPlan | None = None) -> None:
         """Stop (if running) and start a new process that resumes from the last
         checkpoint, its timestep count carried on; at `batch_size` when given (after an
         out-of-memory failure that had no automatic restart left), or as `plan` (from
-        `restart_plan`) says."""
+        `restart_plan`) says. It waits in line when no device has room."""
         with self._lock:
             self._known(name)
             refusal = restart_refusal(name, self._book.states[name], self._experiments[name], self._closing,
                                       plan.batch_size if plan is not None else batch_size)
             if refusal:
                 raise SupervisorError(refusal)
-            if name in self._owed:
-                return  # a restart is already on its way (after an out-of-memory failure)
-            owed = _Owed("manual", batch_size=batch_size, plan=plan)
+            if name in self._owed or self._launcher.position(name) is not None:
+                return  # a new attempt is already on its way
+            owed = Owed("manual", batch_size=batch_size, plan=plan)
             attempt = self._attempts.get(name)
             if attempt is None:
-                self._launch(name, owed)
+                self._launcher.request(name, owed)
+                self._launcher.schedule()
             else:
                 self._owed[name] = owed
                 self._book.mark_restarting(name)
                 self._state_writer.dirty = True
                 self._ask_stop(attempt, "restart", self._stop_grace_s)
 
+    def position(self, name: str) -> int | None:
+        """An experiment's place in line (1: next), None when it does not wait."""
+        with self._lock:
+            return self._launcher.position(name)
+
     @property
     def done(self) -> bool:
-        """No worker runs and none is owed: every experiment has ended, for now."""
+        """No worker runs, none waits and none is owed: every experiment has ended, for now."""
         with self._lock:
-            return self._started and not self._attempts and not self._owed
+            return self._started and not self._attempts and not self._owed and not self._launcher.line
 
     def shutdown(self, grace_s: float = 10.0) -> None:
         """Stop every worker gracefully (each saves a checkpoint), kill those still
@@ -237,6 +195,10 @@ class Supervisor(EventHub):
                 return
             self._closing = True
             self._owed.clear()
+            for waiting in list(self._launcher.line):
+                self._launcher.withdraw(waiting.name)
+                self._dispatch(events.Stopped(waiting.name, step=self._book.states[waiting.name].timesteps,
+                                              reason="shutdown"))
             for attempt in self._attempts.values():
                 self._ask_stop(attempt, "shutdown", grace_s)
         if self._started:
@@ -256,51 +218,13 @@ class Supervisor(EventHub):
             self._backend.close()
         atexit.unregister(self.shutdown)
 
-    # --- launching -----------------------------------------------------------------
-
-    def _launch(self, name: str, owed: _Owed | None) -> None:
-        """Start one attempt: the first (`owed` None) or one owed. Lock held."""
-        experiment = self._experiments[name]
-        plan = (owed.plan if owed else None) or self._plan(name, owed.reason if owed else START,
-                                                           owed.batch_size if owed else None)
-        if experiment.device == "cuda" and plan.gpu is None:
-            self._dispatch(events.Failed(name, kind="error", message=f"device is cuda but {self.gpus.message}"))
-            return
-        if owed is not None:
-            self._dispatch(events.Restarting(name, reason=plan.reason, attempt=plan.attempt, changes=plan.changes))
-        try:
-            handle = self._backend.launch(worker_spec(name, experiment, plan, self.config, self.store,
-                                                      resolve_entry(experiment.kind, self._entry_points)))
-        except LaunchError as err:
-            self._dispatch(events.Failed(name, kind="error", message=str(err)))
-            return
-        self._attempts[name] = _Attempt(handle=handle, batch_size=plan.batch_size)
-        self._book.launched(name, handle.pid)
-        self._state_writer.dirty = True
-        self._backend.wake()
-
-    def _plan(self, name: str, reason: str, batch_size: int | None = None) -> RestartPlan:
-        snapshot, placed = self._gpus.view(self._placed_workers())
-        return plan_for(self._experiments[name], self._book.states[name], reason, self.config.recovery, snapshot,
-                        placed, batch_size)
-
-    def _placed_workers(self) -> list[tuple[int | None, str, int | None]]:
-        """(pid, experiment, GPU) of every worker of ours."""
-        with self._lock:
-            return [(a.handle.pid, name, a.handle.spec.gpu) for name, a in self._attempts.items()]
-
-    @property
-    def gpus(self) -> GpuSnapshot:
-        """The latest reading of the GPUs."""
-        return self._gpus.snapshot
-
-    # --- control helpers -------------------------------------------------------------
+    # --- helpers -------------------------------------------------------------------
 
     def _known(self, name: str) -> None:
         if name not in self._book.states:
             raise SupervisorError(f"unknown experiment {name!r} (this run has: {', '.join(self._book.states)})")
 
-    def _live(self, name: str) -> _Attempt:
+    def _live(self, name: str) -> Attempt:
         with self._lock:
             self._known(name)
             attempt = self._attempts.get(name)
@@ -308,7 +232,7 @@ class Supervisor(EventHub):
                 raise SupervisorError(f"{name} is not running ({self._book.states[name].state})")
             return attempt
 
-    def _ask_stop(self, attempt: _Attempt, reason: str, grace_s: float) -> None:
+    def _ask_stop(self, attempt: Attempt, reason: str, grace_s: float) -> None:
         self._backend.send(attempt.handle, events.Stop(reason))
         attempt.stop_by(grace_s)
         self._backend.wake()
@@ -329,28 +253,33 @@ class Supervisor(EventHub):
         if threading.current_thread() is not self._drain:
             self._backend.wake()
 
-    def _on_worker_event(self, attempt: _Attempt, event: Event) -> None:
+    def _on_worker_event(self, attempt: Attempt, event: Event) -> None:
         with self._lock:
             if isinstance(event, (events.Failed, events.Finished, events.Stopped)):
                 attempt.outcome = event
-                if isinstance(event, events.Failed) and event.kind == OOM:
-                    self._owe_oom_restart(attempt, event)
+                if isinstance(event, events.Failed):
+                    self._owe_restart(attempt, event)
             self._dispatch(event)
 
-    def _owe_oom_restart(self, attempt: _Attempt, failure: events.Failed) -> None:
+    def _owe_restart(self, attempt: Attempt, failure: events.Failed) -> None:
+        """Whether recovery restarts this failure by itself, and at which batch size."""
         if self._closing:
             return
         state = self._book.states[attempt.name]
-        batch, why_not = automatic_restart_batch(self._experiments[attempt.name], failure.batch_size or attempt.batch_size,
-                                                 state.oom_restarts, self.config.recovery)
-        if batch is None:
+        restart, why_not = automatic_restart(self._experiments[attempt.name], failure.kind,
+                                             failure.batch_size or attempt.batch_size, state.oom_restarts,
+                                             state.error_restarts, self.config.recovery, attempt.killed_by_us)
+        if restart is None:
             log.warning("%s: %s", attempt.name, why_not)
             return
-        self._owed[attempt.name] = _Owed("oom", batch_size=batch)
+        self._owed[attempt.name] = Owed(restart.reason, batch_size=restart.batch_size)
 
     def _on_gpus(self, snapshot: GpuSnapshot) -> None:
         with self._lock:
             sample = self._gpus.record(snapshot)
+            for process in (p for g in snapshot.gpus for p in g.processes):
+                if process.experiment and process.used_memory:
+                    self._book.gpu_memory_seen(process.experiment, process.used_memory)
         self._dispatch(sample)
 
     # --- the drain thread ------------------------------------------------------------
@@ -369,29 +298,34 @@ class Supervisor(EventHub):
                     self._on_exit(attempt, arrival)
                 else:
                     self._on_worker_event(attempt, arrival)
-            self._enforce_deadlines()
             with self._lock:
+                self._enforce_deadlines()
+                if not self._closing:
+                    self._launcher.schedule()
                 self._write_state()
             self._deliver_outbox()
 
     def _enforce_deadlines(self) -> None:
         """Kill the workers that were asked to stop and did not within their grace."""
-        with self._lock:
-            for attempt in [a for a in self._attempts.values() if a.overdue]:
-                log.warning("%s did not stop in time; killing pid %s", attempt.name, attempt.handle.pid)
-                attempt.killed_by_us = True
-                self._backend.kill(attempt.handle)
+        for attempt in [a for a in self._attempts.values() if a.overdue]:
+            log.warning("%s did not stop in time; killing pid %s", attempt.name, attempt.handle.pid)
+            attempt.killed_by_us = True
+            self._backend.kill(attempt.handle)
 
-    def _on_exit(self, attempt: _Attempt, exit: Exit) -> None:
+    def _on_exit(self, attempt: Attempt, exit: Exit) -> None:
         with self._lock:
             name = attempt.name
             if self._attempts.get(name) is attempt:
                 del self._attempts[name]
             if attempt.outcome is None:
-                self._dispatch(attempt.unreported_failure(exit.exit_code, self._book.states[name].timesteps))
+                failure = attempt.unreported_failure(exit.exit_code, self._book.states[name].timesteps)
+                self._owe_restart(attempt, failure)
+                self._dispatch(failure)
             owed = self._owed.pop(name, None)
             if owed is not None and not self._closing:
-                self._launch(name, owed)
+                # Its place in line is at the head: it held a device until now.
+                self._launcher.request(name, owed, first=owed.reason in ("oom", "error"))
+                self._launcher.schedule()
             self._changed.notify_all()
 
     def _deliver_outbox(self) -> None:
@@ -411,25 +345,3 @@ def restart_refusal(name: str, state: ExperimentState, experiment: ExperimentCon
     if state.state == "finished":
         return f"{name} has finished; nothing to restart"
     return batch_size_problem(experiment, batch_size) if batch_size is not None else None
-
-
-def plan_for(experiment: ExperimentConfig, state: ExperimentState, reason: str, recovery: RecoveryConfig,
-             gpus: GpuSnapshot, placed: Counter[int], batch_size: int | None = None) -> RestartPlan:
-    """The recovery policy's plan for the next attempt of an experiment in `state`."""
-    failed = state.failure.kind if state.failure and state.state == "failed" else None
-    return plan_restart(experiment, reason, attempts=state.attempts, last_batch_size=state.batch_size,
-                        last_gpu=state.gpu, last_failure=failed, checkpoint=state.last_checkpoint,
-                        checkpoint_step=state.checkpoint_step, recovery=recovery, gpus=gpus, placed=placed,
-                        batch_size=batch_size)
-
-
-def worker_spec(name: str, experiment: ExperimentConfig, plan: RestartPlan, config: Config, store: RunStore,
-                entry: str) -> WorkerSpec:
-    """What the worker of an attempt carried out as `plan` needs."""
-    configured = kind_of(experiment).batch_size(experiment)
-    return WorkerSpec(
-        name=name, entry=entry, config=config, exp_dir=store.exp_dir(name), log_path=store.log_path(name),
-        gpu=plan.gpu, supervisor_pid=os.getpid(), attempt=plan.attempt,
-        resume_from=Path(plan.resume_from) if plan.resume_from else None,
-        batch_size_override=plan.batch_size if plan.batch_size != configured else None,
-    )

@@ -75,6 +75,8 @@ def describe(event: events.Event) -> tuple[str, str] | None:
         where = device_name(event.gpu)
         resumed = f", resumed from {escape(event.resumed_from)}" if event.resumed_from else ""
         return f"started (attempt {event.attempt}) pid {event.pid} on {where}, batch size {event.batch_size}{resumed}", ""
+    if isinstance(event, events.Queued):
+        return f"queued: #{event.position} in line, waiting for a device with room", "dim"
     if isinstance(event, events.Phase):
         return f"phase: {event.phase.replace('_', ' ')}", "dim"
     if isinstance(event, events.Checkpoint):

@@ -5,7 +5,8 @@ three real experiments cannot be made to show on a machine without a GPU:
   CUDA for it, and there is none here), and writes to every output a process has;
 - `fail`: an arbitrary error at startup;
 - `vanish`: a process that exits without a word, as a crash in native code would;
-- `stuck`: a process that never reaches a step point (a real one does every few ms).
+- `stuck`: a process that never reaches a step point (a real one does every few ms);
+- `crash_once`: a crash after training started, on its first attempt only.
 
 Registered by "module:function" (this folder is on the workers' sys.path, which spawn
 copies from the parent), e.g. `entry_points={"prompt_rl": "sv_workload:probe"}`.
@@ -59,3 +60,17 @@ def vanish(ctx: WorkerContext) -> dict:
     """Exits without a word, as a crash in native code would."""
     print("vanish: leaving", flush=True)
     os._exit(7)
+
+
+def crash_once(ctx: WorkerContext) -> dict:
+    """Crashes after its first step on the first attempt (a marker in its folder says
+    it already did), then trains to the end: what `recovery.retry_errors` is for."""
+    marker = ctx.exp_dir / "crashed-once"
+    ctx.step_point(0)
+    if not marker.exists():
+        marker.write_text("1")
+        raise RuntimeError("a crash after training started")
+    for step in range(1, PROBE_STEPS):
+        ctx.step_point(step)
+        ctx.progress(step + 1, PROBE_STEPS)
+    return {"attempt_that_finished": 2}

@@ -239,7 +239,7 @@ async def test_restart_after_an_injected_oom_offers_half_the_batch(real_run):
 
 
 @run_async
-async def test_watch_mode_shows_worker_keys_as_unavailable(tmp_path):
+async def test_watch_mode_hides_the_keys_that_need_a_worker_of_ours(tmp_path):
     log = tmp_path / "train.log"
     log.write_text("-----------------------------\n| rollout/        |         |\n|    ep_rew_mean  | 5.07    |\n"
                    "| time/           |         |\n|    total_timesteps | 2048 |\n-----------------------------\n")
@@ -250,8 +250,9 @@ async def test_watch_mode_shows_worker_keys_as_unavailable(tmp_path):
                     and app.dashboard.states["train"].timesteps == 2048, "the log read")
         dash = app.dashboard
         for action in dash.CONTROL_ACTIONS:
-            assert dash.check_action(action, ()) is None  # shown, greyed out
-        assert app.query_one("#toggle_pause").disabled
+            assert dash.check_action(action, ()) is False  # hidden from the footer
+        assert not app.query("#toggle_pause") and not app.query("#stop") and not app.query("#restart")
+        assert app.query_one("#toggle_log")
         await pilot.press("p", "s", "r")
         assert not isinstance(app.screen, ConfirmScreen)
         await pilot.press("question_mark")
@@ -289,6 +290,16 @@ def test_the_ui_imports_no_training_library():
 
 T0 = 1_750_000_000.0
 GiB = 1024**3
+
+
+class RecordedControl:
+    """The control of a run told by recorded events: no worker of it runs, so each
+    request is refused as the supervisor refuses one for an experiment not running."""
+
+    def _refuse(self, name: str, *args: object) -> None:
+        raise RuntimeError(f"{name} is not running (a recorded run)")
+
+    pause = resume = stop = restart = restart_plan = _refuse
 
 
 class RecordedHub(EventHub):
@@ -358,7 +369,8 @@ def recorded_app(monkeypatch) -> Callable[[], tuple[Sa2vaApp, RecordedHub]]:
 
     def make() -> tuple[Sa2vaApp, RecordedHub]:
         hub = RecordedHub()
-        source = AppSource(hub=hub, title="run 20250615-150640-demo", log_path=lambda name: None)
+        source = AppSource(hub=hub, title="run 20250615-150640-demo", log_path=lambda name: None,
+                           control=RecordedControl())
         return Sa2vaApp(source, clock=lambda: T0 + 60), hub
 
     yield make

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -200,10 +201,48 @@ def test_watcher_follows_a_log_that_appears_later(sb3_runs, tmp_path):
     log.write_bytes(raw)
     assert got.wait(20)
     state = watcher.states()["later"]
-    assert (state.timesteps, state.total, state.state) == (640, 640, "running")
+    # Read to its end at its total: finished, when the log was last written.
+    assert (state.timesteps, state.total, state.state) == (640, 640, "finished")
+    assert state.ended_at == log.stat().st_mtime
     assert state.episode_reward == tables(seen)[-1]["rollout/ep_rew_mean"]
     assert not watcher.done
     watcher.shutdown()
+
+
+def table_text(timesteps: int, fps: int) -> str:
+    return ("-----------------------------\n| rollout/           |       |\n|    ep_rew_mean     | 1.5   |\n"
+            f"| time/              |       |\n|    fps             | {fps}   |\n"
+            f"|    total_timesteps | {timesteps}  |\n-----------------------------\n")
+
+
+def wait_for_state(watcher: LogWatcher, name: str, match, timeout: float = 20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = watcher.states()[name]
+        if match(state):
+            return state
+        time.sleep(0.02)
+    raise AssertionError(f"{name} never matched: {watcher.states()[name]}")
+
+
+def test_a_backlog_read_at_once_takes_its_rate_from_the_log_and_a_silent_log_stalls(tmp_path):
+    log = tmp_path / "run.log"
+    log.write_text(table_text(2048, 100) + table_text(4096, 100))
+    hour_ago = time.time() - 3600
+    os.utime(log, (hour_ago, hour_ago))
+    watcher = LogWatcher([log], total=8192, interval=0.02, stalled_after=60)
+    watcher.start()
+    try:
+        # An hour silent, half way: stalled, its ETA unknown rather than "in 0 s".
+        state = wait_for_state(watcher, "run", lambda s: s.state == "stalled")
+        assert (state.timesteps, state.rate, state.eta_s) == (4096, 100, None)
+        with open(log, "a") as f:
+            f.write(table_text(6144, 50))
+        state = wait_for_state(watcher, "run", lambda s: s.timesteps == 6144)
+        assert (state.state, state.rate) == ("running", 50)  # the log's own fps, not the arrival rate
+        assert state.eta_s == pytest.approx((8192 - 6144) / 50)
+    finally:
+        watcher.shutdown()
 
 
 def test_watch_command_reads_logs_once(sb3_runs):

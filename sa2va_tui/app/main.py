@@ -117,8 +117,10 @@ class Dashboard(Screen):
     def compose(self) -> ComposeResult:
         yield TitleBar(id="title")
         with Horizontal(id="toolbar"):
-            for label, action in (("Pause", "toggle_pause"), ("Restart", "restart"), ("Stop", "stop"),
-                                  ("Log", "toggle_log"), ("Help", "help"), ("Quit", "app.quit")):
+            buttons = [("Pause", "toggle_pause"), ("Restart", "restart"), ("Stop", "stop")]
+            if self.source.control is None:
+                buttons = []  # watching: nothing here can pause, stop or restart them
+            for label, action in (*buttons, ("Log", "toggle_log"), ("Help", "help"), ("Quit", "app.quit")):
                 yield Button(label, id=action.replace("app.", ""), name=action, compact=True)
         with VerticalScroll(id="main", can_focus=False):
             yield VerticalScroll(id="cards", can_focus=False)
@@ -191,17 +193,20 @@ class Dashboard(Screen):
         state = self.states.get(self.selected or "")
         for button in self.query("#toolbar Button").results(Button):
             button.disabled = not self.check_action(button.name or "", ())
-        self.query_one("#toggle_pause", Button).label = "Resume" if state and state.state == "paused" else "Pause"
+            if button.id == "toggle_pause":
+                button.label = "Resume" if state and state.state == "paused" else "Pause"
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action not in self.CONTROL_ACTIONS:
             return True
+        if self.source.control is None:
+            return False  # hidden: experiments started elsewhere are not ours to steer
         state = self.states.get(self.selected or "")
-        if self.source.control is None or state is None:
-            return None  # shown, greyed: there is nothing here to act on
+        if state is None:
+            return None  # shown, greyed: there is nothing here to act on yet
         allowed = {
             "toggle_pause": state.state in ("running", "paused"),
-            "stop": state.state in ("running", "paused") and state.pid is not None,
+            "stop": (state.state in ("running", "paused") and state.pid is not None) or state.state == "queued",
             "restart": state.state not in ("finished", "restarting"),
         }[action]
         return True if allowed else None
@@ -332,6 +337,7 @@ class Dashboard(Screen):
         if found is not None:
             self._log_line(event.time, event.experiment, *found)
         if isinstance(event, Failed):
+            self.app.bell()
             self.notify(f"{event.experiment} failed ({event.kind}): {event.message}", severity="error",
                         markup=False)
 

@@ -17,7 +17,9 @@ FULL, HALF_END, EMPTY = "━", "╸", "━"
 #: Colour of each experiment state (Textual theme variables).
 STATE_STYLES = {
     "pending": "$text-muted",
+    "queued": "$text-muted",
     "running": "$success",
+    "stalled": "$warning",
     "paused": "$warning",
     "restarting": "$warning",
     "failed": "bold $error",
@@ -27,7 +29,9 @@ STATE_STYLES = {
 #: A mark before the state word, so that it reads without colour too.
 STATE_MARKS = {
     "pending": "○",
+    "queued": "◷",
     "running": "▶",
+    "stalled": "⚠",
     "paused": "⏸",
     "restarting": "↻",
     "failed": "✗",

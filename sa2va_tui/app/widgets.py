@@ -63,9 +63,13 @@ class CardView:
     @classmethod
     def of(cls, index: int, s: ExperimentState, rewards: Sequence[float], now: float) -> "CardView":
         phase = (s.phase or "").replace("_", " ")
-        if phase and s.phase_total:
+        # The bar is the training's progress: a count of its own here would read as a
+        # second, different progress (fine-tuning steps against all steps).
+        if phase and s.phase_total and s.phase != "training":
             phase += f" {s.phase_done or 0}/{s.phase_total} ({(s.phase_done or 0) / s.phase_total:.0%})"
         details = [phase] if phase else []
+        if s.state == "queued":
+            details = [f"#{s.queue_position or '?'} in line, waiting {format_duration(s.waited_s(now))}"]
         if s.pid is not None:  # a process of ours: where it runs is known
             details += ["CPU" if s.gpu is None else f"GPU {s.gpu}", f"pid {s.pid}"]
         if s.batch_size:

@@ -46,6 +46,11 @@ def _run_supervisor(supervisor, names: list[str] | None, headless: bool) -> NoRe
     from sa2va_tui.supervisor import SupervisorError
 
     typer.echo(f"run {supervisor.store.run_id}: {supervisor.run_dir}")
+    if supervisor.config.run.on_event:
+        from sa2va_tui.notify import Notifier
+
+        supervisor.subscribe(Notifier(supervisor.config.run.on_event, supervisor.store.run_id, supervisor.run_dir,
+                                      supervisor.states))
     if not headless:
         from sa2va_tui.app import AppSource
 
@@ -63,13 +68,18 @@ def launch(
     all_: bool = typer.Option(False, "--all", help="Every enabled experiment of the config (the default)."),
     only: list[str] = typer.Option([], "--only", metavar="NAME", help="Only this experiment (repeatable)."),
     headless: bool = HeadlessOption,
+    max_parallel: Optional[int] = typer.Option(
+        None, "--max-parallel", min=1, help="At most N experiments at once; the others wait in line (run.max_parallel)."),
     config: Optional[Path] = ConfigOption,
     set_: list[str] = SetOption,
 ) -> None:
-    """Start experiments, each in its own worker process, in a new run folder logs/<run-id>/."""
+    """Start experiments, each in its own worker process, in a new run folder logs/<run-id>/.
+
+    Each waits in line until a device has room (the CPU's cores, a GPU's free memory)."""
     if all_ and only:
         fail("use --all or --only, not both")
-    cfg = load_config_or_exit(config, set_)
+    overrides = [*set_, *([f"run.max_parallel={max_parallel}"] if max_parallel else [])]
+    cfg = load_config_or_exit(config, overrides)
     enabled = cfg.experiments()
     for name in only:
         if name not in enabled:
@@ -120,11 +130,14 @@ def status(
     now = time.time()
     live = snapshot.supervised
     table = Table(box=None, pad_edge=False)
-    for column in ("experiment", "state", "pid", "GPU", "phase", "progress", "reward", "ETA"):
+    for column in ("experiment", "state", "pid", "GPU", "phase", "progress", "reward", "ETA", "queued"):
         table.add_column(column, justify="right" if column in ("pid", "GPU", "reward") else "left", no_wrap=True)
     cut_short = [name for name, s in snapshot.experiments.items() if not live and not s.terminal]
     for name, s in snapshot.experiments.items():
         state = f"{s.state}*" if name in cut_short else s.state
+        if s.state == "queued" and s.queue_position:
+            state += f" #{s.queue_position}"
+        waited = s.waited_s(now if live else snapshot.updated_at)
         progress = f"{s.timesteps}/{s.total or '?'}" + (f" {s.fraction:.0%}" if s.fraction is not None else "")
         table.add_row(
             name,
@@ -135,6 +148,7 @@ def status(
             progress,
             f"{s.episode_reward:.4g}" if s.episode_reward is not None else "-",
             format_duration(s.eta_at(now)) if live and not s.terminal else "-",
+            format_duration(waited) if waited else "-",
         )
     console = Console()
     supervisor = f"supervisor pid {snapshot.supervisor_pid}" if live else "no supervisor running"
@@ -202,15 +216,20 @@ def watch(
     logs: list[Path] = typer.Argument(..., help="Log files with stable-baselines3's stdout tables."),
     total: Optional[int] = typer.Option(None, "--total", min=1, help="Total timesteps, for percent and ETA."),
     follow: bool = typer.Option(True, "--follow/--no-follow", help="Keep following the logs (default) or read them once."),
+    stalled_after: float = typer.Option(
+        300.0, "--stalled-after", min=1.0, metavar="SECONDS", help="A log silent this long shows as stalled."),
     headless: bool = HeadlessOption,
 ) -> None:
-    """Show experiments started elsewhere, from their log files."""
+    """Show experiments started elsewhere, from their log files.
+
+    A log read to its end at --total shows as finished; one silent for --stalled-after
+    seconds as stalled."""
     from sa2va_tui.logtail import LogWatcher
 
     missing = [str(p) for p in logs if not p.is_file()]
     if missing and not follow:
         fail(f"no such log file: {', '.join(missing)}")
-    watcher = LogWatcher(logs, total=total, follow=follow)
+    watcher = LogWatcher(logs, total=total, follow=follow, stalled_after=stalled_after)
     if not headless:
         from sa2va_tui.app import AppSource
 

@@ -64,6 +64,8 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "exp.episode_reward": ("Episode reward", "回合奖励"),
     "exp.batch_size": ("batch size", "批大小"),
     "exp.attempts": ("attempts", "尝试次数"),
+    "exp.queued": ("Waited in line for a device", "排队等待设备"),
+    "exp.in_line": (", still waiting: #{position} in line", "，仍在等待：排第 {position} 位"),
     "exp.episode_length": ("episode length", "回合长度"),
     "exp.failure": ("Last failure ({kind})", "最近一次失败（{kind}）"),
     "exp.at_step": (" (at step {step})", "（第 {step} 步）"),
@@ -91,7 +93,9 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "desc.other": ("An experiment of kind {kind}.", "类型为 {kind} 的实验。"),
     # states, phases, trends, statuses
     "state.pending": ("pending", "等待中"),
+    "state.queued": ("queued", "排队中"),
     "state.running": ("running", "运行中"),
+    "state.stalled": ("stalled", "停滞"),
     "state.paused": ("paused", "已暂停"),
     "state.restarting": ("restarting", "重启中"),
     "state.failed": ("failed", "失败"),
@@ -111,9 +115,11 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "status.unknown": ("cannot tell", "无法判断"),
     "failure.oom": ("out of memory", "显存不足"),
     "failure.error": ("error", "错误"),
+    "failure.startup": ("failed at start-up", "启动失败"),
     "failure.killed": ("killed", "被终止"),
     "restart.oom": ("automatically after running out of memory", "因显存不足自动重启"),
     "restart.manual": ("by hand", "手动重启"),
+    "restart.error": ("automatically after a crash (`recovery.retry_errors`)", "崩溃后自动重启（`recovery.retry_errors`）"),
     "restart.resume": ("when the run was resumed", "继续运行时重启"),
     # hints (the same remarks as sa2va_tui.analysis, which words them in English)
     "hint.train/explained_variance": (

@@ -75,6 +75,10 @@ def _experiment_section(exp: ExperimentReport, data: ReportData, tr: Translator)
                         (tr("exp.attempts"), s.attempts)),
         f"- {tr.item(tr('exp.progress'), progress_text(s))}",
     ]
+    waited = s.waited_s(data.generated_at if data.live else data.updated_at)
+    if waited or s.state == "queued":
+        lines.append(f"- {tr.item(tr('exp.queued'), format_duration(waited))}"
+                     + (tr("exp.in_line", position=s.queue_position) if s.state == "queued" else ""))
     if s.episode_reward is not None or EPISODE_LENGTH in s.metrics:
         lines.append("- " + tr.items((tr("exp.episode_reward"), number(s.episode_reward)),
                                      (tr("exp.episode_length"), number(s.metrics.get(EPISODE_LENGTH), ".3g"))))

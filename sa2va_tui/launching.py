@@ -1,0 +1,283 @@
+"""When and where each attempt of an experiment starts.
+
+Experiments wait in line until a device has room: at most `run.max_parallel` at once;
+on the CPU one worker per core; on a GPU, as much free memory as the experiment needs
+(its `gpu_memory_gb`, else the peak its first attempt reached, else a GPU of its own).
+The recovery policy plans each attempt (batch size, checkpoint); this module finds its
+device and starts it through the placement backend. A worker that ends frees its
+place, and the first in line that fits starts; an automatic restart goes to the head
+of the line rather than over-filling a device.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+from sa2va_contract import events
+from sa2va_contract.config import Config, ExperimentConfig
+from sa2va_contract.events import Event
+from sa2va_contract.files import read_log_tail
+from sa2va_contract.gpus import GpuInfo, GpuSnapshot, choose_gpu
+from sa2va_contract.kinds import kind_of, resolve_entry
+from sa2va_contract.recovery import START, RestartPlan, classify_exit, plan_restart
+from sa2va_contract.worker import WorkerSpec
+from sa2va_tui.gpus import GpuWatch
+from sa2va_tui.placement import LaunchError, PlacementBackend, WorkerHandle
+from sa2va_tui.runstate import StateBook
+from sa2va_tui.runstore import RunStore
+
+GIB = 1024**3
+
+
+@dataclass
+class Owed:
+    """A new attempt owed to an experiment: why, and either the plan a person confirmed
+    or the batch size recovery chose."""
+
+    reason: str
+    batch_size: int | None = None
+    plan: RestartPlan | None = None
+
+
+@dataclass(eq=False)
+class Attempt:
+    """One attempt of one experiment: the backend's handle and what the policy tracks."""
+
+    handle: WorkerHandle
+    batch_size: int
+    #: GPU memory (bytes) it was given room for; None: a GPU of its own (or the CPU).
+    memory_need: int | None = None
+    #: The terminal event (Finished, Stopped, Failed) it sent, if any.
+    outcome: Event | None = None
+    #: After a stop request: the grace it was given, and when it runs out.
+    grace_s: float | None = None
+    kill_at: float | None = None
+    killed_by_us: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.handle.spec.name
+
+    def stop_by(self, grace_s: float) -> None:
+        """Asked to stop: the earliest deadline of all requests holds."""
+        kill_at = time.monotonic() + grace_s
+        if self.kill_at is None or kill_at < self.kill_at:
+            self.grace_s, self.kill_at = grace_s, kill_at
+
+    @property
+    def overdue(self) -> bool:
+        """Asked to stop, not stopped within its grace, not killed yet."""
+        return self.kill_at is not None and time.monotonic() > self.kill_at and not self.killed_by_us
+
+    def unreported_failure(self, exit_code: int | None, step: int) -> events.Failed:
+        """The failure of an attempt that ended without saying how."""
+        kind, message = classify_exit(exit_code, self.killed_by_us, self.grace_s)
+        spec = self.handle.spec
+        return events.Failed(self.name, kind=kind, message=message, exit_code=exit_code, step=step,
+                             batch_size=self.batch_size, gpu=spec.gpu, log_tail=read_log_tail(spec.log_path))
+
+
+# --- room ------------------------------------------------------------------------------
+
+
+class NoDevice(Exception):
+    """The experiment can never run here; `str()` says why in one line."""
+
+
+@dataclass(frozen=True)
+class Occupant:
+    """A worker of ours as room is counted: where it runs, what it was given room for,
+    and whether NVML lists it yet (until it does, its memory still shows as free)."""
+
+    gpu: int | None
+    memory_need: int | None
+    listed: bool = True
+
+
+def cpu_slots() -> int:
+    """Cores this process may use: one CPU worker each."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no sched_getaffinity (macOS)
+        return os.cpu_count() or 1
+
+
+def wants_gpu(experiment: ExperimentConfig, gpus: GpuSnapshot) -> bool:
+    return experiment.device == "cuda" or (experiment.device == "auto" and gpus.available and bool(gpus.gpus))
+
+
+def find_room(experiment: ExperimentConfig, memory_need: int | None, occupants: Iterable[Occupant], gpus: GpuSnapshot,
+              max_parallel: int | None, cores: int) -> tuple[bool, int | None]:
+    """(whether there is room now, the GPU index or None for the CPU). Raises NoDevice
+    when the experiment can never run here."""
+    occupants = list(occupants)
+    if experiment.device == "cuda" and not (gpus.available and gpus.gpus):
+        raise NoDevice(f"device is cuda but {gpus.message}")
+    if experiment.gpu is not None and gpus.available and experiment.gpu not in {g.index for g in gpus.gpus}:
+        raise NoDevice(f"gpu: GPU {experiment.gpu} asked for, but only {sorted(g.index for g in gpus.gpus)} exist")
+    if max_parallel is not None and len(occupants) >= max_parallel:
+        return False, None
+    if not wants_gpu(experiment, gpus):
+        return sum(o.gpu is None for o in occupants) < cores, None
+    fitting = [g for g in gpus.gpus if (experiment.gpu is None or g.index == experiment.gpu)
+               and _fits(g, memory_need, [o for o in occupants if o.gpu == g.index])]
+    if not fitting:
+        return False, None
+    placed = Counter(o.gpu for o in occupants if o.gpu is not None and not o.listed)
+    return True, choose_gpu(GpuSnapshot(True, gpus.message, fitting), None, placed)
+
+
+def _fits(gpu: GpuInfo, memory_need: int | None, ours: list[Occupant]) -> bool:
+    if memory_need is None or any(o.memory_need is None for o in ours):
+        return not ours  # a GPU of its own, or one that another of ours holds whole
+    free = gpu.memory_free
+    if free is None:
+        return not ours
+    arriving = sum(o.memory_need or 0 for o in ours if not o.listed)
+    return free - arriving >= memory_need
+
+
+# --- the line and the launch -----------------------------------------------------------
+
+
+@dataclass
+class Waiting:
+    name: str
+    owed: Owed | None
+    since: float = field(default_factory=time.time)
+    #: Whether its wait was recorded (a Queued event): only once it has to wait.
+    announced: bool = False
+
+
+class Launcher:
+    """The line of experiments waiting for room, and the start of each attempt. Its
+    owner (the supervisor) holds its lock around every call."""
+
+    def __init__(self, config: Config, store: RunStore, backend: PlacementBackend, book: StateBook, gpus: GpuWatch,
+                 attempts: dict[str, Attempt], dispatch: Callable[[Event], None],
+                 entry_points: dict[str, str] | None = None, cores: int | None = None) -> None:
+        self.config = config
+        self.experiments = config.experiments()
+        self._store, self._backend, self._book, self._gpus = store, backend, book, gpus
+        self._attempts, self._dispatch, self._entry_points = attempts, dispatch, entry_points
+        self._cores = cores or cpu_slots()
+        self.line: list[Waiting] = []
+
+    def request(self, name: str, owed: Owed | None = None, first: bool = False) -> None:
+        """Put an attempt of `name` in line (at its head for an automatic restart)."""
+        self.withdraw(name)
+        waiting = Waiting(name, owed)
+        self.line.insert(0, waiting) if first else self.line.append(waiting)
+
+    def withdraw(self, name: str) -> bool:
+        """Take `name` out of the line (its wait ends now); whether it was in it."""
+        before = len(self.line)
+        self.line = [w for w in self.line if w.name != name]
+        if len(self.line) == before:
+            return False
+        self._book.dequeued(name, time.time())
+        self._book.line_order([w.name for w in self.line])
+        return True
+
+    def position(self, name: str) -> int | None:
+        """1 for the first in line; None when not waiting."""
+        return next((i + 1 for i, w in enumerate(self.line) if w.name == name), None)
+
+    def schedule(self) -> None:
+        """Start every waiting attempt that has room now, in order of the line; record
+        the wait of those that must wait."""
+        if not self.line:
+            return
+        snapshot, occupants = self._view()
+        for waiting in list(self.line):
+            experiment = self.experiments[waiting.name]
+            planned = waiting.owed.plan if waiting.owed else None
+            if planned is not None and planned.gpu is not None:
+                experiment = experiment.model_copy(update={"gpu": planned.gpu})  # the device the dialog showed
+            try:
+                room, gpu = find_room(experiment, self._need(waiting.name), occupants, snapshot,
+                                      self.config.run.max_parallel, self._cores)
+            except NoDevice as err:
+                self.withdraw(waiting.name)
+                self._dispatch(events.Failed(waiting.name, kind="startup", message=str(err)))
+                continue
+            if room:
+                self.withdraw(waiting.name)
+                if self._launch(waiting, gpu):
+                    occupants.append(Occupant(gpu, self._need(waiting.name), listed=False))
+        for waiting in self.line:
+            if not waiting.announced:
+                waiting.announced = True
+                self._dispatch(events.Queued(waiting.name, position=self.position(waiting.name) or 1,
+                                             time=waiting.since))
+        self._book.line_order([w.name for w in self.line])
+
+    def plan(self, name: str, reason: str, gpu: int | None, batch_size: int | None = None) -> RestartPlan:
+        """The recovery policy's plan for the next attempt of `name`, on `gpu` (None: the CPU)."""
+        state = self._book.states[name]
+        failed = state.failure.kind if state.failure and state.state == "failed" else None
+        return plan_restart(self.experiments[name], reason, attempts=state.attempts, last_batch_size=state.batch_size,
+                            last_gpu=state.gpu, last_failure=failed, checkpoint=state.last_checkpoint,
+                            checkpoint_step=state.checkpoint_step, recovery=self.config.recovery, gpu=gpu,
+                            batch_size=batch_size)
+
+    def plan_now(self, name: str, reason: str) -> RestartPlan:
+        """The plan for an attempt of `name` on the device it would find room on now
+        (the freest that fits, the line and `run.max_parallel` aside)."""
+        snapshot, occupants = self._view()
+        try:
+            gpu = find_room(self.experiments[name], self._need(name), occupants, snapshot, None, self._cores)[1]
+        except NoDevice:
+            gpu = None
+        return self.plan(name, reason, gpu)
+
+    def occupants(self) -> list[tuple[int | None, str, int | None]]:
+        """(pid, experiment, GPU) of every worker of ours."""
+        return [(a.handle.pid, name, a.handle.spec.gpu) for name, a in self._attempts.items()]
+
+    def _view(self) -> tuple[GpuSnapshot, list[Occupant]]:
+        snapshot, _ = self._gpus.view(self.occupants())
+        listed = {p.pid for g in snapshot.gpus for p in g.processes}
+        return snapshot, [Occupant(a.handle.spec.gpu, a.memory_need, a.handle.pid in listed)
+                          for a in self._attempts.values()]
+
+    def _need(self, name: str) -> int | None:
+        """GPU memory (bytes) an attempt of `name` needs room for; None: unknown."""
+        configured = self.experiments[name].gpu_memory_gb
+        if configured is not None:
+            return int(configured * GIB)
+        return self._book.states[name].gpu_memory_peak
+
+    def _launch(self, waiting: Waiting, gpu: int | None) -> bool:
+        name, owed = waiting.name, waiting.owed
+        experiment = self.experiments[name]
+        plan = (owed.plan if owed else None) or self.plan(name, owed.reason if owed else START, gpu,
+                                                          owed.batch_size if owed else None)
+        if owed is not None:
+            self._dispatch(events.Restarting(name, reason=plan.reason, attempt=plan.attempt, changes=plan.changes))
+        try:
+            handle = self._backend.launch(worker_spec(name, experiment, plan, self.config, self._store,
+                                                      resolve_entry(experiment.kind, self._entry_points)))
+        except LaunchError as err:
+            self._dispatch(events.Failed(name, kind="error", message=str(err)))
+            return False
+        self._attempts[name] = Attempt(handle=handle, batch_size=plan.batch_size, memory_need=self._need(name))
+        self._book.launched(name, handle.pid)
+        return True
+
+
+def worker_spec(name: str, experiment: ExperimentConfig, plan: RestartPlan, config: Config, store: RunStore,
+                entry: str) -> WorkerSpec:
+    """What the worker of an attempt carried out as `plan` needs."""
+    configured = kind_of(experiment).batch_size(experiment)
+    return WorkerSpec(
+        name=name, entry=entry, config=config, exp_dir=store.exp_dir(name), log_path=store.log_path(name),
+        gpu=plan.gpu, supervisor_pid=os.getpid(), attempt=plan.attempt,
+        resume_from=Path(plan.resume_from) if plan.resume_from else None,
+        batch_size_override=plan.batch_size if plan.batch_size != configured else None,
+    )

@@ -167,7 +167,7 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
     # Before anything imports torch: the GPU this process may use, numbered as
     # nvidia-smi and NVML number them; an empty list hides every GPU.
     os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
-    os.environ["CUDA_VISIBLE_DEVICES"] = "" if spec.gpu is None else str(spec.gpu)
+    os.environ["CUDA_VISIBLE_DEVICES"] = spec.visible_gpus
     # Ctrl+C in the terminal reaches the whole process group; the supervisor answers it
     # by stopping us gracefully, so the signal itself must not break a step in half.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

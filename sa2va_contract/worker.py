@@ -35,6 +35,13 @@ class WorkerSpec:
     #: The batch size this attempt runs at when it differs from the config's (after an
     #: out-of-memory failure); the worker applies it to its experiment's config.
     batch_size_override: int | None = None
+    #: Further GPUs the worker holds besides `gpu` (a model split over several).
+    extra_gpus: tuple[int, ...] = ()
+
+    @property
+    def visible_gpus(self) -> str:
+        """CUDA_VISIBLE_DEVICES for the worker: its GPUs, or none."""
+        return "" if self.gpu is None else ",".join(str(g) for g in (self.gpu, *self.extra_gpus))
 
 
 def load_function(entry: str) -> Any:

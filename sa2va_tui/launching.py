@@ -63,6 +63,11 @@ class Attempt:
     def name(self) -> str:
         return self.handle.spec.name
 
+    @property
+    def gpus(self) -> tuple[int, ...]:
+        spec = self.handle.spec
+        return () if spec.gpu is None else (spec.gpu, *spec.extra_gpus)
+
     def stop_by(self, grace_s: float) -> None:
         """Asked to stop: the earliest deadline of all requests holds."""
         kill_at = time.monotonic() + grace_s
@@ -91,10 +96,11 @@ class NoDevice(Exception):
 
 @dataclass(frozen=True)
 class Occupant:
-    """A worker of ours as room is counted: where it runs, what it was given room for,
-    and whether NVML lists it yet (until it does, its memory still shows as free)."""
+    """A worker of ours as room is counted: the GPUs it holds (none: the CPU), what it
+    was given room for, and whether NVML lists it yet (until it does, its memory still
+    shows as free)."""
 
-    gpu: int | None
+    gpus: tuple[int, ...]
     memory_need: int | None
     listed: bool = True
 
@@ -112,24 +118,28 @@ def wants_gpu(experiment: ExperimentConfig, gpus: GpuSnapshot) -> bool:
 
 
 def find_room(experiment: ExperimentConfig, memory_need: int | None, occupants: Iterable[Occupant], gpus: GpuSnapshot,
-              max_parallel: int | None, cores: int) -> tuple[bool, int | None]:
-    """(whether there is room now, the GPU index or None for the CPU). Raises NoDevice
-    when the experiment can never run here."""
+              max_parallel: int | None, cores: int, every_gpu: bool = False) -> tuple[bool, tuple[int, ...]]:
+    """(whether there is room now, the GPUs it gets: none for the CPU). `every_gpu`: it
+    holds every GPU whole (a model split over all of them). Raises NoDevice when the
+    experiment can never run here."""
     occupants = list(occupants)
     if experiment.device == "cuda" and not (gpus.available and gpus.gpus):
         raise NoDevice(f"device is cuda but {gpus.message}")
     if experiment.gpu is not None and gpus.available and experiment.gpu not in {g.index for g in gpus.gpus}:
         raise NoDevice(f"gpu: GPU {experiment.gpu} asked for, but only {sorted(g.index for g in gpus.gpus)} exist")
     if max_parallel is not None and len(occupants) >= max_parallel:
-        return False, None
+        return False, ()
     if not wants_gpu(experiment, gpus):
-        return sum(o.gpu is None for o in occupants) < cores, None
+        return sum(not o.gpus for o in occupants) < cores, ()
+    if every_gpu:
+        free = not any(o.gpus for o in occupants)
+        return free, tuple(g.index for g in gpus.gpus) if free else ()
     fitting = [g for g in gpus.gpus if (experiment.gpu is None or g.index == experiment.gpu)
-               and _fits(g, memory_need, [o for o in occupants if o.gpu == g.index])]
+               and _fits(g, memory_need, [o for o in occupants if g.index in o.gpus])]
     if not fitting:
-        return False, None
-    placed = Counter(o.gpu for o in occupants if o.gpu is not None and not o.listed)
-    return True, choose_gpu(GpuSnapshot(True, gpus.message, fitting), None, placed)
+        return False, ()
+    placed = Counter(g for o in occupants if not o.listed for g in o.gpus)
+    return True, (choose_gpu(GpuSnapshot(True, gpus.message, fitting), None, placed),)
 
 
 def _fits(gpu: GpuInfo, memory_need: int | None, ours: list[Occupant]) -> bool:
@@ -200,16 +210,16 @@ class Launcher:
             if planned is not None and planned.gpu is not None:
                 experiment = experiment.model_copy(update={"gpu": planned.gpu})  # the device the dialog showed
             try:
-                room, gpu = find_room(experiment, self._need(waiting.name), occupants, snapshot,
-                                      self.config.run.max_parallel, self._cores)
+                room, held = find_room(experiment, self._need(waiting.name), occupants, snapshot,
+                                       self.config.run.max_parallel, self._cores, self._every_gpu)
             except NoDevice as err:
                 self.withdraw(waiting.name)
                 self._dispatch(events.Failed(waiting.name, kind="startup", message=str(err)))
                 continue
             if room:
                 self.withdraw(waiting.name)
-                if self._launch(waiting, gpu):
-                    occupants.append(Occupant(gpu, self._need(waiting.name), listed=False))
+                if self._launch(waiting, held):
+                    occupants.append(Occupant(held, self._need(waiting.name), listed=False))
         for waiting in self.line:
             if not waiting.announced:
                 waiting.announced = True
@@ -231,10 +241,11 @@ class Launcher:
         (the freest that fits, the line and `run.max_parallel` aside)."""
         snapshot, occupants = self._view()
         try:
-            gpu = find_room(self.experiments[name], self._need(name), occupants, snapshot, None, self._cores)[1]
+            held = find_room(self.experiments[name], self._need(name), occupants, snapshot, None, self._cores,
+                             self._every_gpu)[1]
         except NoDevice:
-            gpu = None
-        return self.plan(name, reason, gpu)
+            held = ()
+        return self.plan(name, reason, held[0] if held else None)
 
     def occupants(self) -> list[tuple[int | None, str, int | None]]:
         """(pid, experiment, GPU) of every worker of ours."""
@@ -243,8 +254,7 @@ class Launcher:
     def _view(self) -> tuple[GpuSnapshot, list[Occupant]]:
         snapshot, _ = self._gpus.view(self.occupants())
         listed = {p.pid for g in snapshot.gpus for p in g.processes}
-        return snapshot, [Occupant(a.handle.spec.gpu, a.memory_need, a.handle.pid in listed)
-                          for a in self._attempts.values()]
+        return snapshot, [Occupant(a.gpus, a.memory_need, a.handle.pid in listed) for a in self._attempts.values()]
 
     def _need(self, name: str) -> int | None:
         """GPU memory (bytes) an attempt of `name` needs room for; None: unknown."""
@@ -253,16 +263,23 @@ class Launcher:
             return int(configured * GIB)
         return self._book.states[name].gpu_memory_peak
 
-    def _launch(self, waiting: Waiting, gpu: int | None) -> bool:
+    @property
+    def _every_gpu(self) -> bool:
+        """A Sa2VA checkpoint laid out over several GPUs holds every GPU its worker sees."""
+        return self.config.backend.kind == "sa2va" and self.config.backend.device_map == "split"
+
+    def _launch(self, waiting: Waiting, held: tuple[int, ...]) -> bool:
         name, owed = waiting.name, waiting.owed
         experiment = self.experiments[name]
+        gpu = held[0] if held else None
         plan = (owed.plan if owed else None) or self.plan(name, owed.reason if owed else START, gpu,
                                                           owed.batch_size if owed else None)
         if owed is not None:
             self._dispatch(events.Restarting(name, reason=plan.reason, attempt=plan.attempt, changes=plan.changes))
         try:
             handle = self._backend.launch(worker_spec(name, experiment, plan, self.config, self._store,
-                                                      resolve_entry(experiment.kind, self._entry_points)))
+                                                      resolve_entry(experiment.kind, self._entry_points),
+                                                      extra_gpus=held[1:] if plan.gpu == gpu else ()))
         except LaunchError as err:
             self._dispatch(events.Failed(name, kind="error", message=str(err)))
             return False
@@ -272,12 +289,12 @@ class Launcher:
 
 
 def worker_spec(name: str, experiment: ExperimentConfig, plan: RestartPlan, config: Config, store: RunStore,
-                entry: str) -> WorkerSpec:
-    """What the worker of an attempt carried out as `plan` needs."""
+                entry: str, extra_gpus: tuple[int, ...] = ()) -> WorkerSpec:
+    """What the worker of an attempt carried out as `plan` needs (on `extra_gpus` too)."""
     configured = kind_of(experiment).batch_size(experiment)
     return WorkerSpec(
         name=name, entry=entry, config=config, exp_dir=store.exp_dir(name), log_path=store.log_path(name),
         gpu=plan.gpu, supervisor_pid=os.getpid(), attempt=plan.attempt,
         resume_from=Path(plan.resume_from) if plan.resume_from else None,
-        batch_size_override=plan.batch_size if plan.batch_size != configured else None,
+        batch_size_override=plan.batch_size if plan.batch_size != configured else None, extra_gpus=extra_gpus,
     )

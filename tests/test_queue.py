@@ -34,23 +34,27 @@ NO_GPU = GpuSnapshot(False, "no NVIDIA GPU")
 
 def test_room_on_the_cpu_is_one_worker_per_core_and_max_parallel():
     cpu = experiment(device="cpu")
-    assert find_room(cpu, None, [], NO_GPU, None, cores=2) == (True, None)
-    assert find_room(cpu, None, [Occupant(None, None)], NO_GPU, None, cores=2) == (True, None)
-    assert find_room(cpu, None, [Occupant(None, None)] * 2, NO_GPU, None, cores=2) == (False, None)
-    assert find_room(cpu, None, [Occupant(0, None)], gpus(40), max_parallel=1, cores=2) == (False, None)
+    assert find_room(cpu, None, [], NO_GPU, None, cores=2) == (True, ())
+    assert find_room(cpu, None, [Occupant((), None)], NO_GPU, None, cores=2) == (True, ())
+    assert find_room(cpu, None, [Occupant((), None)] * 2, NO_GPU, None, cores=2) == (False, ())
+    assert find_room(cpu, None, [Occupant((0,), None)], gpus(40), max_parallel=1, cores=2) == (False, ())
 
 
 def test_room_on_a_gpu_is_its_free_memory_against_the_need():
     auto = experiment(device="auto")
     # Unknown need: a GPU of its own, the freest of those without one of ours.
-    assert find_room(auto, None, [Occupant(1, 8 * GiB)], gpus(30, 60), None, 2) == (True, 0)
-    assert find_room(auto, None, [Occupant(0, None), Occupant(1, 2 * GiB)], gpus(30, 60), None, 2) == (False, None)
+    assert find_room(auto, None, [Occupant((1,), 8 * GiB)], gpus(30, 60), None, 2) == (True, (0,))
+    both_taken = [Occupant((0,), None), Occupant((1,), 2 * GiB)]
+    assert find_room(auto, None, both_taken, gpus(30, 60), None, 2) == (False, ())
     # Known need: any GPU with that much free, counting what ours just started will take.
-    assert find_room(auto, 20 * GiB, [Occupant(1, 8 * GiB)], gpus(30, 60), None, 2) == (True, 1)
-    assert find_room(auto, 20 * GiB, [Occupant(1, 50 * GiB, listed=False)], gpus(10, 60), None, 2) == (False, None)
-    assert find_room(auto, 20 * GiB, [], gpus(10, None), None, 2) == (True, 1)  # N/A memory: a GPU of its own
+    assert find_room(auto, 20 * GiB, [Occupant((1,), 8 * GiB)], gpus(30, 60), None, 2) == (True, (1,))
+    assert find_room(auto, 20 * GiB, [Occupant((1,), 50 * GiB, listed=False)], gpus(10, 60), None, 2) == (False, ())
+    assert find_room(auto, 20 * GiB, [], gpus(10, None), None, 2) == (True, (1,))  # N/A memory: a GPU of its own
     # Pinned: only that GPU.
-    assert find_room(experiment(device="auto", gpu=0), 20 * GiB, [], gpus(30, 60), None, 2) == (True, 0)
+    assert find_room(experiment(device="auto", gpu=0), 20 * GiB, [], gpus(30, 60), None, 2) == (True, (0,))
+    # A model split over every GPU: all of them, free of ours.
+    assert find_room(auto, None, [], gpus(30, 60), None, 2, every_gpu=True) == (True, (0, 1))
+    assert find_room(auto, None, [Occupant((1,), 2 * GiB)], gpus(30, 60), None, 2, every_gpu=True) == (False, ())
     with pytest.raises(NoDevice, match="GPU 3 asked for"):
         find_room(experiment(device="auto", gpu=3), None, [], gpus(30, 60), None, 2)
     with pytest.raises(NoDevice, match="device is cuda but no NVIDIA GPU"):
@@ -122,6 +126,19 @@ def test_experiments_needing_a_gpu_of_their_own_take_turns_on_one_gpu(tmp_path):
     assert (first.gpu, second.gpu) == (0, 0)
     assert [e.experiment for e in rec.of(Queued)] == ["postprocess_rl"]
     assert second.time >= rec.of(Finished, "prompt_rl")[0].time
+
+
+def test_a_checkpoint_split_over_the_gpus_holds_them_all(tmp_path):
+    """backend.device_map: split: the worker sees every GPU; the next waits for all."""
+    config = load_config(QUICK_CONFIG, [f"run.logs_dir={tmp_path}", "backend.kind=sa2va", "backend.model_path=/m",
+                                        "backend.device_map=split", "prompt_rl.device=auto",
+                                        "postprocess_rl.device=auto", "reward_net.enabled=false"])
+    entries = {"prompt_rl": "sv_workload:probe", "postprocess_rl": "sv_workload:probe"}
+    nvml = FakeNvml([FakeGpu(used=10 * GiB), FakeGpu(used=10 * GiB)])
+    supervisor, rec = run_to_end(config, 60, entry_points=entries, nvml=nvml)
+    first, second = rec.of(Finished, "prompt_rl")[0], rec.of(Finished, "postprocess_rl")[0]
+    assert first.summary["cuda_visible_devices"] == second.summary["cuda_visible_devices"] == "0,1"
+    assert rec.of(Started, "postprocess_rl")[0].time >= first.time
 
 
 def test_a_failure_at_start_up_is_not_retried_and_a_crash_is_when_asked(tmp_path, caplog):

@@ -212,7 +212,7 @@ def _device_map(path: Path, family: Family, wanted: str | None, gpus: int) -> di
                            f"not {family.label}: use null (one GPU)")
     if gpus < 2:
         raise BackendError(f"backend.device_map: split needs at least 2 visible GPUs and this worker sees {gpus} "
-                           "(the supervisor gives an experiment one GPU; reserving several is not implemented yet)")
+                           "(with split, the supervisor gives an experiment every GPU it sees: is only one visible?)")
     try:
         return split_device_map(llm_layer_count(path), gpus)
     except FamilyError as err:

@@ -49,7 +49,20 @@ class Started(Event):
     batch_size: int | None
     attempt: int = 1
     resumed_from: str | None = None
+    #: The machine (a Ray node's `sa2va/host` label, else its host name) it runs on.
+    host: str | None = None
     type: ClassVar[str] = "started"
+
+
+@dataclass
+class Queued(Event):
+    """Launched on a cluster that has yet to place it (a slot to free, a worker to start)."""
+
+    #: What it asked for, e.g. {"CPU": 1.0, "GPU": 1.0}.
+    resources: dict[str, float] = field(default_factory=dict)
+    #: Where it may go, in words ("" for anywhere).
+    where: str = ""
+    type: ClassVar[str] = "queued"
 
 
 @dataclass
@@ -199,7 +212,7 @@ class GpuSample(Event):
 
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.type: cls
-    for cls in (Started, Phase, Progress, Metrics, Checkpoint, Failed, Finished, Paused, Resumed, Stopped, Restarting,
+    for cls in (Started, Queued, Phase, Progress, Metrics, Checkpoint, Failed, Finished, Paused, Resumed, Stopped, Restarting,
                 GpuSample)
 }
 

@@ -20,7 +20,7 @@ from sa2va_contract.events import Event
 
 log = logging.getLogger(__name__)
 
-STATES = ("pending", "running", "paused", "restarting", "failed", "finished", "stopped")
+STATES = ("pending", "queued", "running", "paused", "restarting", "failed", "finished", "stopped")
 TERMINAL_STATES = ("failed", "finished", "stopped")
 #: The metric that `status` and the UI show as "episode reward".
 EPISODE_REWARD = "rollout/ep_rew_mean"
@@ -56,6 +56,8 @@ class ExperimentState:
     metrics_step: int | None = None
     pid: int | None = None
     gpu: int | None = None
+    #: The machine its worker runs on (None before any started, or in a run folder of an older version).
+    host: str | None = None
     batch_size: int | None = None
     attempts: int = 0
     oom_restarts: int = 0
@@ -159,9 +161,12 @@ class StateBook:
         now = event.time
         if isinstance(event, events.Started):
             s.state, s.pid, s.gpu, s.batch_size, s.attempts = "running", event.pid, event.gpu, event.batch_size, event.attempt
+            s.host = event.host
             s.started_at = s.started_at or now
             s.ended_at = None
             rate.restart_clock()
+        elif isinstance(event, events.Queued):
+            s.state, s.pid = "queued", None
         elif isinstance(event, events.Phase):
             s.phase, s.phase_done, s.phase_total = event.phase, event.done, event.total
         elif isinstance(event, events.Progress):

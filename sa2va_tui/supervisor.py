@@ -3,9 +3,10 @@ experiment, their events, their control, GPU placement and recovery.
 
 It knows nothing of any UI: a Textual app and the headless printer both `subscribe()`.
 It imports no torch, stable-baselines3 or transformers, and no engine code: workers
-are started by entry-point name through a placement backend (`placement.local` by
-default), which keeps the mechanics of processes; this class keeps the policy: state,
-the run store, recovery (`sa2va_contract.recovery`) and deadlines.
+are started by entry-point name through a placement backend (`placement.local`, or
+`placement.ray_backend` for `run.backend: ray`), which keeps the mechanics of
+processes; this class keeps the policy: state, the run store, recovery
+(`sa2va_contract.recovery`) and deadlines.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from sa2va_contract.recovery import (
 )
 from sa2va_contract.worker import WorkerSpec
 from sa2va_tui.gpus import GpuSampler, GpuWatch
-from sa2va_tui.placement import Exit, LaunchError, PlacementBackend, WorkerHandle
+from sa2va_tui.placement import Exit, LaunchError, PlacementBackend, WorkerHandle, backend_for
 from sa2va_tui.runstate import EventHub, ExperimentState
 from sa2va_tui.runstore import RunStore, StateWriter, load_run, load_run_config
 
@@ -112,14 +113,11 @@ class Supervisor(EventHub):
                  entry_points: dict[str, str] | None = None, nvml: Any = None, gpu_interval: float = 1.0,
                  stop_grace_s: float = 30.0, gpu_record_interval: float = GPU_RECORD_INTERVAL_S,
                  prior: dict[str, ExperimentState] | None = None) -> None:
-        """`backend` runs the workers (default: processes on this machine, whose GPUs
+        """`backend` runs the workers (default: the config's `run.backend`, whose GPUs
         `nvml` reads); `entry_points` replaces the kinds' entry points (tests);
         `prior` is the state of a run being resumed."""
         super().__init__(prior)
-        if backend is None:
-            from sa2va_tui.placement.local import LocalBackend
-
-            backend = LocalBackend(nvml)
+        backend = backend or backend_for(config, store, nvml)
         self.config = config
         self.store = store
         self._backend = backend
@@ -263,7 +261,7 @@ class Supervisor(EventHub):
         experiment = self._experiments[name]
         plan = (owed.plan if owed else None) or self._plan(name, owed.reason if owed else START,
                                                            owed.batch_size if owed else None)
-        if experiment.device == "cuda" and plan.gpu is None:
+        if experiment.device == "cuda" and plan.lacks_gpu:
             self._dispatch(events.Failed(name, kind="error", message=f"device is cuda but {self.gpus.message}"))
             return
         if owed is not None:

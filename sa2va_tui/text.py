@@ -4,6 +4,7 @@ printer, `status`, `runs` and the report all speak through here."""
 
 from __future__ import annotations
 
+import socket
 import time
 from typing import TYPE_CHECKING
 
@@ -57,6 +58,18 @@ def device_name(gpu: int | None) -> str:
     return "CPU" if gpu is None else f"GPU {gpu}"
 
 
+def describe_request(resources: dict[str, float]) -> str:
+    """"GPU 1, CPU 2": what a worker asked a cluster for (zeros left out)."""
+    shown = [f"{key} {resources[key]:g}" for key in ("GPU", "CPU") if resources.get(key)]
+    return ", ".join(shown) or "nothing"
+
+
+def place_name(gpu: int | None, host: str | None) -> str:
+    """"GPU 0" or "CPU"; with the host in front when it is another machine ("node-a GPU 0")."""
+    device = device_name(gpu)
+    return f"{host} {device}" if host and host != socket.gethostname() else device
+
+
 def progress_detail(state: "ExperimentState", now: float | None = None) -> str:
     """timesteps/total, percent, ETA and latest episode reward, as far as known."""
     parts = [f"{state.timesteps}/{state.total or '?'}"]
@@ -71,8 +84,11 @@ def progress_detail(state: "ExperimentState", now: float | None = None) -> str:
 
 def describe(event: events.Event) -> tuple[str, str] | None:
     """The line (rich markup) and style for a notable event; None for the others."""
+    if isinstance(event, events.Queued):
+        where = f", {escape(event.where)}" if event.where else ""
+        return f"queued: waiting for the cluster to place it ({describe_request(event.resources)}{where})", "dim"
     if isinstance(event, events.Started):
-        where = device_name(event.gpu)
+        where = place_name(event.gpu, event.host)
         resumed = f", resumed from {escape(event.resumed_from)}" if event.resumed_from else ""
         return f"started (attempt {event.attempt}) pid {event.pid} on {where}, batch size {event.batch_size}{resumed}", ""
     if isinstance(event, events.Phase):

@@ -17,6 +17,7 @@ FULL, HALF_END, EMPTY = "━", "╸", "━"
 #: Colour of each experiment state (Textual theme variables).
 STATE_STYLES = {
     "pending": "$text-muted",
+    "queued": "$text-muted",
     "running": "$success",
     "paused": "$warning",
     "restarting": "$warning",
@@ -27,6 +28,7 @@ STATE_STYLES = {
 #: A mark before the state word, so that it reads without colour too.
 STATE_MARKS = {
     "pending": "○",
+    "queued": "◌",
     "running": "▶",
     "paused": "⏸",
     "restarting": "↻",

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn, Optional
+from typing import TYPE_CHECKING, Callable, NoReturn, Optional
 
 import typer
 
 from sa2va_tui.commands.common import (
+    BackendOption,
     ConfigOption,
     LogsDirOption,
     SetOption,
     app,
+    backend_overrides,
     fail,
     find_run_or_exit,
     load_config_or_exit,
@@ -29,10 +31,22 @@ if TYPE_CHECKING:
 HeadlessOption = typer.Option(False, "--headless", help="No Textual app: progress bars and one line per event.")
 
 
-def _show(source: "EventHub") -> NoReturn:
+def _supervisor_or_exit(make):
+    """The supervisor `make()` builds; a backend that cannot start (Ray) is one line."""
+    from sa2va_tui.placement import LaunchError
+    from sa2va_tui.runstore import RunStoreError
+    from sa2va_tui.supervisor import SupervisorError
+
+    try:
+        return make()
+    except (LaunchError, RunStoreError, SupervisorError) as err:
+        fail(str(err))
+
+
+def _show(source: "EventHub", start: Optional[Callable[[], None]] = None) -> NoReturn:
     from sa2va_tui.headless import run_headless
 
-    raise typer.Exit(run_headless(source))
+    raise typer.Exit(run_headless(source, start=start))
 
 
 def _show_app(source: "AppSource") -> NoReturn:
@@ -50,12 +64,15 @@ def _run_supervisor(supervisor, names: list[str] | None, headless: bool) -> NoRe
         from sa2va_tui.app import AppSource
 
         _show_app(AppSource.of_supervisor(supervisor, names))
-    try:
-        supervisor.start(names)
-    except SupervisorError as err:
-        supervisor.shutdown(0.0)
-        fail(str(err))
-    _show(supervisor)
+
+    def start() -> None:
+        try:
+            supervisor.start(names)
+        except SupervisorError as err:
+            supervisor.shutdown(0.0)
+            fail(str(err))
+
+    _show(supervisor, start)
 
 
 @app.command()
@@ -63,13 +80,14 @@ def launch(
     all_: bool = typer.Option(False, "--all", help="Every enabled experiment of the config (the default)."),
     only: list[str] = typer.Option([], "--only", metavar="NAME", help="Only this experiment (repeatable)."),
     headless: bool = HeadlessOption,
+    backend: Optional[str] = BackendOption,
     config: Optional[Path] = ConfigOption,
     set_: list[str] = SetOption,
 ) -> None:
-    """Start experiments, each in its own worker process, in a new run folder logs/<run-id>/."""
+    """Start experiments, each in its own worker process (or Ray actor), in a new run folder logs/<run-id>/."""
     if all_ and only:
         fail("use --all or --only, not both")
-    cfg = load_config_or_exit(config, set_)
+    cfg = load_config_or_exit(config, backend_overrides(backend, set_))
     enabled = cfg.experiments()
     for name in only:
         if name not in enabled:
@@ -79,7 +97,8 @@ def launch(
     from sa2va_tui.runstore import RunStore
     from sa2va_tui.supervisor import Supervisor
 
-    _run_supervisor(Supervisor(cfg, RunStore.create(cfg)), list(only) or None, headless)
+    store = RunStore.create(cfg)
+    _run_supervisor(_supervisor_or_exit(lambda: Supervisor(cfg, store)), list(only) or None, headless)
 
 
 @app.command()
@@ -89,18 +108,15 @@ def resume(
     headless: bool = HeadlessOption,
 ) -> None:
     """Continue every unfinished experiment of a run from its last checkpoint."""
-    from sa2va_tui.runstore import RunStoreError
-    from sa2va_tui.supervisor import Supervisor, SupervisorError
+    from sa2va_tui.supervisor import Supervisor
 
     run_dir = find_run_or_exit(run, logs_dir)
-    try:
-        supervisor = Supervisor.for_run(run_dir)
-    except (RunStoreError, SupervisorError) as err:
-        fail(str(err))
-    if all(s.state == "finished" for s in supervisor.states().values()):
+    # Asked of the folder first: a supervisor would start its backend (Ray) for nothing.
+    snapshot = load_run_or_exit(str(run_dir), logs_dir)
+    if not snapshot.supervised and all(s.state == "finished" for s in snapshot.experiments.values()):
         typer.echo(f"every experiment of {run_dir.name} has finished")
         return
-    _run_supervisor(supervisor, None, headless)
+    _run_supervisor(_supervisor_or_exit(lambda: Supervisor.for_run(run_dir)), None, headless)
 
 
 @app.command()

@@ -91,6 +91,7 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "desc.other": ("An experiment of kind {kind}.", "类型为 {kind} 的实验。"),
     # states, phases, trends, statuses
     "state.pending": ("pending", "等待中"),
+    "state.queued": ("queued", "排队中"),
     "state.running": ("running", "运行中"),
     "state.paused": ("paused", "已暂停"),
     "state.restarting": ("restarting", "重启中"),

@@ -111,9 +111,10 @@ class AttemptRunner:
 
     def stream(self) -> Iterator[list[Any]]:
         spec, gpu = self.spec, (self.placement.gpu_ids[0] if self.placement.gpu_ids else None)
-        log.info("attempt %d of %s: pid %d on %s (node %s), GPUs %s, batch size override %s, resume from %s",
-                 spec.attempt, spec.name, os.getpid(), self.placement.host, self.placement.node_id[:12],
-                 list(self.placement.gpu_ids) or "none", spec.batch_size_override, spec.resume_from)
+        log.info("attempt %d of %s: pid %d on %s (node %s), GPUs %s, batch size override %s, resume from %s, "
+                 "code from %s", spec.attempt, spec.name, os.getpid(), self.placement.host, self.placement.node_id[:12],
+                 list(self.placement.gpu_ids) or "none", spec.batch_size_override, spec.resume_from,
+                 Path(__file__).resolve().parent)
         config = spec.config
         if self._ship is not None and self._ship.mask_cache is not None and config.backend.cache_dir is None:
             config = config.model_copy(deep=True)

@@ -17,10 +17,12 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 from conftest import ENDLESS, QUICK_CONFIG
 from fake_nvml import GiB, FakeGpu, FakeNvml
@@ -37,6 +39,9 @@ from sa2va_contract.events import (
     Started,
     Stopped,
 )
+from sa2va_tui.app.widgets import GpuView
+from sa2va_tui.cli import app
+from sa2va_tui.report import read_report, render_markdown
 from sa2va_tui.runstore import load_run, pid_alive, read_events
 from sa2va_tui.supervisor import SupervisorError
 from supervision import HERE, log_of, make_config, run_to_end, supervise
@@ -50,7 +55,20 @@ def test_three_experiments_run_to_the_end_on_the_cluster_quietly(ray_cluster, re
     # prompt_rl takes a GPU slot (it computes on the CPU: the GPUs are only counted).
     config = make_config(real_run, *ray_cluster.settings(), "prompt_rl.num_gpus=1", experiments=ALL)
     nvml = FakeNvml([FakeGpu(used=2 * GiB, utilization=30), FakeGpu(used=5 * GiB)])
-    supervisor, rec = run_to_end(config, 240, nvml=nvml, gpu_interval=0.2)
+    supervisor, rec = supervise(config, nvml=nvml, gpu_interval=0.2, gpu_record_interval=0.5)
+    supervisor.start()
+    try:
+        # Every GPU node's GPUs, by host, read there by its own sampler.
+        sample = rec.wait_for(lambda e: isinstance(e, GpuSample) and e.available and all(g.memory_used for g in e.gpus))
+        gpus = CliRunner().invoke(app, ["gpus", "--logs-dir", str(config.run.logs_dir)])  # from another terminal
+        assert supervisor.wait(240)
+    finally:
+        supervisor.shutdown()
+    assert sorted((g.host, g.index) for g in sample.gpus) == [("node-a", 0), ("node-a", 1), ("node-b", 0), ("node-b", 1)]
+    assert {g.memory_used for g in sample.gpus} == {2 * GiB, 5 * GiB} and sample.message == "4 GPUs on 2 nodes"
+    assert gpus.exit_code == 0 and "4 GPUs on 2 nodes" in gpus.output
+    table = [line.split() for line in gpus.output.splitlines()[2:]]
+    assert [row[:2] for row in table if row[0].startswith("node")] == [["node-a", "0"], ["node-b", "0"]]
 
     snapshot = load_run(supervisor.run_dir)
     for name in ALL:
@@ -69,15 +87,22 @@ def test_three_experiments_run_to_the_end_on_the_cluster_quietly(ray_cluster, re
     assert kinds[:2] == ["queued", "started"] and kinds[-1] == "finished" and "checkpoint" in kinds
     assert (supervisor.run_dir / "postprocess_rl" / "final_model.zip").is_file()
     assert "val_dice_after" in snapshot.experiments["reward_net"].summary["finetune"]
-
-    # Every GPU node's GPUs, by host, read there by its own sampler.
-    sample = [e for e in rec.of(GpuSample) if e.available][-1]
-    assert sorted((g.host, g.index) for g in sample.gpus) == [("node-a", 0), ("node-a", 1), ("node-b", 0), ("node-b", 1)]
-    assert {g.memory_used for g in sample.gpus} == {2 * GiB, 5 * GiB} and sample.message == "4 GPUs on 2 nodes"
     # Nothing of Ray's on the screen: its messages are in the run folder.
     captured = capfd.readouterr()
     assert captured.out == captured.err == ""
     assert (supervisor.run_dir / "ray.log").is_file()
+
+    # Every view tells the hosts: status, the report's GPU table, the app's GPU panel.
+    status = CliRunner().invoke(app, ["status", str(supervisor.run_dir)])
+    rows = {line.split()[0]: line.split() for line in status.output.splitlines()[1:] if line.strip()}
+    assert rows["experiment"][:4] == ["experiment", "state", "pid", "host"]
+    assert all(rows[name][3] == snapshot.experiments[name].host for name in ALL)
+    markdown = render_markdown(read_report(supervisor.run_dir))
+    gpu_rows = [line for line in markdown.splitlines() if line.startswith("| node-")]
+    assert [row.split("|")[1:3] for row in gpu_rows] == [[" node-a ", " 0 "], [" node-a ", " 1 "], [" node-b ", " 0 "],
+                                                         [" node-b ", " 1 "]]
+    view = GpuView.of(sample, supervisor.states())
+    assert view.grouped and view.hosts == ("node-a", "node-a", "node-b", "node-b") and view.lines == 2 * 4 + 2
 
 
 def test_pause_resume_stop_on_the_cluster(ray_cluster, real_run):
@@ -110,7 +135,7 @@ def test_pause_resume_stop_on_the_cluster(ray_cluster, real_run):
         supervisor.pause("prompt_rl")
 
 
-def test_a_killed_worker_is_reported_and_restarted_from_its_checkpoint(ray_cluster, real_run):
+def test_a_killed_worker_is_reported_and_restarted_from_its_checkpoint(ray_cluster, real_run, capfd):
     config = make_config(real_run, *ray_cluster.settings(), f"prompt_rl.total_timesteps={ENDLESS}",
                          "prompt_rl.checkpoint_every=128")
     supervisor, rec = supervise(config)
@@ -142,6 +167,10 @@ def test_a_killed_worker_is_reported_and_restarted_from_its_checkpoint(ray_clust
     assert (second.resumed_from, second.batch_size) == (last.path, 16)
     assert min(e.timesteps for e in rec.after(second, Progress)) == last.step and stopped.step > last.step + 128
     assert f"resumed from {last.path} at {last.step} timesteps, batch size 16" in log_of(supervisor, "prompt_rl")
+    # Ray's driver prints a dead worker's news on stdout: it went to ray.log instead.
+    captured = capfd.readouterr()
+    assert captured.out == captured.err == ""
+    assert "(raylet) A worker died or was killed" in (supervisor.run_dir / "ray.log").read_text()
 
 
 def test_an_oom_restarts_at_half_the_batch_on_another_node_with_shipped_files(ray_cluster, real_run, tmp_path):
@@ -218,7 +247,8 @@ DRIVER_SCRIPT = textwrap.dedent("""
         supervisor.start()
         while not all(s.timesteps > 0 for s in supervisor.states().values()):
             time.sleep(0.05)
-        print(json.dumps({n: s.pid for n, s in supervisor.states().items()}), flush=True)
+        print(json.dumps({"run_dir": str(supervisor.run_dir), "pids": {n: s.pid for n, s in supervisor.states().items()}}),
+              flush=True)
         time.sleep(600)
 """)
 
@@ -230,9 +260,10 @@ def test_killing_the_driver_leaves_no_actor(ray_cluster, real_run, tmp_path):
     for kind in ("prompt_rl", "postprocess_rl"):
         args += [f"{kind}.total_timesteps={ENDLESS}"]
     proc = subprocess.Popen([sys.executable, str(script), str(QUICK_CONFIG), *args], stdout=subprocess.PIPE,
-                            text=True, cwd=HERE)
+                            text=True, cwd=tmp_path)
     try:
-        pids = json.loads(proc.stdout.readline()).values()
+        info = json.loads(proc.stdout.readline())
+        pids = info["pids"].values()
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -241,6 +272,10 @@ def test_killing_the_driver_leaves_no_actor(ray_cluster, real_run, tmp_path):
         time.sleep(0.05)
     print(f"actors gone {(time.monotonic() - killed) * 1000:.0f} ms after their driver was killed")
     assert not any(pid_alive(pid) for pid in pids), "an actor outlived its driver by 10 s"
+    # A driver started outside this checkout: its attempts ran the tool's code as shipped with the job.
+    for name in ("prompt_rl", "postprocess_rl"):
+        log = (Path(info["run_dir"]) / name / "train.log").read_text()
+        assert f"code from {ray_cluster.temp}/session_" in log and "runtime_resources/py_modules_files" in log
 
 
 def test_launch_on_a_private_ray_leaves_no_ray_process_and_nothing_under_home(real_run, tmp_path):
@@ -273,3 +308,39 @@ def _cmdline_has(proc: Path, text: str) -> bool:
         return text.encode() in (proc / "cmdline").read_bytes()
     except OSError:
         return False
+
+
+def test_ctrl_c_stops_every_actor_gracefully(ray_cluster, real_run, tmp_path):
+    """As the local test does it: the command in its own process group, as a terminal's
+    foreground job, SIGINT to the group. Ray's own processes ignore it; the attempts
+    save and stop, asked by the supervisor."""
+    args = ["launch", "--headless", "-c", str(QUICK_CONFIG), "--set", "reward_net.enabled=false"]
+    for setting in [*real_run, *ray_cluster.settings(), *(f"{k}.total_timesteps={ENDLESS}" for k in ALL[:2]),
+                    *(f"{k}.checkpoint_every={ENDLESS}" for k in ALL[:2])]:
+        args += ["--set", setting]
+    foreground = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                  "runpy.run_module('sa2va_tui.cli', run_name='__main__', alter_sys=True)")
+    proc = subprocess.Popen([sys.executable, "-c", foreground, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, cwd=HERE.parent, start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 120
+        while sum("phase: training" in line for line in list(lines)) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    reader.join(10.0)
+    output = "".join(lines)
+    assert proc.returncode == 130 and "interrupted: stopping every experiment" in output, output
+    (run_dir,) = (tmp_path / "logs").iterdir()
+    stopped = {e.experiment: e for e in read_events(run_dir) if isinstance(e, Stopped)}
+    assert sorted(e.reason for e in stopped.values()) == ["shutdown", "shutdown"]
+    for name, state in load_run(run_dir).experiments.items():
+        assert state.state == "stopped" and Path(state.last_checkpoint).is_file(), name
+        assert state.checkpoint_step == stopped[name].step == state.timesteps > 0, name

@@ -136,7 +136,10 @@ def status(
     now = time.time()
     live = snapshot.supervised
     table = Table(box=None, pad_edge=False)
-    for column in ("experiment", "state", "pid", "GPU", "phase", "progress", "reward", "ETA"):
+    # On a cluster, where each worker runs (or last ran).
+    hosts = any(s.host and s.host != snapshot.host for s in snapshot.experiments.values())
+    for column in ("experiment", "state", "pid", *(("host",) if hosts else ()), "GPU", "phase", "progress", "reward",
+                   "ETA"):
         table.add_column(column, justify="right" if column in ("pid", "GPU", "reward") else "left", no_wrap=True)
     cut_short = [name for name, s in snapshot.experiments.items() if not live and not s.terminal]
     for name, s in snapshot.experiments.items():
@@ -145,7 +148,9 @@ def status(
         table.add_row(
             name,
             state,
-            str(s.pid) if live and pid_alive(s.pid) else "-",
+            # A pid of another machine cannot be looked at from here: the run folder's word stands.
+            str(s.pid) if live and s.pid and (pid_alive(s.pid) if s.host in (None, snapshot.host) else True) else "-",
+            *((s.host or "-",) if hosts else ()),
             "CPU" if s.gpu is None else str(s.gpu),
             (s.phase or "-").replace("_", " "),
             progress,
@@ -168,20 +173,27 @@ def status(
 
 
 def gpu_table(snapshot: "GpuSnapshot") -> "Table":
-    """Per GPU: name, utilisation, memory, and the processes on it (ours by name)."""
+    """Per GPU: name, utilisation, memory, and the processes on it (ours by name); on a
+    cluster grouped by host, which heads its group."""
     from rich.table import Table
 
     def gib(n: int | None) -> str:
         return "N/A" if n is None else f"{n / 1024**3:.1f}"
 
+    by_host = any(gpu.host for gpu in snapshot.gpus)
     table = Table(box=None, pad_edge=False)
-    for column in ("GPU", "name", "util", "memory GiB", "processes"):
+    for column in (*(("host",) if by_host else ()), "GPU", "name", "util", "memory GiB", "processes"):
         table.add_column(column)
-    for gpu in snapshot.gpus:
+    order = {host: i for i, host in enumerate(dict.fromkeys(g.host for g in snapshot.gpus))}
+    previous = object()
+    for gpu in sorted(snapshot.gpus, key=lambda g: order[g.host]):
         processes = ", ".join(
             f"{p.experiment or f'pid {p.pid}'} ({'N/A' if p.used_memory is None else gib(p.used_memory) + ' GiB'})"
             for p in gpu.processes)
+        host = (gpu.host or "-") if gpu.host != previous else ""
+        previous = gpu.host
         table.add_row(
+            *((host,) if by_host else ()),
             str(gpu.index),
             gpu.name or "N/A",
             "N/A" if gpu.utilization is None else f"{gpu.utilization}%",
@@ -193,17 +205,26 @@ def gpu_table(snapshot: "GpuSnapshot") -> "Table":
 
 @app.command()
 def gpus(logs_dir: Path = LogsDirOption) -> None:
-    """The GPUs now: utilisation, memory, and which experiments of the latest run use them."""
+    """The GPUs now: utilisation, memory, and which experiments of the latest run use them
+    (for a run on a Ray cluster, every node's GPUs as its supervisor last recorded them)."""
     from rich.console import Console
 
     from sa2va_tui.gpus import read_gpus
-    from sa2va_tui.runstore import RunStoreError, find_run, load_run
+    from sa2va_tui.runstore import RunStoreError, find_run, load_run, load_run_config, read_gpu_samples
+    from sa2va_tui.text import format_clock
 
     workers: dict[int, str] = {}
     try:
         latest = load_run(find_run(None, logs_dir))
         if latest.supervised:
             workers = {s.pid: name for name, s in latest.experiments.items() if s.pid}
+            samples = read_gpu_samples(latest.path) if load_run_config(latest.path).run.backend == "ray" else []
+            if samples:
+                # The cluster's GPUs are read on their nodes; this machine sees none of them.
+                typer.echo(f"run {latest.run_id} on Ray, as of {format_clock(samples[-1].time)}: {samples[-1].message}")
+                if samples[-1].available:
+                    Console().print(gpu_table(samples[-1].snapshot))
+                return
     except RunStoreError:
         pass  # no run yet: the GPUs alone
     snapshot = read_gpus(workers=workers)

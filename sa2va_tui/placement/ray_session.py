@@ -223,7 +223,8 @@ def _shipped_code() -> dict[str, Any]:
         spec = importlib.util.find_spec(name)
         if spec is not None and spec.submodule_search_locations:
             modules.append(str(list(spec.submodule_search_locations)[0]))
-    return {"py_modules": modules, "excludes": ["__pycache__", "*.pyc", ".*"]}
+    # (A pattern such as ".*" would leave the packages empty: Ray matches it against more than their own files.)
+    return {"py_modules": modules, "excludes": ["__pycache__", "*.pyc"]}
 
 
 def _signal_handlers() -> dict[int, Any]:

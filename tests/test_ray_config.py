@@ -1,0 +1,55 @@
+"""The ray backend's settings and its placement decisions, without a cluster: what the
+config refuses in one line, what an attempt asks Ray for, and a restart plan that leaves
+the device to Ray."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from conftest import QUICK_CONFIG
+from sa2va_contract.config import ConfigError, load_config
+from sa2va_contract.gpus import GpuInfo, GpuSnapshot
+from sa2va_contract.recovery import plan_restart
+from sa2va_tui.placement.ray_placement import resource_request
+
+
+@pytest.mark.parametrize("settings, message", [
+    (["run.backend=ray", "prompt_rl.gpu=1"],
+     "prompt_rl.gpu: Ray assigns GPU indices itself, so one cannot be pinned on the ray backend; pin a node with host"),
+    (["run.backend=ray", "prompt_rl.device=cuda", "prompt_rl.num_gpus=0"],
+     "prompt_rl.num_gpus: 0 for device cuda (the actor would see no GPU)"),
+    (["prompt_rl.host=node-a"], "prompt_rl.host: only the ray backend places experiments on nodes (run.backend: ray)"),
+    (["ray.scratch_dir=scratch"], "ray.scratch_dir: scratch must be an absolute path (it names a folder on every node)"),
+    (["ray.storage=nfs"], "ray.storage: must be one of 'shared' or 'ship', not 'nfs'"),
+    (["run.backend=slurm"], "run.backend: must be one of 'local' or 'ray', not 'slurm'"),
+])
+def test_placement_settings_the_backend_cannot_honour_are_one_line(settings, message):
+    with pytest.raises(ConfigError) as caught:
+        load_config(QUICK_CONFIG, settings)
+    assert str(caught.value).split(": ", 1)[1] == message
+
+
+def test_an_attempt_asks_ray_for_what_its_config_says():
+    config = load_config(None, ["run.backend=ray", "prompt_rl.device=cpu", "postprocess_rl.num_gpus=0.5",
+                                "postprocess_rl.num_cpus=2", "reward_net.device=cuda"])
+    exps = config.experiments()
+    assert resource_request(exps["prompt_rl"], 4) == {"CPU": 1.0, "GPU": 0.0}
+    assert resource_request(exps["postprocess_rl"], 4) == {"CPU": 2.0, "GPU": 0.5}  # a shared GPU
+    assert resource_request(exps["reward_net"], 0) == {"CPU": 1.0, "GPU": 1.0}  # infeasible there: said at launch
+    auto = load_config(None, ["run.backend=ray"]).experiments()["prompt_rl"]
+    assert resource_request(auto, 2)["GPU"] == 1.0 and resource_request(auto, 0)["GPU"] == 0.0
+
+
+def test_a_plan_on_a_cluster_leaves_the_device_to_its_scheduler():
+    exp = load_config(None).experiments()["prompt_rl"]
+    gpus = [GpuInfo(index=0, host="node-a", memory_used=1, memory_total=10)]
+    common = dict(attempts=1, last_batch_size=64, last_gpu=0, last_failure="oom", checkpoint="ck.zip",
+                  checkpoint_step=128, recovery=load_config(None).recovery, placed=Counter())
+    plan = plan_restart(exp, "oom", gpus=GpuSnapshot(True, "1 GPU on 1 node", gpus, assigned_by="Ray"), **common)
+    assert (plan.gpu, plan.placed_by, plan.lacks_gpu, plan.batch_size) == (None, "Ray", False, 32)
+    assert plan.changes.to_json() == {"resume_from": "ck.zip", "batch_size": [64, 32]}  # no device change claimed
+    local = plan_restart(exp, "oom", gpus=GpuSnapshot(False, "no NVIDIA GPU"), **common)
+    assert (local.gpu, local.placed_by, local.lacks_gpu) == (None, None, True)
+    assert local.changes.to_json()["gpu"] == [0, None]

@@ -34,8 +34,10 @@ from experiments.worker import redirect_output
 
 log = logging.getLogger(__name__)
 
-#: How long events gather before they go up as one batch.
+#: The longest progress waits to go up (it supersedes itself: the latest is enough).
 BATCH_S = 0.1
+#: How long other events gather before they go up: a checkpoint and its metrics go together.
+GATHER_S = 0.02
 #: How often an attempt's folder is looked at for changes to ship (and at every checkpoint).
 SHIP_INTERVAL_S = 1.0
 TERMINAL = (events.Finished, events.Stopped, events.Failed)
@@ -51,6 +53,8 @@ class BatchSink:
         self._queue: list[events.Event] = []
         self._latest: dict[str, events.Event] = {}
         self._types_seen: set[str] = set()
+        #: Set when an event that must not wait for the next batch arrives.
+        self.news = threading.Event()
 
     def emit(self, event: events.Event) -> None:
         with self._lock:
@@ -62,11 +66,13 @@ class BatchSink:
             self._queue += self._latest.values()
             self._latest.clear()
             self._queue.append(event)
+            self.news.set()
 
     def drain(self) -> list[events.Event]:
         with self._lock:
             batch = self._queue + list(self._latest.values())
             self._queue, self._latest = [], {}
+            self.news.clear()
             return batch
 
 
@@ -76,8 +82,12 @@ class AttemptRunner:
 
     def __init__(self, spec: WorkerSpec, placement: Placement, ship: ShipPlan | None = None) -> None:
         # Before anything imports torch: Ray has set CUDA_VISIBLE_DEVICES to the GPUs it
-        # gave (or to "" for none); number them as nvidia-smi and NVML do.
+        # gave; number them as nvidia-smi and NVML do. An actor without GPUs has it unset
+        # (it would see every GPU of its node): it gets none. (Set here rather than in a
+        # runtime environment, which would keep Ray from using a worker it started ahead.)
         os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+        if not placement.gpu_ids:
+            os.environ["CUDA_VISIBLE_DEVICES"] = ""
         self.spec = spec
         self.placement = placement
         self.control = Control()
@@ -134,7 +144,8 @@ class AttemptRunner:
         worker.start()
         shipped_at = time.monotonic()
         while worker.is_alive():
-            worker.join(BATCH_S)
+            if self.sink.news.wait(BATCH_S):
+                time.sleep(GATHER_S)
             batch: list[Any] = self.sink.drain()
             due = time.monotonic() - shipped_at >= SHIP_INTERVAL_S
             if self._shipper is not None and (due or any(isinstance(e, events.Checkpoint) for e in batch)):
@@ -156,6 +167,8 @@ class AttemptRunner:
             log.exception("the experiment ended abnormally")
             outcome.append(events.Failed(self.spec.name, kind="error", message=f"{type(err).__name__}: {err}",
                                          step=ctx.last_step, batch_size=ctx.batch_size, gpu=ctx.gpu))
+        finally:
+            self.sink.news.set()  # the stream ends now, not at the next batch
 
     def _ship_changes(self) -> Iterator[list[FileChunk]]:
         """The folder's changes, one piece per batch (a piece may be megabytes)."""

@@ -219,6 +219,9 @@ def test_placement_queued_infeasible_and_pinned(ray_cluster, tmp_path):
     order = [(e.type, e.experiment) for e in rec.events if isinstance(e, (Started, Finished))]
     assert [kind for kind, _ in order[:2]] == ["started", "started"] and order[2][0] == "finished"
     assert {e.host for e in rec.of(Started)} <= GPU_HOSTS
+    # Ray's GPUs are the attempt's CUDA devices, numbered as NVML numbers them.
+    assert {e.summary["cuda_visible_devices"] for e in rec.of(Finished)} == {"0,1"}
+    assert {e.summary["cuda_device_order"] for e in rec.of(Finished)} == {"PCI_BUS_ID"}
 
     config = make_config(base, "prompt_rl.num_gpus=8", "variants={pinned: {base: prompt_rl, num_gpus: 0, host: node-z},"
                          " on_head: {base: prompt_rl, num_gpus: 1, host: head}, on_b: {base: prompt_rl, num_gpus: 0,"
@@ -233,6 +236,7 @@ def test_placement_queued_infeasible_and_pinned(ray_cluster, tmp_path):
                    "has CPU 2",
     }
     assert not rec.of(Started, "prompt_rl") and [e.host for e in rec.of(Started, "on_b")] == ["node-b"]
+    assert rec.of(Finished, "on_b")[0].summary["cuda_visible_devices"] == ""  # no GPU asked for: none seen
 
 
 DRIVER_SCRIPT = textwrap.dedent("""
@@ -344,3 +348,52 @@ def test_ctrl_c_stops_every_actor_gracefully(ray_cluster, real_run, tmp_path):
     for name, state in load_run(run_dir).experiments.items():
         assert state.state == "stopped" and Path(state.last_checkpoint).is_file(), name
         assert state.checkpoint_step == stopped[name].step == state.timesteps > 0, name
+
+
+PRIVATE_DRIVER = textwrap.dedent("""
+    import json, sys, time
+    from sa2va_contract.config import load_config
+    from sa2va_tui.runstore import RunStore
+    from sa2va_tui.supervisor import Supervisor
+
+    if __name__ == "__main__":
+        config = load_config(sys.argv[1], sys.argv[2:])
+        supervisor = Supervisor(config, RunStore.create(config), entry_points={"prompt_rl": "sv_workload:stuck"})
+        supervisor.start()
+        while not all(s.pid for s in supervisor.states().values()):
+            time.sleep(0.05)
+        print(json.dumps({n: s.pid for n, s in supervisor.states().items()}), flush=True)
+        time.sleep(600)
+""")
+
+
+def test_a_killed_driver_s_private_instance_dies_and_its_leftovers_go_at_the_next_start(tmp_path):
+    from sa2va_tui.placement.ray_session import end_leftovers
+
+    script = tmp_path / "driver.py"
+    script.write_text(PRIVATE_DRIVER)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    proc = subprocess.Popen([sys.executable, str(script), str(QUICK_CONFIG), f"run.logs_dir={tmp_path}",
+                             "run.backend=ray", "ray.num_cpus=2", "postprocess_rl.enabled=false",
+                             "reward_net.enabled=false"], stdout=subprocess.PIPE, text=True, cwd=HERE, env=env)
+    try:
+        pids = list(json.loads(proc.stdout.readline()).values())
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    (folder,) = Path("/tmp").glob(f"sa2va-ray-{proc.pid}-*")
+    killed = time.monotonic()
+    while any(pid_alive(pid) for pid in pids) and time.monotonic() - killed < 10:
+        time.sleep(0.05)
+    assert not any(pid_alive(pid) for pid in pids), "an actor outlived its driver by 10 s"
+    end_leftovers()  # what the next start does first
+    assert not folder.exists()
+    time.sleep(0.5)
+    assert not [p for p in Path("/proc").glob("[0-9]*") if pid_alive(int(p.name)) and _holds_files_in(p, folder)]
+
+
+def _holds_files_in(proc: Path, folder: Path) -> bool:
+    try:
+        return any(os.readlink(fd).startswith(f"{folder}/") for fd in (proc / "fd").iterdir())
+    except OSError:
+        return False

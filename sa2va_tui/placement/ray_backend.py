@@ -4,9 +4,9 @@ cluster, behind the same seam as processes on this machine.
 Each attempt's actor (`ray_actor.AttemptActor`) asks for the CPUs and GPUs its
 experiment's config names (`num_cpus`, `num_gpus`; fractions share a GPU), on the node
 its `host` pins, and after an out-of-memory failure preferably not on the node where it
-happened. Its events come up through one streaming generator (`run()`), batched every
-tenth of a second; control goes down as method calls that run on a thread of their own
-while it works. One `ray.wait` over every stream (and over the GPU samplers' streams)
+happened. Its events come up through one streaming generator (`run()`), gathered for a
+fiftieth of a second (progress, which supersedes itself, for up to a tenth); control goes
+down as method calls that run on a thread of their own while it works. One `ray.wait` over every stream (and over the GPU samplers' streams)
 serves them all, on the supervisor's drain thread.
 
 How an attempt ends: a terminal event (Finished, Stopped, Failed), after which its actor
@@ -119,10 +119,8 @@ class RayBackend:
         problem = infeasible(request, where, nodes)
         if problem:
             raise LaunchError(problem)
+        # (An actor without GPUs hides them itself: `AttemptRunner` sets CUDA_VISIBLE_DEVICES.)
         options: dict[str, Any] = {"num_cpus": request["CPU"], "num_gpus": request["GPU"], **where.options}
-        if not request["GPU"]:
-            # Ray leaves CUDA_VISIBLE_DEVICES unset for an actor without GPUs: it would see them all.
-            options["runtime_env"] = {"env_vars": {"CUDA_VISIBLE_DEVICES": ""}}
         ship = self._ship_plan(spec) if self.config.storage == "ship" else None
         try:
             actor = self._actors.AttemptActor.options(**options).remote(spec, ship)

@@ -9,7 +9,8 @@ the home folder), and keeps its files in a short folder under /tmp (Ray's socket
 must fit in 107 bytes): `/tmp/sa2va-ray-<our pid>-<random>`. Its session logs are
 copied into the run folder (`ray-session/`) when it stops, and the folder removed. An
 instance left by a driver that was killed is found by that pid and ended at the next
-start, by the pids of the processes that name its folder.
+start, by the pids of the processes that name its folder in their command line or
+hold files open in it (Ray's agents outlive a killed driver by about a minute otherwise).
 
 For a cluster, the tool's own packages travel with the job (`py_modules`); every node
 must have the same Python environment otherwise (torch, stable-baselines3, ...).
@@ -50,6 +51,16 @@ _PRIVATE_ENV = ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_AUTH_MODE", "RAY_AUTH_
 _PACKAGES = ("sa2va_contract", "sa2va_tui", "experiments")
 
 
+_TOKEN: list[str] = []
+
+
+def _process_token() -> str:
+    """One token for every private instance of this process: Ray caches the first it reads."""
+    if not _TOKEN:
+        _TOKEN.append(secrets.token_hex(32))
+    return _TOKEN[0]
+
+
 def _short_tmp() -> Path:
     return Path("/tmp") if Path("/tmp").is_dir() else Path(tempfile.gettempdir())
 
@@ -72,16 +83,29 @@ def end_leftovers(tmp_root: Path | None = None) -> list[int]:
         found = re.match(rf"{TEMP_PREFIX}(\d+)-", folder.name)
         if not found or _pid_alive(int(found.group(1))):
             continue
-        needle = str(folder).encode()
         for proc in Path("/proc").glob("[0-9]*"):
             try:
-                if proc.stat().st_uid == os.getuid() and needle in (proc / "cmdline").read_bytes():
+                if proc.stat().st_uid == os.getuid() and _names_folder(proc, str(folder)):
                     os.kill(int(proc.name), signal.SIGKILL)
                     ended.append(int(proc.name))
             except (OSError, ValueError):
                 continue  # gone meanwhile, or not ours to look at
         shutil.rmtree(folder, ignore_errors=True)
     return ended
+
+
+def _names_folder(proc: Path, folder: str) -> bool:
+    """Whether a process's command line names `folder`, or one of its open files lies in
+    it (Ray's agents rename themselves, "ray::DashboardAgent", but keep their logs open)."""
+    if folder.encode() in (proc / "cmdline").read_bytes():
+        return True
+    for fd in (proc / "fd").iterdir():
+        try:
+            if os.readlink(fd).startswith(folder + "/"):
+                return True
+        except OSError:
+            continue
+    return False
 
 
 class RaySession:
@@ -109,7 +133,7 @@ class RaySession:
             self.temp_root = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", dir=_short_tmp()))
             os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
             os.environ["RAY_AUTH_MODE"] = "token"
-            os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+            os.environ.setdefault("RAY_AUTH_TOKEN", _process_token())
             os.environ["RAY_TMPDIR"] = str(self.temp_root)
             os.environ.pop("RAY_ADDRESS", None)
         elif re.match(r"^(127\.0\.0\.1|localhost)(:|$)", self.config.address):

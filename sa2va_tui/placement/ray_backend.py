@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +65,6 @@ class RayWorker:
     started: bool = False
     ended: bool = False
     killed_by_us: bool = False
-    launched_at: float = field(default_factory=time.monotonic)
 
     @property
     def pid(self) -> int | None:

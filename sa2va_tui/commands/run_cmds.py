@@ -98,6 +98,9 @@ def launch(
     from sa2va_tui.supervisor import Supervisor
 
     store = RunStore.create(cfg)
+    if cfg.run.backend == "ray":  # a few seconds before anything else shows
+        typer.echo("ray: starting a private instance on 127.0.0.1" if cfg.ray.address == "local" else
+                   f"ray: connecting to the cluster at {cfg.ray.address}")
     _run_supervisor(_supervisor_or_exit(lambda: Supervisor(cfg, store)), list(only) or None, headless)
 
 

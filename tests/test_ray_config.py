@@ -53,3 +53,14 @@ def test_a_plan_on_a_cluster_leaves_the_device_to_its_scheduler():
     local = plan_restart(exp, "oom", gpus=GpuSnapshot(False, "no NVIDIA GPU"), **common)
     assert (local.gpu, local.placed_by, local.lacks_gpu) == (None, None, True)
     assert local.changes.to_json()["gpu"] == [0, None]
+
+
+def test_the_restart_dialog_says_ray_places_the_attempt():
+    from sa2va_tui.app.main import restart_question
+
+    exp = load_config(None).experiments()["prompt_rl"]
+    plan = plan_restart(exp, "manual", attempts=1, last_batch_size=64, last_gpu=0, last_failure="oom",
+                        checkpoint="ck.zip", checkpoint_step=128, recovery=load_config(None).recovery,
+                        gpus=GpuSnapshot(True, "", [GpuInfo(index=0, host="node-a")], assigned_by="Ray"))
+    text = restart_question("prompt_rl", plan).plain
+    assert "device where Ray places it (another node if one can take it)" in text and "GPU" not in text

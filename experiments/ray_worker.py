@@ -190,7 +190,8 @@ class AttemptRunner:
 
         def mapped(value: Any) -> Any:
             if isinstance(value, str):
-                return shared + value[len(local):] if value.startswith(local) else value
+                inside = value == local or value.startswith(local + os.sep)
+                return shared + value[len(local):] if inside else value
             if isinstance(value, dict):
                 return {k: mapped(v) for k, v in value.items()}
             if isinstance(value, list):

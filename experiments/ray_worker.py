@@ -131,7 +131,8 @@ class AttemptRunner:
             config.backend.cache_dir = self._ship.mask_cache
         experiment = config.experiments().get(spec.name)
         if experiment is None:
-            yield [events.Failed(spec.name, kind="error", message=f"{spec.name!r} is not an enabled experiment of the config")]
+            yield [events.Failed(spec.name, kind="error",
+                                 message=f"{spec.name!r} is not an enabled experiment of the config")]
             return
         ctx = WorkerContext(name=spec.name, config=config, experiment=experiment, exp_dir=self._exp_dir,
                             sink=self.sink, control=self.control, gpu=gpu, batch_size_override=spec.batch_size_override,

@@ -212,8 +212,8 @@ class GpuSample(Event):
 
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.type: cls
-    for cls in (Started, Queued, Phase, Progress, Metrics, Checkpoint, Failed, Finished, Paused, Resumed, Stopped, Restarting,
-                GpuSample)
+    for cls in (Started, Queued, Phase, Progress, Metrics, Checkpoint, Failed, Finished, Paused, Resumed, Stopped,
+                Restarting, GpuSample)
 }
 
 

@@ -6,8 +6,9 @@ experiment's config names (`num_cpus`, `num_gpus`; fractions share a GPU), on th
 its `host` pins, and after an out-of-memory failure preferably not on the node where it
 happened. Its events come up through one streaming generator (`run()`), gathered for a
 fiftieth of a second (progress, which supersedes itself, for up to a tenth); control goes
-down as method calls that run on a thread of their own while it works. One `ray.wait` over every stream (and over the GPU samplers' streams)
-serves them all, on the supervisor's drain thread.
+down as method calls that run on a thread of their own while it works. One `ray.wait`
+over every stream (and over the GPU samplers' streams) serves them all, on the
+supervisor's drain thread.
 
 How an attempt ends: a terminal event (Finished, Stopped, Failed), after which its actor
 is killed at once (an actor holds its GPU until it exits); or an `ActorDiedError` (a

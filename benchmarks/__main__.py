@@ -15,6 +15,7 @@ BENCHMARKS = {
     "ppo": "benchmarks.ppo_speed",
     "ui": "benchmarks.ui_speed",
     "supervisor": "benchmarks.supervisor_latency",
+    "ray": "benchmarks.ray_speed",
 }
 
 

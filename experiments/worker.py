@@ -14,6 +14,7 @@ import faulthandler
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -147,7 +148,7 @@ def read_control(conn: Connection, control: Control, lifeline: Lifeline) -> None
             log.warning("unknown control message %r", message)
 
 
-def _redirect_output(log_path: Path) -> None:
+def redirect_output(log_path: Path) -> None:
     """Everything this process writes, Python or C, goes to the experiment's log, never
     to the terminal the supervisor's UI draws on."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -171,7 +172,7 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
     # Ctrl+C in the terminal reaches the whole process group; the supervisor answers it
     # by stopping us gracefully, so the signal itself must not break a step in half.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _redirect_output(spec.log_path)
+    redirect_output(spec.log_path)
 
     control = Control()
     signal.signal(signal.SIGTERM, lambda *_: control.stop("terminated"))
@@ -193,7 +194,8 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
         control=control, gpu=spec.gpu, resume_from=spec.resume_from, batch_size_override=spec.batch_size_override,
     )
     sink.emit(events.Started(spec.name, pid=os.getpid(), gpu=spec.gpu, batch_size=ctx.batch_size,
-                             attempt=spec.attempt, resumed_from=str(spec.resume_from) if spec.resume_from else None))
+                             attempt=spec.attempt, resumed_from=str(spec.resume_from) if spec.resume_from else None,
+                             host=socket.gethostname()))
     outcome = run_experiment(ctx, spec.entry, spec.log_path)
     sink.emit(outcome)
     sink.flush()

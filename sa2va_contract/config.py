@@ -177,6 +177,13 @@ class ExperimentBase(Strict):
     #: GPU memory one worker needs, for the queue (null: what its first attempt
     #: peaked at, or a GPU of its own until that is known).
     gpu_memory_gb: float | None = Field(None, gt=0)
+    #: ray backend: GPUs this experiment's actor asks for (a fraction shares a GPU); null:
+    #: 1 for device cuda, 0 for cpu, and for auto 1 when the cluster has a GPU.
+    num_gpus: float | None = Field(None, ge=0)
+    #: ray backend: CPUs this experiment's actor asks for.
+    num_cpus: float = Field(1.0, ge=0)
+    #: ray backend: run only on this node (its `sa2va/host` label, else its host name).
+    host: str | None = Field(None, min_length=1)
     faults: Faults = Faults()
 
 
@@ -268,6 +275,8 @@ class RunConfig(Strict):
     #: is restarted after an out-of-memory failure; it gets SA2VA_RUN, SA2VA_EXPERIMENT,
     #: SA2VA_EVENT and SA2VA_STATE in its environment.
     on_event: str | None = None
+    #: Where workers run: `local` processes on this machine, or `ray` actors (see `ray:`).
+    backend: Literal["local", "ray"] = "local"
 
     @model_validator(mode="after")
     def _command_parses(self) -> "RunConfig":
@@ -281,11 +290,36 @@ class RunConfig(Strict):
         return self
 
 
+class RayConfig(Strict):
+    """The ray backend (`run.backend: ray`): which Ray, and how files reach the run folder."""
+
+    #: `local`: a private Ray instance started for the run on 127.0.0.1 (no dashboard) and
+    #: stopped after it; else the address of a running cluster ("10.0.0.5:6379", "auto").
+    address: str = Field("local", min_length=1)
+    #: `shared`: the run folder is at the same path on every node; `ship`: workers write to
+    #: node-local scratch and stream their files back with their events.
+    storage: Literal["shared", "ship"] = "shared"
+    #: ship: the node-local folder attempts write in (null: /tmp/sa2va-scratch on each node).
+    scratch_dir: Path | None = None
+    #: A local instance: the CPUs and GPUs it offers (null: what this machine has).
+    num_cpus: int | None = Field(None, ge=1)
+    num_gpus: int | None = Field(None, ge=0)
+    #: A local instance: its object store in MiB (ship moves files through it).
+    object_store_mb: int = Field(256, ge=80)
+
+    @model_validator(mode="after")
+    def _scratch_is_absolute(self) -> "RayConfig":
+        if self.scratch_dir is not None and not self.scratch_dir.is_absolute():
+            raise ValueError(f"scratch_dir: {self.scratch_dir} must be an absolute path (it names a folder on every node)")
+        return self
+
+
 class Config(Strict):
     run: RunConfig = RunConfig()
     dataset: DatasetConfig = DatasetConfig()
     backend: BackendConfig = BackendConfig()
     recovery: RecoveryConfig = RecoveryConfig()
+    ray: RayConfig = RayConfig()
     prompt_rl: PromptRLConfig = PromptRLConfig()
     postprocess_rl: PostprocessRLConfig = PostprocessRLConfig()
     reward_net: RewardNetConfig = RewardNetConfig()
@@ -310,6 +344,26 @@ class Config(Strict):
         for name, variant in self.variants.items():
             _resolve_variant(self, name, variant)
         return self
+
+    @model_validator(mode="after")
+    def _placement_fits_the_backend(self) -> "Config":
+        for name, exp in self.experiments().items():
+            problem = _placement_problem(exp, self.run.backend)
+            if problem:
+                raise ValueError(f"{name}.{problem}")
+        return self
+
+
+def _placement_problem(exp: "ExperimentConfig", backend: str) -> str | None:
+    """"key: why" when an experiment asks for a placement its backend cannot give."""
+    if backend == "ray":
+        if exp.gpu is not None:
+            return "gpu: Ray assigns GPU indices itself, so one cannot be pinned on the ray backend; pin a node with host"
+        if exp.device == "cuda" and exp.num_gpus == 0:
+            return "num_gpus: 0 for device cuda (the actor would see no GPU)"
+    elif exp.host is not None:
+        return "host: only the ray backend places experiments on nodes (run.backend: ray)"
+    return None
 
 
 def _resolve_variant(config: Config, name: str, variant: dict[str, Any]) -> ExperimentConfig:

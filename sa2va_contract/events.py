@@ -48,14 +48,22 @@ class Started(Event):
     batch_size: int | None
     attempt: int = 1
     resumed_from: str | None = None
+    #: The machine (a Ray node's `sa2va/host` label, else its host name) it runs on.
+    host: str | None = None
     type: ClassVar[str] = "started"
 
 
 @dataclass
 class Queued(Event):
-    """Recorded by the supervisor: the experiment waits in line for room on a device."""
+    """The experiment waits for room: in the supervisor's line (at `position`), or, once
+    launched on a cluster, for the cluster to place it (a slot to free, a node to start)."""
 
-    position: int
+    #: Its place in the supervisor's line (1: next); None: the cluster's to place.
+    position: int | None = None
+    #: What it asked the cluster for, e.g. {"CPU": 1.0, "GPU": 1.0}.
+    resources: dict[str, float] = field(default_factory=dict)
+    #: Where it may go, in words ("" for anywhere).
+    where: str = ""
     type: ClassVar[str] = "queued"
 
 
@@ -209,8 +217,8 @@ class GpuSample(Event):
 
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.type: cls
-    for cls in (Queued, Started, Phase, Progress, Metrics, Checkpoint, Failed, Finished, Paused, Resumed, Stopped, Restarting,
-                GpuSample)
+    for cls in (Started, Queued, Phase, Progress, Metrics, Checkpoint, Failed, Finished, Paused, Resumed, Stopped,
+                Restarting, GpuSample)
 }
 
 

@@ -30,6 +30,8 @@ class GpuInfo:
     memory_used: int | None = None
     memory_total: int | None = None
     processes: list[GpuProcess] = field(default_factory=list)
+    #: The node it is in, on a cluster; None: the supervisor's own machine.
+    host: str | None = None
 
     @property
     def memory_free(self) -> int | None:
@@ -49,6 +51,9 @@ class GpuSnapshot:
     available: bool
     message: str = ""
     gpus: list[GpuInfo] = field(default_factory=list)
+    #: Who gives workers their GPUs: None, the supervisor (by `choose_gpu`); or the name of
+    #: a cluster scheduler ("Ray") that assigns them itself.
+    assigned_by: str | None = None
 
 
 def choose_gpu(snapshot: GpuSnapshot, pinned: int | None = None, placed: Counter[int] | None = None) -> int | None:

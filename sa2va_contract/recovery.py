@@ -146,16 +146,25 @@ class RestartPlan:
     #: The checkpoint it resumes from and its step; None: from the start.
     resume_from: str | None
     resume_step: int | None
+    #: The cluster scheduler that gives the attempt its device ("Ray"); `gpu` is then None
+    #: and says nothing: where it runs is known once it has started.
+    placed_by: str | None = None
 
     @property
     def changes(self) -> RestartChanges:
         """What this attempt does differently from the last one."""
         previous = self.previous_batch_size
+        moved = self.placed_by is None and self.previous_gpu != self.gpu
         return RestartChanges(
             resume_from=self.resume_from,
             batch_size=Change(previous, self.batch_size) if previous and previous != self.batch_size else None,
-            gpu=Change(self.previous_gpu, self.gpu) if self.previous_gpu != self.gpu else None,
+            gpu=Change(self.previous_gpu, self.gpu) if moved else None,
         )
+
+    @property
+    def lacks_gpu(self) -> bool:
+        """Nothing gives this attempt a GPU: none was chosen, and no scheduler will."""
+        return self.gpu is None and self.placed_by is None
 
 
 def plan_restart(
@@ -171,12 +180,13 @@ def plan_restart(
     recovery: RecoveryConfig,
     gpu: int | None,
     batch_size: int | None = None,
+    placed_by: str | None = None,
 ) -> RestartPlan:
     """The next attempt: at `batch_size` when given (an automatic restart decided it),
     else at half the last batch after an out-of-memory failure (the same batch when no
     smaller one is allowed), else at the last batch (the config's for the first); on
-    `gpu` (None: the CPU), where the caller found room; from the last checkpoint (none
-    for `START`)."""
+    `gpu` (None: the CPU), where the caller found room, unless a cluster scheduler
+    (`placed_by`) gives it its device; from the last checkpoint (none for `START`)."""
     after_oom = last_failure == OOM
     current = last_batch_size or kind_of(experiment).batch_size(experiment)
     if batch_size is None:
@@ -185,6 +195,7 @@ def plan_restart(
             batch_size = smaller_batch_size(experiment, current, recovery.min_batch_size) or current
     return RestartPlan(
         reason=reason, attempt=attempts + 1, batch_size=batch_size, previous_batch_size=last_batch_size,
-        gpu=gpu, previous_gpu=last_gpu, after_oom=after_oom,
+        gpu=None if placed_by else gpu, previous_gpu=last_gpu, after_oom=after_oom,
         resume_from=checkpoint if reason != START else None, resume_step=checkpoint_step if checkpoint else None,
+        placed_by=placed_by,
     )

@@ -9,6 +9,7 @@ import signal
 import threading
 import time
 from types import FrameType
+from typing import Callable
 
 from rich.console import Console
 from rich.markup import escape
@@ -87,13 +88,21 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-def run_headless(source: EventHub, console: Console | None = None, grace_s: float = 10.0) -> int:
-    """Show `source` until it is done. Ctrl+C (or SIGTERM) stops every experiment
-    gracefully within `grace_s`, a second Ctrl+C at once. Returns the exit code: 0, 1
-    when an experiment failed for good, 130 when interrupted."""
+def run_headless(source: EventHub, console: Console | None = None, grace_s: float = 10.0,
+                 start: Callable[[], None] | None = None) -> int:
+    """Show `source` until it is done; `start` (if given) starts it once this listens, so
+    that no event is missed. Ctrl+C (or SIGTERM) stops every experiment gracefully
+    within `grace_s`, a second Ctrl+C at once. Returns the exit code: 0, 1 when an
+    experiment failed for good, 130 when interrupted."""
     console = console or Console()
     printer = HeadlessPrinter(source, console)
     unsubscribe = source.subscribe(printer.on_event)
+    if start is not None:
+        try:
+            start()
+        except BaseException:
+            unsubscribe()
+            raise
     # A `kill` of a nohup'd run deserves the same graceful stop as Ctrl+C.
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_interrupt) if main_thread else None

@@ -123,6 +123,8 @@ def find_room(experiment: ExperimentConfig, memory_need: int | None, occupants: 
     holds every GPU whole (a model split over all of them). Raises NoDevice when the
     experiment can never run here."""
     occupants = list(occupants)
+    if gpus.assigned_by:  # a cluster scheduler (Ray) places it and queues it itself
+        return max_parallel is None or len(occupants) < max_parallel, ()
     if experiment.device == "cuda" and not (gpus.available and gpus.gpus):
         raise NoDevice(f"device is cuda but {gpus.message}")
     if experiment.gpu is not None and gpus.available and experiment.gpu not in {g.index for g in gpus.gpus}:
@@ -234,7 +236,7 @@ class Launcher:
         return plan_restart(self.experiments[name], reason, attempts=state.attempts, last_batch_size=state.batch_size,
                             last_gpu=state.gpu, last_failure=failed, checkpoint=state.last_checkpoint,
                             checkpoint_step=state.checkpoint_step, recovery=self.config.recovery, gpu=gpu,
-                            batch_size=batch_size)
+                            batch_size=batch_size, placed_by=self._gpus.snapshot.assigned_by)
 
     def plan_now(self, name: str, reason: str) -> RestartPlan:
         """The plan for an attempt of `name` on the device it would find room on now

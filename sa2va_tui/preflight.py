@@ -15,12 +15,25 @@ from sa2va_tui.gpus import read_gpus
 def preflight(config: Config) -> Any:
     """An `experiments.preflight.Preflight`: what was found, warnings, problems."""
     report = engine.check_data_and_model(config)
-    _check_gpus(config, report)
-    if config.backend.kind == "sa2va" and not report.problems and engine.sa2va_loader() is None:
+    if config.run.backend == "ray":
+        _check_ray(config, report)
+    else:
+        _check_gpus(config, report)
+    if config.run.backend == "local" and config.backend.kind == "sa2va" and not report.problems \
+            and engine.sa2va_loader() is None:
         _check_fits(config, report)
     names = ", ".join(config.experiments()) or "none"
     report.found.append(f"experiments: {names}")
     return report
+
+
+def _check_ray(config: Config, report: Any) -> None:
+    """The cluster (`placement.ray_check`): its nodes, each request, the shared folder."""
+    from sa2va_tui.placement.ray_check import check_cluster
+
+    cluster = check_cluster(config)
+    report.found += cluster.found
+    report.problems += cluster.problems
 
 
 def _check_gpus(config: Config, report: Any) -> None:

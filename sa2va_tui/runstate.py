@@ -56,6 +56,8 @@ class ExperimentState:
     metrics_step: int | None = None
     pid: int | None = None
     gpu: int | None = None
+    #: The machine its worker runs on (None before any started, or in a run folder of an older version).
+    host: str | None = None
     batch_size: int | None = None
     attempts: int = 0
     oom_restarts: int = 0
@@ -172,9 +174,12 @@ class StateBook:
         rate = self._rates.setdefault(event.experiment, RateEstimator())
         now = event.time
         if isinstance(event, events.Queued):
-            s.state, s.queued_at, s.queue_position, s.pid = "queued", now, event.position, None
+            s.state, s.queue_position, s.pid = "queued", event.position, None
+            s.queued_at = s.queued_at or now
         elif isinstance(event, events.Started):
             s.state, s.pid, s.gpu, s.batch_size, s.attempts = "running", event.pid, event.gpu, event.batch_size, event.attempt
+            s.host = event.host
+            self.dequeued(event.experiment, now)  # a cluster's wait ends here
             s.started_at = s.started_at or now
             s.ended_at = None
             rate.restart_clock()

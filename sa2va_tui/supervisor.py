@@ -3,8 +3,9 @@ experiment, their events, their control, the queue, GPU placement and recovery.
 
 It knows nothing of any UI: a Textual app and the headless printer both `subscribe()`.
 It imports no torch, stable-baselines3 or transformers, and no engine code: workers
-are started by entry-point name through a placement backend (`placement.local` by
-default), which keeps the mechanics of processes; the supervisor keeps the policy:
+are started by entry-point name through a placement backend (`placement.local`, or
+`placement.ray_backend` for `run.backend: ray`), which keeps the mechanics of
+processes; the supervisor keeps the policy:
 state, the run store, recovery (`sa2va_contract.recovery`), the line of experiments
 waiting for room (`launching`) and deadlines.
 """
@@ -24,7 +25,7 @@ from sa2va_contract.gpus import GpuSnapshot
 from sa2va_contract.recovery import RestartPlan, automatic_restart, batch_size_problem
 from sa2va_tui.gpus import GpuSampler, GpuWatch
 from sa2va_tui.launching import Attempt, Launcher, Owed
-from sa2va_tui.placement import Exit, PlacementBackend
+from sa2va_tui.placement import Exit, PlacementBackend, backend_for
 from sa2va_tui.runstate import EventHub, ExperimentState
 from sa2va_tui.runstore import RunStore, StateWriter, load_run, load_run_config
 
@@ -54,15 +55,12 @@ class Supervisor(EventHub):
                  entry_points: dict[str, str] | None = None, nvml: Any = None, gpu_interval: float = 1.0,
                  stop_grace_s: float = 30.0, gpu_record_interval: float = GPU_RECORD_INTERVAL_S,
                  prior: dict[str, ExperimentState] | None = None, cores: int | None = None) -> None:
-        """`backend` runs the workers (default: processes on this machine, whose GPUs
+        """`backend` runs the workers (default: the config's `run.backend`, whose GPUs
         `nvml` reads); `entry_points` replaces the kinds' entry points (tests); `prior`
         is the state of a run being resumed; `cores` the CPU workers at once (default:
         this process's cores)."""
         super().__init__(prior)
-        if backend is None:
-            from sa2va_tui.placement.local import LocalBackend
-
-            backend = LocalBackend(nvml)
+        backend = backend or backend_for(config, store, nvml)
         self.config = config
         self.store = store
         self._backend = backend

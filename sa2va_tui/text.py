@@ -4,6 +4,7 @@ printer, `status`, `runs` and the report all speak through here."""
 
 from __future__ import annotations
 
+import socket
 import time
 from typing import TYPE_CHECKING
 
@@ -13,6 +14,7 @@ from sa2va_contract import events
 from sa2va_contract.evaluation import METRIC_NAMES, METRIC_TITLES, EvaluationTable
 
 if TYPE_CHECKING:
+    from rich.console import Console
     from rich.table import Table
 
     from sa2va_tui.runstate import ExperimentState
@@ -57,6 +59,18 @@ def device_name(gpu: int | None) -> str:
     return "CPU" if gpu is None else f"GPU {gpu}"
 
 
+def describe_request(resources: dict[str, float]) -> str:
+    """"GPU 1, CPU 2": what a worker asked a cluster for (zeros left out)."""
+    shown = [f"{key} {resources[key]:g}" for key in ("GPU", "CPU") if resources.get(key)]
+    return ", ".join(shown) or "nothing"
+
+
+def place_name(gpu: int | None, host: str | None) -> str:
+    """"GPU 0" or "CPU"; with the host in front when it is another machine ("node-a GPU 0")."""
+    device = device_name(gpu)
+    return f"{host} {device}" if host and host != socket.gethostname() else device
+
+
 def progress_detail(state: "ExperimentState", now: float | None = None) -> str:
     """timesteps/total, percent, ETA and latest episode reward, as far as known."""
     parts = [f"{state.timesteps}/{state.total or '?'}"]
@@ -71,12 +85,15 @@ def progress_detail(state: "ExperimentState", now: float | None = None) -> str:
 
 def describe(event: events.Event) -> tuple[str, str] | None:
     """The line (rich markup) and style for a notable event; None for the others."""
+    if isinstance(event, events.Queued):
+        if event.position is not None:
+            return f"queued: #{event.position} in line, waiting for a device with room", "dim"
+        where = f", {escape(event.where)}" if event.where else ""
+        return f"queued: waiting for the cluster to place it ({describe_request(event.resources)}{where})", "dim"
     if isinstance(event, events.Started):
-        where = device_name(event.gpu)
+        where = place_name(event.gpu, event.host)
         resumed = f", resumed from {escape(event.resumed_from)}" if event.resumed_from else ""
         return f"started (attempt {event.attempt}) pid {event.pid} on {where}, batch size {event.batch_size}{resumed}", ""
-    if isinstance(event, events.Queued):
-        return f"queued: #{event.position} in line, waiting for a device with room", "dim"
     if isinstance(event, events.Phase):
         return f"phase: {event.phase.replace('_', ' ')}", "dim"
     if isinstance(event, events.Checkpoint):
@@ -125,3 +142,12 @@ def evaluation_table(table: EvaluationTable) -> "Table":
     if table.missing:
         out.caption = "not evaluated: " + "; ".join(f"{k} ({v})" for k, v in table.missing.items())
     return out
+
+
+def output_console() -> "Console":
+    """A rich console for a command's table: the terminal's width on a terminal, whole
+    lines when piped (for grep and files, not the 80 columns rich would assume)."""
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=240)

@@ -18,6 +18,7 @@ fi
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/python -m pip install -q torch==2.13.0
 fi
-.venv/bin/python -m pip install -q -e '.[dev]'
+# The ray extra too: the tests run the ray backend on a small local cluster.
+.venv/bin/python -m pip install -q -e '.[dev,ray]'
 rm -f .venv/.installed-*
 touch "$stamp"

@@ -139,3 +139,14 @@ def is_training(exp) -> bool:
     """Running, its process alive, with timesteps and time left."""
     return exp.shown_state == "running" and exp.pid is not None and bool(exp.remaining_s) and bool(
         exp.remaining_timesteps)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A three-node Ray cluster on 127.0.0.1 (`tests/ray_cluster.py`), started once for
+    the tests that ask for it and stopped at the end of the session."""
+    from ray_cluster import start_cluster
+
+    cluster = start_cluster()
+    yield cluster
+    cluster.shutdown()

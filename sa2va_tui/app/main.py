@@ -382,8 +382,11 @@ def restart_question(name: str, plan: RestartPlan) -> Content:
                                     "$warning"))
     else:
         lines.append(Content.assemble(("batch size ", "bold"), str(plan.batch_size)))
-    lines.append(Content.assemble(("device ", "bold"), "CPU" if plan.gpu is None else f"GPU {plan.gpu}"
-                                  + (" (most free memory now)" if plan.after_oom else "")))
+    if plan.placed_by:
+        device = f"where {plan.placed_by} places it" + (" (another node if one can take it)" if plan.after_oom else "")
+    else:
+        device = ("CPU" if plan.gpu is None else f"GPU {plan.gpu}") + (" (most free memory now)" if plan.after_oom else "")
+    lines.append(Content.assemble(("device ", "bold"), device))
     return Content("\n").join(lines)
 
 

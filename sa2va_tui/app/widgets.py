@@ -13,7 +13,7 @@ from textual.widget import Widget
 
 from sa2va_tui.analysis import PPO_METRICS, REWARD_NET_METRICS, Hint, hints, reward_trend
 from sa2va_contract.events import GpuSample
-from sa2va_tui.text import format_clock, format_duration
+from sa2va_tui.text import format_clock, format_duration, place_name
 from sa2va_tui.runstate import ExperimentState
 
 from sa2va_tui.app.render import STATE_MARKS, STATE_STYLES, bar, number, sparkline, state_label
@@ -71,7 +71,7 @@ class CardView:
         if s.state == "queued":
             details = [f"#{s.queue_position or '?'} in line, waiting {format_duration(s.waited_s(now))}"]
         if s.pid is not None:  # a process of ours: where it runs is known
-            details += ["CPU" if s.gpu is None else f"GPU {s.gpu}", f"pid {s.pid}"]
+            details += [place_name(s.gpu, s.host), f"pid {s.pid}"]
         if s.batch_size:
             details.append(f"batch {s.batch_size}")
         progress = f"{s.timesteps:,}/{s.total:,}" if s.total else f"{s.timesteps:,} steps"
@@ -231,6 +231,16 @@ class GpuView:
     available: bool | None
     message: str
     gpus: tuple[tuple[Any, ...], ...]
+    #: The host of each entry of `gpus` (None: this machine): on a cluster they are grouped by it.
+    hosts: tuple[str | None, ...] = ()
+
+    @property
+    def grouped(self) -> bool:
+        return any(host is not None for host in self.hosts)
+
+    @property
+    def lines(self) -> int:
+        return 2 * len(self.gpus) + (len(set(self.hosts)) if self.grouped else 0)
 
     @classmethod
     def of(cls, sample: GpuSample | None, states: dict[str, ExperimentState], sampled: bool = True) -> "GpuView":
@@ -239,22 +249,26 @@ class GpuView:
             return cls(None, "GPUs: not read yet" if sampled else
                        "GPUs are not read while watching logs; `sa2va-tui gpus` shows them", ())
         gpus = []
-        for gpu in sample.gpus:
+        # By host (the order a cluster's nodes were listed in), then as NVML numbers them.
+        order = {host: i for i, host in enumerate(dict.fromkeys(g.host for g in sample.gpus))}
+        for gpu in sorted(sample.gpus, key=lambda g: order[g.host]):
             users = tuple((p.experiment or f"pid {p.pid}", p.used_memory) for p in gpu.processes)
             # Ours placed on this GPU but not (yet) listed by NVML, e.g. still loading.
             listed = {u for u, _ in users}
             users += tuple((s.name, None) for s in states.values()
-                           if s.gpu == gpu.index and s.pid and s.name not in listed)
+                           if s.gpu == gpu.index and s.pid and s.name not in listed
+                           and (gpu.host is None or s.host == gpu.host))
             gpus.append((gpu.index, (gpu.name or "N/A").removeprefix("NVIDIA "), gpu.utilization, gpu.memory_used,
                          gpu.memory_total, users))
-        return cls(sample.available, sample.message, tuple(gpus))
+        return cls(sample.available, sample.message, tuple(gpus),
+                   tuple(g.host for g in sorted(sample.gpus, key=lambda g: order[g.host])))
 
 
 class GpuPanel(ViewWidget):
     """Per GPU: utilisation and memory bars, and the experiments on it."""
 
     def height_of(self, view: GpuView | None) -> int | None:
-        return None if view is None else (2 * len(view.gpus) if view.available else 1)
+        return None if view is None else (view.lines if view.available else 1)
 
     def render(self) -> Content:
         v: GpuView | None = self.view
@@ -266,7 +280,11 @@ class GpuPanel(ViewWidget):
         # Everything on a GPU's line but its two bars takes 52 cells.
         bar_width = max(4, min(20, (width - 52) // 2))
         lines = []
-        for index, name, util, used, total, users in v.gpus:
+        host_shown = object()
+        for (index, name, util, used, total, users), host in zip(v.gpus, v.hosts or (None,) * len(v.gpus)):
+            if v.grouped and host != host_shown:
+                lines.append(Content.styled(host or "this machine", "bold $accent"))
+                host_shown = host
             util_text = "N/A" if util is None else f"{util:3d}%"
             mem_fraction = used / total if used is not None and total else None
             mem_text = "N/A" if mem_fraction is None else f"{used / GIB:.1f}/{total / GIB:.0f} GiB"

@@ -33,6 +33,9 @@ SetOption = typer.Option(
     [], "--set", "-s", metavar="KEY.PATH=VALUE", help="Override a config value, e.g. prompt_rl.total_timesteps=2000 (repeatable)."
 )
 LogsDirOption = typer.Option(Path("logs"), "--logs-dir", help="Where the run folders are.")
+BACKENDS = ("local", "ray")
+BackendOption = typer.Option(None, "--backend", metavar="local|ray",
+                             help="Where workers run (default: the config's run.backend).")
 
 DEFAULT_CONFIG = Path("configs/default.yaml")
 
@@ -57,6 +60,15 @@ def load_config_or_exit(path: Optional[Path], overrides: list[str]) -> "Config":
         return load_config(path, overrides)
     except ConfigError as err:
         fail(str(err))
+
+
+def backend_overrides(backend: Optional[str], overrides: list[str]) -> list[str]:
+    """`--set` overrides with `--backend` as one more (checked here, in one line)."""
+    if backend is None:
+        return list(overrides)
+    if backend not in BACKENDS:
+        fail(f"--backend {backend}: must be one of {', '.join(BACKENDS)}")
+    return [*overrides, f"run.backend={backend}"]
 
 
 def find_run_or_exit(ref: Optional[str], logs_dir: Path) -> Path:

@@ -7,20 +7,22 @@ from typing import Optional
 
 import typer
 
-from sa2va_tui.commands.common import ConfigOption, SetOption, app, fail, load_config_or_exit
+from sa2va_tui.commands.common import BackendOption, ConfigOption, SetOption, app, backend_overrides, fail, load_config_or_exit
 
 
 @app.command()
 def check(
     config: Optional[Path] = ConfigOption,
     set_: list[str] = SetOption,
+    backend: Optional[str] = BackendOption,
     deep: bool = typer.Option(False, "--deep", help="Sa2VA: also load the model, segment one image with every prompt "
                               "and take two fine-tuning steps, on the GPU, and estimate the mask cache's time."),
 ) -> None:
-    """Validate a config and what it points to: dataset files, model path, GPUs asked for."""
+    """Validate a config and what it points to: dataset files, model path, GPUs asked for (on
+    the ray backend: the cluster's nodes, each experiment's request, the shared run folder)."""
     from sa2va_tui.preflight import preflight
 
-    cfg = load_config_or_exit(config, set_)
+    cfg = load_config_or_exit(config, backend_overrides(backend, set_))
     report = preflight(cfg)
     for line in report.found:
         typer.echo(f"ok    {line}")

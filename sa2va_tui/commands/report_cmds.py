@@ -204,12 +204,11 @@ def runs(logs_dir: Path = LogsDirOption) -> None:
     """The runs under --logs-dir: id, start, each experiment's state, best val Dice.
 
     An experiment shows as interrupted when its supervisor went away before it ended."""
-    from rich.console import Console
     from rich.table import Table
 
     from sa2va_tui.report.facts import shown_state
     from sa2va_tui.runstore import RunStoreError, list_runs, load_run
-    from sa2va_tui.text import format_time
+    from sa2va_tui.text import format_time, output_console
 
     found = list_runs(logs_dir)
     if not found:
@@ -226,9 +225,7 @@ def runs(logs_dir: Path = LogsDirOption) -> None:
         live = snapshot.supervised
         states = "\n".join(f"{name} {shown_state(s, live)}" for name, s in snapshot.experiments.items()) or "-"
         table.add_row(snapshot.run_id, format_time(snapshot.created_at), states, _headline_dice(run_dir))
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=240)  # piped: whole lines for grep, not the 80 columns rich would assume
+    console = output_console()
     console.print(table)
 
 

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn, Optional
+from typing import TYPE_CHECKING, Callable, NoReturn, Optional
 
 import typer
 
 from sa2va_tui.commands.common import (
+    BackendOption,
     ConfigOption,
     LogsDirOption,
     SetOption,
     app,
+    backend_overrides,
     fail,
     find_run_or_exit,
     load_config_or_exit,
@@ -29,10 +31,22 @@ if TYPE_CHECKING:
 HeadlessOption = typer.Option(False, "--headless", help="No Textual app: progress bars and one line per event.")
 
 
-def _show(source: "EventHub") -> NoReturn:
+def _supervisor_or_exit(make):
+    """The supervisor `make()` builds; a backend that cannot start (Ray) is one line."""
+    from sa2va_tui.placement import LaunchError
+    from sa2va_tui.runstore import RunStoreError
+    from sa2va_tui.supervisor import SupervisorError
+
+    try:
+        return make()
+    except (LaunchError, RunStoreError, SupervisorError) as err:
+        fail(str(err))
+
+
+def _show(source: "EventHub", start: Optional[Callable[[], None]] = None) -> NoReturn:
     from sa2va_tui.headless import run_headless
 
-    raise typer.Exit(run_headless(source))
+    raise typer.Exit(run_headless(source, start=start))
 
 
 def _show_app(source: "AppSource") -> NoReturn:
@@ -55,12 +69,15 @@ def _run_supervisor(supervisor, names: list[str] | None, headless: bool) -> NoRe
         from sa2va_tui.app import AppSource
 
         _show_app(AppSource.of_supervisor(supervisor, names))
-    try:
-        supervisor.start(names)
-    except SupervisorError as err:
-        supervisor.shutdown(0.0)
-        fail(str(err))
-    _show(supervisor)
+
+    def start() -> None:
+        try:
+            supervisor.start(names)
+        except SupervisorError as err:
+            supervisor.shutdown(0.0)
+            fail(str(err))
+
+    _show(supervisor, start)
 
 
 @app.command()
@@ -70,15 +87,16 @@ def launch(
     headless: bool = HeadlessOption,
     max_parallel: Optional[int] = typer.Option(
         None, "--max-parallel", min=1, help="At most N experiments at once; the others wait in line (run.max_parallel)."),
+    backend: Optional[str] = BackendOption,
     config: Optional[Path] = ConfigOption,
     set_: list[str] = SetOption,
 ) -> None:
-    """Start experiments, each in its own worker process, in a new run folder logs/<run-id>/.
+    """Start experiments, each in its own worker process (or Ray actor), in a new run folder logs/<run-id>/.
 
     Each waits in line until a device has room (the CPU's cores, a GPU's free memory)."""
     if all_ and only:
         fail("use --all or --only, not both")
-    overrides = [*set_, *([f"run.max_parallel={max_parallel}"] if max_parallel else [])]
+    overrides = [*backend_overrides(backend, set_), *([f"run.max_parallel={max_parallel}"] if max_parallel else [])]
     cfg = load_config_or_exit(config, overrides)
     enabled = cfg.experiments()
     for name in only:
@@ -89,7 +107,11 @@ def launch(
     from sa2va_tui.runstore import RunStore
     from sa2va_tui.supervisor import Supervisor
 
-    _run_supervisor(Supervisor(cfg, RunStore.create(cfg)), list(only) or None, headless)
+    store = RunStore.create(cfg)
+    if cfg.run.backend == "ray":  # a few seconds before anything else shows
+        typer.echo("ray: starting a private instance on 127.0.0.1" if cfg.ray.address == "local" else
+                   f"ray: connecting to the cluster at {cfg.ray.address}")
+    _run_supervisor(_supervisor_or_exit(lambda: Supervisor(cfg, store)), list(only) or None, headless)
 
 
 @app.command()
@@ -99,18 +121,15 @@ def resume(
     headless: bool = HeadlessOption,
 ) -> None:
     """Continue every unfinished experiment of a run from its last checkpoint."""
-    from sa2va_tui.runstore import RunStoreError
-    from sa2va_tui.supervisor import Supervisor, SupervisorError
+    from sa2va_tui.supervisor import Supervisor
 
     run_dir = find_run_or_exit(run, logs_dir)
-    try:
-        supervisor = Supervisor.for_run(run_dir)
-    except (RunStoreError, SupervisorError) as err:
-        fail(str(err))
-    if all(s.state == "finished" for s in supervisor.states().values()):
+    # Asked of the folder first: a supervisor would start its backend (Ray) for nothing.
+    snapshot = load_run_or_exit(str(run_dir), logs_dir)
+    if not snapshot.supervised and all(s.state == "finished" for s in snapshot.experiments.values()):
         typer.echo(f"every experiment of {run_dir.name} has finished")
         return
-    _run_supervisor(supervisor, None, headless)
+    _run_supervisor(_supervisor_or_exit(lambda: Supervisor.for_run(run_dir)), None, headless)
 
 
 @app.command()
@@ -119,18 +138,20 @@ def status(
     logs_dir: Path = LogsDirOption,
 ) -> None:
     """The state of a run, from its folder alone: works from any terminal, during or after the run."""
-    from rich.console import Console
     from rich.table import Table
 
     from sa2va_tui.runstate import StateBook
     from sa2va_tui.runstore import pid_alive
-    from sa2va_tui.text import format_clock, format_duration
+    from sa2va_tui.text import format_clock, format_duration, output_console
 
     snapshot = load_run_or_exit(run, logs_dir)
     now = time.time()
     live = snapshot.supervised
     table = Table(box=None, pad_edge=False)
-    for column in ("experiment", "state", "pid", "GPU", "phase", "progress", "reward", "ETA", "queued"):
+    # On a cluster, where each worker runs (or last ran).
+    hosts = any(s.host and s.host != snapshot.host for s in snapshot.experiments.values())
+    for column in ("experiment", "state", "pid", *(("host",) if hosts else ()), "GPU", "phase", "progress", "reward",
+                   "ETA", "queued"):
         table.add_column(column, justify="right" if column in ("pid", "GPU", "reward") else "left", no_wrap=True)
     cut_short = [name for name, s in snapshot.experiments.items() if not live and not s.terminal]
     for name, s in snapshot.experiments.items():
@@ -142,7 +163,9 @@ def status(
         table.add_row(
             name,
             state,
-            str(s.pid) if live and pid_alive(s.pid) else "-",
+            # A pid of another machine cannot be looked at from here: the run folder's word stands.
+            str(s.pid) if live and s.pid and (pid_alive(s.pid) if s.host in (None, snapshot.host) else True) else "-",
+            *((s.host or "-",) if hosts else ()),
             "CPU" if s.gpu is None else str(s.gpu),
             (s.phase or "-").replace("_", " "),
             progress,
@@ -150,7 +173,7 @@ def status(
             format_duration(s.eta_at(now)) if live and not s.terminal else "-",
             format_duration(waited) if waited else "-",
         )
-    console = Console()
+    console = output_console()
     supervisor = f"supervisor pid {snapshot.supervisor_pid}" if live else "no supervisor running"
     console.print(f"run {snapshot.run_id} ({supervisor}, updated {format_clock(snapshot.updated_at)})",
                   highlight=False, soft_wrap=True)
@@ -166,20 +189,27 @@ def status(
 
 
 def gpu_table(snapshot: "GpuSnapshot") -> "Table":
-    """Per GPU: name, utilisation, memory, and the processes on it (ours by name)."""
+    """Per GPU: name, utilisation, memory, and the processes on it (ours by name); on a
+    cluster grouped by host, which heads its group."""
     from rich.table import Table
 
     def gib(n: int | None) -> str:
         return "N/A" if n is None else f"{n / 1024**3:.1f}"
 
+    by_host = any(gpu.host for gpu in snapshot.gpus)
     table = Table(box=None, pad_edge=False)
-    for column in ("GPU", "name", "util", "memory GiB", "processes"):
+    for column in (*(("host",) if by_host else ()), "GPU", "name", "util", "memory GiB", "processes"):
         table.add_column(column)
-    for gpu in snapshot.gpus:
+    order = {host: i for i, host in enumerate(dict.fromkeys(g.host for g in snapshot.gpus))}
+    previous = object()
+    for gpu in sorted(snapshot.gpus, key=lambda g: order[g.host]):
         processes = ", ".join(
             f"{p.experiment or f'pid {p.pid}'} ({'N/A' if p.used_memory is None else gib(p.used_memory) + ' GiB'})"
             for p in gpu.processes)
+        host = (gpu.host or "-") if gpu.host != previous else ""
+        previous = gpu.host
         table.add_row(
+            *((host,) if by_host else ()),
             str(gpu.index),
             gpu.name or "N/A",
             "N/A" if gpu.utilization is None else f"{gpu.utilization}%",
@@ -191,17 +221,26 @@ def gpu_table(snapshot: "GpuSnapshot") -> "Table":
 
 @app.command()
 def gpus(logs_dir: Path = LogsDirOption) -> None:
-    """The GPUs now: utilisation, memory, and which experiments of the latest run use them."""
+    """The GPUs now: utilisation, memory, and which experiments of the latest run use them
+    (for a run on a Ray cluster, every node's GPUs as its supervisor last recorded them)."""
     from rich.console import Console
 
     from sa2va_tui.gpus import read_gpus
-    from sa2va_tui.runstore import RunStoreError, find_run, load_run
+    from sa2va_tui.runstore import RunStoreError, find_run, load_run, load_run_config, read_gpu_samples
+    from sa2va_tui.text import format_clock
 
     workers: dict[int, str] = {}
     try:
         latest = load_run(find_run(None, logs_dir))
         if latest.supervised:
             workers = {s.pid: name for name, s in latest.experiments.items() if s.pid}
+            samples = read_gpu_samples(latest.path) if load_run_config(latest.path).run.backend == "ray" else []
+            if samples:
+                # The cluster's GPUs are read on their nodes; this machine sees none of them.
+                typer.echo(f"run {latest.run_id} on Ray, as of {format_clock(samples[-1].time)}: {samples[-1].message}")
+                if samples[-1].available:
+                    Console().print(gpu_table(samples[-1].snapshot))
+                return
     except RunStoreError:
         pass  # no run yet: the GPUs alone
     snapshot = read_gpus(workers=workers)

@@ -82,6 +82,13 @@ class GpuReport:
     util_mean: float | None = None
     util_std: float | None = None
     memory_peak: int | None = None
+    #: The node it is in, on a cluster (None: the supervisor's machine).
+    host: str | None = None
+
+    @property
+    def label(self) -> int | str:
+        """How the report names it: its index, after its host on a cluster ("node-a/0")."""
+        return self.index if self.host is None else f"{self.host}/{self.index}"
 
 
 @dataclass
@@ -232,17 +239,17 @@ def _run_finish(states: dict[str, ExperimentState], live: bool, now: float) -> f
 
 
 def gpu_usage(samples: Sequence[events.GpuSample]) -> list[GpuReport]:
-    """Per GPU: its latest sample, and its utilisation and memory over the samples in
-    which one of our experiments ran on it."""
+    """Per GPU (per host and index, on a cluster): its latest sample, and its utilisation
+    and memory over the samples in which one of our experiments ran on it."""
     if not samples or not samples[-1].available:
         return []
-    history: dict[int, list[GpuInfo]] = defaultdict(list)
+    history: dict[tuple[str | None, int], list[GpuInfo]] = defaultdict(list)
     for sample in samples:
         for gpu in sample.gpus:
-            history[gpu.index].append(gpu)
+            history[gpu.host, gpu.index].append(gpu)
     reports = []
     for gpu in samples[-1].gpus:
-        ours = [g for g in history[gpu.index] if any(p.experiment for p in g.processes)]
+        ours = [g for g in history[gpu.host, gpu.index] if any(p.experiment for p in g.processes)]
         utils = [g.utilization for g in ours if g.utilization is not None]
         memory = [g.memory_used for g in ours if g.memory_used is not None]
         reports.append(GpuReport(
@@ -252,11 +259,12 @@ def gpu_usage(samples: Sequence[events.GpuSample]) -> list[GpuReport]:
             memory_used=gpu.memory_used,
             memory_total=gpu.memory_total,
             experiments=[(p.experiment, p.used_memory) for p in gpu.processes if p.experiment],
-            samples=len(history[gpu.index]),
+            samples=len(history[gpu.host, gpu.index]),
             busy_samples=len(ours),
             util_mean=statistics.fmean(utils) if utils else None,
             util_std=statistics.pstdev(utils) if len(utils) > 1 else None,
             memory_peak=max(memory) if memory else None,
+            host=gpu.host,
         ))
     return reports
 

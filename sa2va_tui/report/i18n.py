@@ -37,6 +37,7 @@ MESSAGES: dict[str, tuple[str, str]] = {
     # table columns
     "col.experiment": ("experiment", "实验"),
     "col.state": ("state", "状态"),
+    "col.host": ("host", "主机"),
     "col.progress": ("progress", "进度"),
     "col.episode_reward": ("episode reward", "回合奖励"),
     "col.metric": ("metric", "指标"),

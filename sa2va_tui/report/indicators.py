@@ -76,7 +76,7 @@ def _gpu_steady(data: ReportData) -> Indicator:
         return Indicator("gpu_steady", "unknown", {"reason": "no_samples"})
     if not data.gpu_available:
         return Indicator("gpu_steady", "unknown", {"reason": "no_gpu", "message": data.gpu_message})
-    spread = {g.index: g.util_std for g in data.gpus if g.util_std is not None}
+    spread = {g.label: g.util_std for g in data.gpus if g.util_std is not None}
     if not spread:
         return Indicator("gpu_steady", "unknown", {"reason": "too_few"})
     return Indicator("gpu_steady", _status(s <= GPU_STEADY_STD for s in spread.values()),

@@ -10,7 +10,7 @@ from sa2va_tui.report.curves import curve_panels
 from sa2va_tui.report.facts import EPISODE_LENGTH, ExperimentReport, ReportData
 from sa2va_tui.report.i18n import Translator
 from sa2va_tui.report.phrases import code, hint_text, indicator_text, metric_rows, number, problem_text, progress_text
-from sa2va_tui.text import device_name, format_bytes, format_duration, format_time
+from sa2va_tui.text import format_bytes, format_duration, format_time, place_name
 
 
 def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]], align: str = "") -> list[str]:
@@ -58,7 +58,7 @@ def _header(data: ReportData, tr: Translator) -> list[str]:
 
 
 def _overview(data: ReportData, tr: Translator) -> list[str]:
-    rows = [(code(exp.name), tr.state(exp.shown_state), device_name(exp.state.gpu), progress_text(exp.state),
+    rows = [(code(exp.name), tr.state(exp.shown_state), place_name(exp.state.gpu, exp.state.host), progress_text(exp.state),
              number(exp.state.episode_reward)) for exp in data.experiments.values()]
     headers = [tr("col.experiment"), tr("col.state"), "GPU", tr("col.progress"), tr("col.episode_reward")]
     return [f"## {tr('section.overview')}", "", *_table(headers, rows, "lllrr")]
@@ -71,7 +71,7 @@ def _experiment_section(exp: ExperimentReport, data: ReportData, tr: Translator)
     lines += [
         f"- {tr.item(tr('exp.state'), tr.state(exp.shown_state) + phase)}",
         f"- {tr.item(tr('exp.pid'), exp.pid or '-')}",
-        "- " + tr.items((tr("exp.device"), device_name(s.gpu)), (tr("exp.batch_size"), s.batch_size or "-"),
+        "- " + tr.items((tr("exp.device"), place_name(s.gpu, s.host)), (tr("exp.batch_size"), s.batch_size or "-"),
                         (tr("exp.attempts"), s.attempts)),
         f"- {tr.item(tr('exp.progress'), progress_text(s))}",
     ]
@@ -111,17 +111,18 @@ def _gpu_section(data: ReportData, tr: Translator) -> list[str]:
         return lines + [tr("gpu.none", message=code(data.gpu_message))]
     lines += [tr("gpu.as_of", time=format_time(data.gpu_sampled_at)), ""]
     rows = []
-    for g in data.gpus:
+    by_host = any(g.host for g in data.gpus)  # a cluster: its GPUs grouped by node
+    for g in sorted(data.gpus, key=lambda g: g.host or "") if by_host else data.gpus:
         memory = f"{format_bytes(g.memory_used)} / {format_bytes(g.memory_total)}"
         ours = ", ".join(f"{code(name)} ({format_bytes(used)})" for name, used in g.experiments) or "-"
         steady = (tr("gpu.history", mean=g.util_mean, std=g.util_std, peak=format_bytes(g.memory_peak),
                      n=g.busy_samples)
                   if g.util_std is not None else "-")
-        rows.append((g.index, g.name or "N/A", "N/A" if g.utilization is None else f"{g.utilization}%", memory, ours,
-                     steady))
-    headers = ["GPU", tr("col.name"), tr("col.utilisation"), tr("col.memory"), tr("col.experiments"),
-               tr("col.while_ours")]
-    return lines + _table(headers, rows, "rlrrll")
+        rows.append((*((g.host or "-",) if by_host else ()), g.index, g.name or "N/A",
+                     "N/A" if g.utilization is None else f"{g.utilization}%", memory, ours, steady))
+    headers = [*((tr("col.host"),) if by_host else ()), "GPU", tr("col.name"), tr("col.utilisation"),
+               tr("col.memory"), tr("col.experiments"), tr("col.while_ours")]
+    return lines + _table(headers, rows, ("l" if by_host else "") + "rlrrll")
 
 
 def _finish_section(data: ReportData, tr: Translator) -> list[str]:

@@ -85,3 +85,24 @@ def test_two_processes_filling_at_once_leave_no_torn_file(tmp_path, samples, mod
     reader = CachedSegmenter(model, tmp_path)
     reader.warm(samples, TEMPLATES)
     assert reader.model_calls == 0 and reader.disk_hits == 18
+
+
+def test_a_freed_image_s_address_never_serves_its_mask_to_a_new_image(samples, model):
+    """Images freed and new ones made in their place (Python reuses the addresses):
+    each new image gets its own mask, never the one memoised for the freed image."""
+    cached = CachedSegmenter(model, None)
+    rng = np.random.default_rng(0)
+    prompt = "the vessels"
+    freed_ids, reused = set(), 0
+    for _ in range(20):
+        image = np.ascontiguousarray(samples[int(rng.integers(len(samples)))].image[:, ::-1] // 2
+                                     + rng.integers(0, 100, (1, 1, 3), dtype=np.uint8))
+        reused += id(image) in freed_ids
+        got = cached.segment([image], [prompt])[0]
+        expected = model.segment([image], [prompt])[0]
+        np.testing.assert_array_equal(got.mask, expected.mask)
+        freed_ids.add(id(image))
+        del image, got, expected
+    assert reused > 0, "no address was reused: the test did not exercise the memo"
+    assert cached.model_calls == 20
+    assert len(cached._image_keys) <= 1  # entries go with their images

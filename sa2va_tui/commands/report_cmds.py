@@ -253,9 +253,10 @@ def runs(logs_dir: Path = LogsDirOption) -> None:
 
 
 def _headline_dice(run_dir: Path) -> str:
-    """`0.7312 combined +0.0210 [+0.0150, +0.0270] (test reports, val chose)`: the best
+    """`0.7312 combined +0.0210 [+0.0150, +0.0270] (val chose, test reports)`: the best
     row on the reported split, its gain over the baseline with its interval ("within
-    noise" where that covers 0), and the splits."""
+    noise" where that covers 0), and the splits; where that row is a baseline, the best
+    method's figure too."""
     from sa2va_contract.evaluation import load_evaluation
     from sa2va_tui.text import interval_text, splits_text
 
@@ -263,5 +264,13 @@ def _headline_dice(run_dir: Path) -> str:
     best = table.best() if table is not None else None
     if best is None:
         return "-"
-    gain = interval_text(best.interval) if best.interval is not None else f"{table.delta(best, 'dice'):+.4f}"
-    return f"{best.mean('dice'):.4f} {best.name} {gain} ({splits_text(table)})"
+    def figure(row) -> str:
+        gain = interval_text(row.interval) if row.interval is not None else f"{table.delta(row, 'dice'):+.4f}"
+        return f"{row.mean('dice'):.4f} {row.name} {gain}"
+
+    line = f"{figure(best)} ({splits_text(table)})"
+    methods = [row for row in table.rows if row.is_method]
+    if not best.is_method and methods:
+        # The best row is a baseline: say how the best method of the run did.
+        line += f"; best method: {figure(max(methods, key=lambda row: row.mean('dice')))}"
+    return line

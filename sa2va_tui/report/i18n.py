@@ -254,8 +254,9 @@ MESSAGES: dict[str, tuple[str, str]] = {
                             "尚未评估：{command} 会生成这些结论所依据的数值。"),
     "concl.best": ("On {split}, the best row is {row}: Dice {dice:.4f}, {delta} against the default prompt.",
                    "在 {split} 上，最好的一行是{row}：Dice {dice:.4f}，相对默认提示 {delta}。"),
-    "concl.best_is_baseline": ("It is a label-free baseline, not a method: no experiment of this run beats it.",
-                               "它是不使用标注的基线而不是方法：本次运行中没有实验超过它。"),
+    "concl.best_is_baseline": ("It is a baseline (it reads no label at inference), not a method: no experiment of "
+                               "this run beats it.",
+                               "它是基线（推理时不读取标注）而不是方法：本次运行中没有实验超过它。"),
     "concl.best_is_default": ("No row beats the default prompt.", "没有任何一行超过默认提示。"),
     "concl.method": ("{row}: {against_default} against the default prompt ({verdict_default}); {against_bar} against "
                      "the supervised chooser ({verdict_bar}).",

@@ -41,3 +41,26 @@ def test_names_are_plain_and_taken_names_are_refused():
     config = load_config(QUICK_CONFIG, ["variants={prompt_rl-seed1: {base: prompt_rl, seed: 1}}"])
     with pytest.raises(ConfigError, match="already has a variant named prompt_rl-seed1"):
         with_variants(config, command_variants(config, 2), "--seeds 2")
+
+
+def test_launch_seeds_runs_each_seed_as_its_own_experiment(real_run, tmp_path):
+    """`launch --seeds 2 --only prompt_rl`: the experiment and its seed variant, each its
+    own worker and folder, written into the run's config.yaml."""
+    from typer.testing import CliRunner
+
+    from sa2va_tui.cli import app
+    from sa2va_tui.runstore import load_run, load_run_config
+
+    args = ["launch", "--headless", "--seeds", "2", "--only", "prompt_rl", "-c", str(QUICK_CONFIG)]
+    for setting in real_run:
+        args += ["--set", setting]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    (run_dir,) = (tmp_path / "logs").iterdir()
+    snapshot = load_run(run_dir)
+    assert {name: s.state for name, s in snapshot.experiments.items() if s.state != "pending"} == {
+        "prompt_rl": "finished", "prompt_rl-seed1": "finished"}
+    config = load_run_config(run_dir)
+    assert config.variants["prompt_rl-seed1"] == {"base": "prompt_rl", "seed": 1}
+    assert config.experiments()["prompt_rl-seed1"].seed == 1
+    assert (run_dir / "prompt_rl-seed1" / "best_model.zip").is_file()

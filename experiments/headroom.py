@@ -26,6 +26,7 @@ import cv2
 import numpy as np
 
 from experiments.backends.base import Prediction, Segmenter
+from experiments.baselines import RidgeChooser
 from experiments.datasets.base import Sample, render_prompt
 from experiments.datasets import load_split
 from experiments.datasets.builtin import KINDS
@@ -185,45 +186,52 @@ def measure_headroom(config: Config, segmenter: Segmenter, split: str = "val", t
     }
 
 
-class RidgeChooser:
-    """Least-squares on standardised features (and their squares): one regression of
-    the gain per option; the chosen option is the one with the highest predicted gain."""
-
-    def __init__(self, penalty: float = 1.0) -> None:
-        self.penalty = penalty
-
-    def fit(self, features: np.ndarray, gains: np.ndarray) -> "RidgeChooser":
-        self.mu, self.sd = features.mean(0), features.std(0) + 1e-9
-        x = self._design(features)
-        eye = np.eye(x.shape[1])
-        eye[0, 0] = 0.0  # the intercept is not penalised
-        self.coef = np.linalg.solve(x.T @ x + self.penalty * eye, x.T @ gains)
-        return self
-
-    def choose(self, features: np.ndarray) -> np.ndarray:
-        return (self._design(features) @ self.coef).argmax(axis=1)
-
-    def _design(self, features: np.ndarray) -> np.ndarray:
-        z = (features - self.mu) / self.sd
-        return np.hstack([np.ones((len(z), 1)), z, z**2])
+def condition_headroom(table: PromptTable) -> list[dict]:
+    """Per condition of the built-in dataset: its images, the default prompt's Dice,
+    the oracle prompt's, the gain and its share of the whole oracle gain, and the
+    prompt best on average there. Empty for a dataset that names no condition."""
+    conditions = [s.condition for s in table.samples]
+    if any(c is None for c in conditions):
+        return []
+    default, oracle = table.dice[:, table.default], table.dice.max(axis=1)
+    total = float((oracle - default).sum())
+    out = []
+    for name in dict.fromkeys(conditions):
+        rows = np.array([c == name for c in conditions])
+        gain = oracle[rows] - default[rows]
+        out.append({"condition": name, "images": int(rows.sum()), "default_dice": float(default[rows].mean()),
+                    "oracle_dice": float(oracle[rows].mean()), "gain": float(gain.mean()),
+                    "share": float(gain.sum() / total) if total > 0 else 0.0,
+                    "best_prompt": table.prompts[int(table.dice[rows].mean(axis=0).argmax())]})
+    return out
 
 
-def measure_learnability(config: Config, segmenter: Segmenter, val: PromptTable, train_images: int = 400) -> dict:
-    """Choosers fitted on the train split, without val labels, picking per val image:
-    a prompt from image features and the target, and a post-processing sequence of at
-    most two operations from those plus the default mask's statistics."""
+def measure_learnability(config: Config, segmenter, measured: PromptTable, train_images: int = 400) -> dict:
+    """Choosers fitted on the train split, picking per image of the measured split: a
+    prompt, by the evaluation's supervised chooser (the prompt policy's first
+    observation, its penalty chosen on val), and a post-processing sequence of at most
+    two operations from image features and the default mask's statistics."""
+    from experiments.baselines import SupervisedChooser
+    from experiments.envs import build_prompt_table
+
     train_config = config.model_copy(deep=True)
     train_config.dataset.limit = train_images
-    train = prompt_table(segmenter, load_split(train_config.dataset, "train"), val.prompts, val.default)
+    train_samples = load_split(train_config.dataset, "train")
+    train = prompt_table(segmenter, train_samples, measured.prompts, measured.default)
+
+    def described(samples):
+        return build_prompt_table(samples, segmenter, measured.prompts, measured.default)
+
+    chooser = SupervisedChooser(described(train_samples), described(load_split(config.dataset, "val")))
+    picked = chooser.choose(described(measured.samples))
+    prompt_dice = float(measured.dice[np.arange(len(picked)), picked].mean())
+    default_dice = float(measured.dice[:, measured.default].mean())
+    val = measured
 
     def observe(table: PromptTable) -> np.ndarray:
         return np.stack([np.concatenate([image_features(s.image), target_onehot(s)]) for s in table.samples])
 
     x_train, x_val = observe(train), observe(val)
-    gains = train.dice - train.dice[:, [train.default]]
-    picked = RidgeChooser().fit(x_train, gains).choose(x_val)
-    prompt_dice = float(val.dice[np.arange(len(picked)), picked].mean())
-    default_dice = float(val.dice[:, val.default].mean())
 
     settings = OpSettings.of(config.postprocess_rl)
     ops = usable_operations(config, segmenter)
@@ -243,8 +251,11 @@ def measure_learnability(config: Config, segmenter: Segmenter, val: PromptTable,
     post_dice = float(s_val[np.arange(len(chosen)), chosen].mean())
     return {
         "train_images": len(train.samples),
+        "chooser_penalty": chooser.penalty,
         "features": list(IMAGE_FEATURES) + [f"target={k}" for k in KINDS],
         "chosen_prompt_dice": prompt_dice,
+        "chosen_prompt_oracle_share": (prompt_dice - default_dice) / max(1e-12, float(
+            measured.dice.max(axis=1).mean()) - default_dice),
         "chosen_prompt_gain": prompt_dice - default_dice,
         "chosen_prompt_share": {p: float(s) for p, s in zip(val.prompts, np.bincount(picked, minlength=len(val.prompts)) / len(picked))},
         "chosen_postprocess_dice": post_dice,
@@ -252,7 +263,7 @@ def measure_learnability(config: Config, segmenter: Segmenter, val: PromptTable,
     }
 
 
-def _print_report(head: dict, learn: dict | None) -> None:
+def _print_report(head: dict, conditions: list[dict], learn: dict | None) -> None:
     print(f"{head['split']} split, {head['images']} images; default prompt {head['default_prompt']!r}")
     print(f"  mean Dice, default prompt                   {head['default_dice']:.4f}")
     print(f"  mean Dice, best prompt per image (oracle)   {head['oracle_prompt_dice']:.4f}   "
@@ -266,11 +277,20 @@ def _print_report(head: dict, learn: dict | None) -> None:
     print("  most frequent best post-processing sequences:")
     for seq, count in head["best_sequences"]:
         print(f"    {count:4d}  {seq}")
+    if conditions:
+        print("  per condition: images, mean Dice of the default and the oracle prompt, the gain, its share of "
+              "the whole oracle gain, the prompt best on average there")
+        for c in conditions:
+            print(f"    {c['condition']:<12} {c['images']:4d}  {c['default_dice']:.4f}  {c['oracle_dice']:.4f}  "
+                  f"{c['gain']:+.4f}  {c['share']:6.1%}  {c['best_prompt']}")
+        largest = max(conditions, key=lambda c: c["share"])
+        print(f"  largest condition share {largest['share']:.1%} ({largest['condition']})")
     if learn is None:
         return
-    print(f"learnability: least-squares choosers fitted on {learn['train_images']} train images, no val labels")
-    print(f"  prompt chosen from image features + target  {learn['chosen_prompt_dice']:.4f}   "
-          f"gain {learn['chosen_prompt_gain']:+.4f}")
+    print(f"learnability: choosers fitted on {learn['train_images']} train images, no labels of this split")
+    print(f"  supervised chooser (the evaluation's bar)    {learn['chosen_prompt_dice']:.4f}   "
+          f"gain {learn['chosen_prompt_gain']:+.4f}  ({learn['chosen_prompt_oracle_share']:.0%} of the oracle's; "
+          f"penalty {learn['chooser_penalty']:g}, chosen on val)")
     print(f"  <= 2 ops chosen from image + mask features  {learn['chosen_postprocess_dice']:.4f}   "
           f"gain {learn['chosen_postprocess_gain']:+.4f}")
 
@@ -279,15 +299,16 @@ def print_headroom(config, split: str = "val", train_images: int = 400) -> None:
     """Measure and print everything: the `headroom` command."""
     import torch
 
-    from experiments.backends import make_segmenter
+    from experiments.backends import make_cached_segmenter
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    segmenter = make_segmenter(config)
+    # Through the mask cache: a run, its evaluation and this command share the masks.
+    segmenter = make_cached_segmenter(config)
     samples = load_split(config.dataset, split)
     table = prompt_table(segmenter, samples, config.backend.prompts, config.backend.default_prompt)
     head = measure_headroom(config, segmenter, split, table=table)
     learn = measure_learnability(config, segmenter, table, train_images) if train_images else None
-    _print_report(head, learn)
+    _print_report(head, condition_headroom(table), learn)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,6 +22,7 @@ from experiments.envs import (
     prefill_first_operations,
 )
 from experiments.harness import WorkerContext
+from experiments.intervals import delta_interval
 from experiments.postprocess import OpSettings
 from experiments.ppo_common import EpisodeOutcome, PhaseReporter, run_episodes, run_ppo_experiment
 from sa2va_contract.config import PostprocessRLConfig
@@ -44,11 +45,14 @@ def edit_masks(model: PPO, table: PostprocessTable, cfg: PostprocessRLConfig) ->
 
 
 def score(model: PPO, table: PostprocessTable, cfg: PostprocessRLConfig) -> dict[str, float]:
-    """Mean val Dice of the edited masks, of the starting masks, and the gain."""
+    """Mean val Dice of the edited masks, of the starting masks, and the gain with its
+    interval (a paired bootstrap over the images)."""
     outcomes = edit_masks(model, table, cfg)
     gains = np.array([o.info["dice_gain"] for o in outcomes])
     baseline = float(table.start_dice.mean())
+    interval = delta_interval([gains])
     return {"dice_gain": float(gains.mean()), "mean_dice": baseline + float(gains.mean()), "baseline_dice": baseline,
+            "dice_gain_low": interval.low, "dice_gain_high": interval.high,
             "mean_ops": float(np.mean([len(o.info["ops"]) for o in outcomes]))}
 
 

@@ -434,7 +434,8 @@ def run_ppo_experiment(ctx: WorkerContext, build_tables: Callable, make_env: Cal
                        score: Callable) -> tuple[dict, dict, dict]:
     """What both PPO experiments do, in order: load, cache masks into tables, train,
     score the best model on val. Returns the summary, the best model's val score and
-    the tables, for an experiment to add figures of its own."""
+    the tables, for an experiment to add figures of its own. The summary's figures are
+    val's, the split that chose the best model: `evaluate` reports on test."""
     from stable_baselines3 import PPO
 
     segmenter, splits = load_inputs(ctx)
@@ -452,6 +453,7 @@ def run_ppo_experiment(ctx: WorkerContext, build_tables: Callable, make_env: Cal
         "val_baseline_dice": final["baseline_dice"],
         "val_policy_dice": final["mean_dice"],
         "val_dice_gain": final["dice_gain"],
+        "val_dice_gain_interval": [final["dice_gain_low"], final["dice_gain_high"]],
         "steps_per_second": result.steps_per_second,
         "model_calls": segmenter.model_calls,
         "model_calls_in_training": segmenter.model_calls - calls_before_training,

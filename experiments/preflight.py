@@ -31,8 +31,10 @@ def _check_dataset(config: Config, report: Preflight) -> None:
         limit = f", at most {dataset.limit} per split" if dataset.limit else ""
         report.found.append(
             f"dataset: built-in, {dataset.image_size}x{dataset.image_size}, "
-            f"train/val/test {sizes.train}/{sizes.val}/{sizes.test}{limit}, seed {dataset.seed}"
+            f"train/val/test {sizes.train}/{sizes.val}/{sizes.test}{limit}, seed {dataset.seed}, "
+            f"{'one expression per kind' if dataset.expressions == 'fixed' else 'per-image expressions'}"
         )
+        _check_reward_images(config, min(sizes.train, dataset.limit or sizes.train), report)
         return
     assert dataset.root is not None
     if not dataset.root.is_dir():
@@ -41,17 +43,30 @@ def _check_dataset(config: Config, report: Preflight) -> None:
     for split in ("train", "val", "test"):
         scan = scan_split(dataset.root, split)
         if split == "test" and not (dataset.root / split).exists():
-            report.warnings.append(f"dataset: {dataset.root / split}: no test split (evaluate --split test will not work)")
+            report.warnings.append(f"dataset: {dataset.root / split}: no test split (evaluate reports on val, the split "
+                                   "that chose the checkpoints: its figures are optimistic)")
             continue
         report.problems.extend(scan.problems)
         if scan.pairs:
             report.found.append(f"dataset: {dataset.root / split}: {len(scan.pairs)} image/mask pairs")
+        if split == "train":
+            pairs = len(scan.pairs) if dataset.limit is None else min(len(scan.pairs), dataset.limit)
+            _check_reward_images(config, pairs, report)
     if dataset.manifest is not None:
         try:
             described = read_manifest(dataset.manifest)
             report.found.append(f"dataset.manifest: {dataset.manifest}: {len(described)} expressions")
         except DatasetError as err:
             report.problems.extend(err.problems)
+
+
+def _check_reward_images(config: Config, train_images: int, report: Preflight) -> None:
+    """Fine-tuning never uses the reward network's images: some train images must be left."""
+    for name, exp in config.experiments().items():
+        if exp.kind == "reward_net" and exp.reward.samples >= train_images:
+            report.problems.append(f"{name}.reward.samples: {exp.reward.samples} leaves no train image for fine-tuning "
+                                   f"(the train split has {train_images}; fine-tuning must not use the reward "
+                                   "network's images)")
 
 
 def _check_backend(config: Config, report: Preflight) -> None:

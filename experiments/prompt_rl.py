@@ -14,6 +14,7 @@ from stable_baselines3 import PPO
 
 from experiments.envs import PROMPT_ENV_ID, PromptSelectEnv, PromptTable, build_prompt_table
 from experiments.harness import WorkerContext
+from experiments.intervals import delta_interval
 from experiments.ppo_common import PhaseReporter, run_episodes, run_ppo_experiment
 from sa2va_contract.config import PromptRLConfig
 
@@ -32,12 +33,16 @@ def choose_prompts(model: PPO, table: PromptTable, cfg: PromptRLConfig) -> np.nd
 
 
 def score(model: PPO, table: PromptTable, cfg: PromptRLConfig) -> dict[str, float]:
-    """Mean val Dice of the policy's final prompt, of the default prompt, and the gain."""
+    """Mean val Dice of the policy's final prompt, of the default prompt, and the gain
+    with its interval (a paired bootstrap over the images)."""
     chosen = choose_prompts(model, table, cfg)
     rows = np.arange(len(table))
+    gains = table.dice[rows, chosen] - table.dice[:, table.default_prompt]
     policy = float(table.dice[rows, chosen].mean())
     baseline = float(table.dice[:, table.default_prompt].mean())
+    interval = delta_interval([gains])
     return {"dice_gain": policy - baseline, "mean_dice": policy, "baseline_dice": baseline,
+            "dice_gain_low": interval.low, "dice_gain_high": interval.high,
             "default_share": float(np.mean(chosen == table.default_prompt))}
 
 

@@ -6,8 +6,15 @@ and from perturbed copies of them, so the labels span the whole quality range.
 
 Step 2 fine-tunes the segmenter to raise the reward network's score on train images
 without their labels, with a penalty that keeps its masks close to those of the
-starting model, and reports val Dice before and after. The starting weights are read,
-never written: the fine-tuned model is saved in the experiment's folder.
+starting model, and reports Dice before and after on the reported split (test, or
+val for a dataset without one), the figure the evaluation table shows too. The
+starting weights are read, never written: the fine-tuned model is saved in the
+experiment's folder.
+
+Each image has one job (`image_sets`): the reward network learns on the first
+`reward.samples` train images, its epoch is chosen on val images (on held-out
+reward images when val is the reported split), fine-tuning draws from the next
+`finetune.samples` train images, and the figure is measured on the reported split.
 """
 
 from __future__ import annotations
@@ -20,8 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from experiments.backends import make_cached_segmenter
-from experiments.datasets import Sample, load_split, render_prompt
+from experiments.datasets import Sample, load_split, render_prompt, reported_split
 from experiments.harness import StopRequested, WorkerContext
+from experiments.intervals import delta_interval
 from experiments.metrics import dice
 from experiments.reward.network import (
     RewardNet,
@@ -46,6 +54,29 @@ FINETUNE_CHECKPOINT_EVERY = 50
 
 
 # --- the experiment ------------------------------------------------------------------
+
+
+def image_sets(config, experiment) -> dict[str, list[Sample]]:
+    """The images of each job, disjoint: `reward` (the reward network learns on them),
+    `choice` (its best epoch is chosen on them), `finetune` (fine-tuning draws from
+    them, labels unread) and `report` (the before/after figure)."""
+    split, _ = reported_split(config.dataset)
+    train = load_split(config.dataset, "train")
+    wanted, tuned = experiment.reward.samples, experiment.finetune.samples
+    reward, finetune = train[:wanted], train[wanted:wanted + tuned]
+    if not finetune:
+        raise ValueError(f"reward_net.reward.samples: {wanted} leaves no train image for fine-tuning "
+                         f"(the train split has {len(train)}; fine-tuning must not use the reward network's images)")
+    held = max(2, len(reward) // 4)
+    if split == "val":
+        # Val reports, so it cannot choose too: hold out part of the reward images.
+        if len(reward) <= held:
+            raise ValueError(f"reward_net.reward.samples: {wanted} is too few to hold {held} out for choosing the epoch")
+        reward, choice = reward[:-held], reward[-held:]
+    else:
+        choice = load_split(config.dataset, "val")[: max(8, held)]
+    return {"reward": list(reward), "choice": list(choice), "finetune": list(finetune),
+            "report": load_split(config.dataset, split)}
 
 
 def _candidate_masks(ctx: WorkerContext, segmenter, samples: Sequence[Sample]) -> dict[str, list]:
@@ -109,10 +140,10 @@ def run(ctx: WorkerContext) -> dict[str, Any]:
 
     ctx.phase("loading_model")
     segmenter = make_cached_segmenter(config, device="cpu")
-    train = load_split(config.dataset, "train")[: reward_cfg.samples]
-    val = load_split(config.dataset, "val")[: max(8, reward_cfg.samples // 4)]
+    images = image_sets(config, exp)
+    train, val = images["reward"], images["choice"]
 
-    train_masks = _candidate_masks(ctx, segmenter, list(train) + list(val))
+    train_masks = _candidate_masks(ctx, segmenter, train + val + images["finetune"])
     peaks: dict[str, float] = {}
     record_peak_gpu_memory(peaks, "model_and_masks")
     rng_seed = exp.seed
@@ -179,14 +210,16 @@ def run(ctx: WorkerContext) -> dict[str, Any]:
     best_net = load_reward_net(ctx.exp_dir / BEST_REWARD_NET, device)
     for parameter in best_net.parameters():
         parameter.requires_grad_(False)
-    consensus = {s.id: consensus_map(masks) for s, masks in ((s, train_masks[s.id]) for s in train)}
+    consensus = {s.id: consensus_map(train_masks[s.id]) for s in images["finetune"]}
     record_peak_gpu_memory(peaks, "reward_training")
     # The trainable form wraps the segmenter's model: one Sa2VA per worker.
-    tuned = finetune(ctx, best_net, train, val, consensus, tune_batch, progress, writer, resume, base=segmenter)
+    tuned = finetune(ctx, best_net, images["finetune"], images["report"], consensus, tune_batch, progress, writer,
+                     resume, base=segmenter)
     record_peak_gpu_memory(peaks, "finetune")
     writer.close()
     return {
         "reward_net": {k: round(float(v), 4) for k, v in best.items()},
+        "images": {job: len(samples) for job, samples in images.items()},
         "finetune": tuned,
         "batch_size": batch_size,
         **({"peak_gpu_memory_gib": peaks} if peaks else {}),
@@ -205,7 +238,7 @@ def finetune(
     ctx: WorkerContext,
     reward_net: RewardNet,
     train: Sequence[Sample],
-    val: Sequence[Sample],
+    report: Sequence[Sample],
     consensus: dict[str, torch.Tensor],
     batch_size: int,
     progress: _Progress,
@@ -214,8 +247,9 @@ def finetune(
     base=None,
 ) -> dict[str, float]:
     """Raise the reward network's score of the segmenter's soft masks on unlabelled
-    train images, anchored to the starting model's masks. The embedded model is tuned
-    whole; Sa2VA along its mask-decoder path (see `Sa2VAMaskDecoder`)."""
+    train images, anchored to the starting model's masks; Dice before and after on the
+    `report` images. The embedded model is tuned whole; Sa2VA along its mask-decoder
+    path (see `Sa2VAMaskDecoder`)."""
     from experiments.backends import make_trainable
 
     config, cfg = ctx.config, ctx.experiment.finetune
@@ -224,7 +258,7 @@ def finetune(
     model = make_trainable(config, device, base=base)
     # Measured before any step, and before a resumed run's weights are loaded, so that
     # they describe the starting model.
-    before_val = _val_dice(model, val, template)
+    before = _dice_per_image(model, report, template)
     initial = [p.detach().clone() for p in model.trainable_parameters()]
     with torch.no_grad():
         anchors = {s.id: torch.sigmoid(model.mask_logits([s.image], [render_prompt(template, s)]))[0] for s in train}
@@ -279,20 +313,26 @@ def finetune(
     change = torch.sqrt(sum(((p.detach() - q) ** 2).sum() for p, q in zip(model.trainable_parameters(), initial)))
     scale = torch.sqrt(sum((q**2).sum() for q in initial))
     ctx.phase("evaluating")
-    after_val = _val_dice(model, val, template)
+    after = _dice_per_image(model, report, template)
+    gain = delta_interval([after - before])
+    split, _ = reported_split(config.dataset)
     summary = {
-        "val_dice_before": round(before_val, 4),
-        "val_dice_after": round(after_val, 4),
+        "split": split,
+        "images": len(report),
+        "dice_before": round(float(before.mean()), 4),
+        "dice_after": round(float(after.mean()), 4),
+        "dice_gain": round(gain.mean, 4),
+        "dice_gain_interval": [round(gain.low, 4), round(gain.high, 4)],
         "relative_weight_change": float(change / scale),
         **{k: round(v, 4) for k, v in last.items()},
     }
-    ctx.metrics(progress.step, {"finetune/val_dice_before": before_val, "finetune/val_dice_after": after_val})
+    ctx.metrics(progress.step, {"finetune/dice_before": float(before.mean()), "finetune/dice_after": float(after.mean())})
     return summary
 
 
-def _val_dice(model, samples: Sequence[Sample], template: str) -> float:
+def _dice_per_image(model, samples: Sequence[Sample], template: str) -> np.ndarray:
     predictions = model.segment([s.image for s in samples], [render_prompt(template, s) for s in samples])
-    return float(np.mean([dice(p.mask, s.mask) for p, s in zip(predictions, samples)]))
+    return np.array([dice(p.mask, s.mask) for p, s in zip(predictions, samples)], np.float64)
 
 
 def _load_checkpoint(path: Path | None) -> dict | None:

@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from sa2va_contract.layout import is_plain_name
+
 EXPERIMENT_KINDS = ("prompt_rl", "postprocess_rl", "reward_net")
 
 #: Train learns, val chooses, test reports.
@@ -56,6 +58,10 @@ class DatasetConfig(Strict):
     sizes: SplitSizes = SplitSizes()
     #: Samples used per split at most (quick runs: 50); null means all.
     limit: int | None = Field(None, ge=1)
+    #: builtin: "fixed" gives every image of a kind one expression ("the vessels"), as
+    #: a researcher's own data does; "per_image" one that names the image's condition
+    #: ("the faint vessels"), itself a candidate prompt.
+    expressions: Literal["fixed", "per_image"] = "fixed"
     root: Path | None = None
     #: Referring expression for folder samples that the manifest does not describe.
     expression: str = "the blood vessels"
@@ -227,7 +233,8 @@ class PostprocessRLConfig(RLExperimentBase):
 
 
 class RewardNetTraining(Strict):
-    #: Train images; each gives one mask per candidate prompt plus perturbed copies.
+    #: The first train images; each gives one mask per candidate prompt plus perturbed
+    #: copies. Fine-tuning never uses them.
     samples: int = Field(200, gt=0)
     epochs: int = Field(8, gt=0)
     batch_size: int = Field(32, gt=0)
@@ -240,6 +247,9 @@ class RewardNetTraining(Strict):
 
 
 class FinetuneConfig(Strict):
+    #: The train images after the reward network's that fine-tuning draws from (their
+    #: labels are never read): images the reward network has not seen.
+    samples: int = Field(200, gt=0)
     steps: int = Field(200, gt=0)
     batch_size: int = Field(16, gt=0)
     learning_rate: float = Field(1e-4, gt=0)
@@ -369,6 +379,8 @@ def _placement_problem(exp: "ExperimentConfig", backend: str) -> str | None:
 def _resolve_variant(config: Config, name: str, variant: dict[str, Any]) -> ExperimentConfig:
     if name in EXPERIMENT_KINDS:
         raise ValueError(f"variants.{name}: a variant needs a name of its own")
+    if not is_plain_name(name):
+        raise ValueError(f"variants.{name}: a name of letters, digits, '_' and '-' only (it names a folder)")
     changes = dict(variant)
     base = changes.pop("base", None)
     if base not in EXPERIMENT_KINDS:
@@ -469,6 +481,15 @@ def read_yaml(path: Path) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, not a {type(data).__name__}")
     return data
+
+
+def validate_config(data: dict, origin: str) -> Config:
+    """A config from plain data (a config changed by a command, as `launch --seeds`
+    does); a mistake is a ConfigError naming `origin`."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"{origin}: {_first_error(err)}") from None
 
 
 def load_config(path: Path | str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -48,6 +48,14 @@ FINAL_REWARD_NET = "final_reward_net.pth"
 FINETUNED_SEGMENTER = "finetuned_segmenter.pt"
 
 _PPO_CHECKPOINT = re.compile(r"^ckpt_(\d+)\.zip$")
+#: An experiment's name is its folder's name and a key on the command line: letters,
+#: digits, "_" and "-" only.
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def is_plain_name(name: str) -> bool:
+    """Whether `name` may name an experiment (and so its folder)."""
+    return bool(_PLAIN_NAME.match(name))
 
 
 def ppo_checkpoint_name(timesteps: int) -> str:

@@ -16,9 +16,10 @@ if TYPE_CHECKING:
     from sa2va_contract.evaluation import EvaluationTable
 
 
-def evaluate_run(config: "Config", run_dir: Path, split: str,
+def evaluate_run(config: "Config", run_dir: Path, split: str | None,
                  on_progress: Callable[[int, int], None] | None = None) -> "EvaluationTable":
-    """Score the run's models on `split` and save the table in the run folder."""
+    """Score the run's baselines and models on `split` (None: the reported split, test
+    where there is one) and save the table in the run folder."""
     from experiments.evaluate import evaluate_run as evaluate
 
     return evaluate(config, run_dir, split, on_progress=on_progress)

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from rich.console import Console
     from rich.table import Table
 
+    from sa2va_contract.evaluation import BreakdownGroup, Interval
     from sa2va_tui.runstate import ExperimentState
 
 #: Log lines of a failed worker shown under its failure.
@@ -113,34 +114,142 @@ def describe(event: events.Event) -> tuple[str, str] | None:
         tail = "".join(f"\n    {escape(line)}" for line in event.log_tail[-TAIL_SHOWN:]) if event.kind != "oom" else ""
         return f"FAILED ({event.kind}){at}{code}: {escape(event.message)}{tail}", "bold red"
     if isinstance(event, events.Finished):
-        scalars = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in event.summary.items()
-                   if isinstance(v, (int, float, str)) and not isinstance(v, bool)][:6]
-        return escape(f"finished {' '.join(scalars)}".rstrip()), "green"
+        return escape(finished_text(event.summary)), "green"
     if isinstance(event, events.Stopped):
         return f"stopped at step {event.step} ({event.reason})", "yellow"
     return None
 
 
+def interval_text(interval: "Interval | None") -> str:
+    """`+0.0412 [+0.0301, +0.0519]`, and `within noise` where the interval covers 0."""
+    if interval is None:
+        return ""
+    text = f"{interval.mean:+.4f} [{interval.low:+.4f}, {interval.high:+.4f}]"
+    return text + " within noise" if interval.within_noise else text
+
+
+def warning_text(table: EvaluationTable) -> str:
+    """The table's warning in words ("" for none)."""
+    from sa2va_contract.evaluation import WARNINGS
+
+    return WARNINGS.get(table.warning, table.warning)
+
+
+def splits_text(table: EvaluationTable) -> str:
+    """Which split chose and which reports, in one clause."""
+    return f"{table.chosen_on} chose, {table.split} reports"
+
+
+def _gain_text(gain: float, bounds) -> str:
+    """`+0.0412 [+0.0301, +0.0519]`, `within noise` where the interval covers 0."""
+    if not (isinstance(bounds, (list, tuple)) and len(bounds) == 2):
+        return f"{gain:+.4f}"
+    low, high = bounds
+    return f"{gain:+.4f} [{low:+.4f}, {high:+.4f}]" + (" within noise" if low <= 0 <= high else "")
+
+
+#: Summary keys a finished line words itself rather than lists.
+_WORDED = {"val_baseline_dice", "val_policy_dice", "val_dice_gain", "val_dice_gain_interval", "finetune"}
+
+
+def finished_text(summary: dict) -> str:
+    """A finished experiment in one line. Its figures say which split they are on:
+    val's chose the checkpoint (so they flatter it; `evaluate` reports on test), the
+    fine-tuning's are on the reported split."""
+    parts = ["finished"]
+    if "val_dice_gain" in summary:
+        parts.append(f"val Dice {summary.get('val_baseline_dice', float('nan')):.4f} -> "
+                     f"{summary.get('val_policy_dice', float('nan')):.4f} "
+                     f"({_gain_text(summary['val_dice_gain'], summary.get('val_dice_gain_interval'))}; val chose this "
+                     "checkpoint, so it flatters: `sa2va-tui evaluate` reports on test);")
+    tuning = summary.get("finetune")
+    if isinstance(tuning, dict) and "dice_after" in tuning:
+        gain = _gain_text(tuning["dice_after"] - tuning["dice_before"], tuning.get("dice_gain_interval"))
+        parts.append(f"fine-tuned model on {tuning.get('split', '?')}: Dice {tuning['dice_before']:.4f} -> "
+                     f"{tuning['dice_after']:.4f} ({gain});")
+    scalars = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()
+               if k not in _WORDED and isinstance(v, (int, float, str)) and not isinstance(v, bool)][:4]
+    return " ".join(parts + scalars).rstrip(";")
+
+
 def evaluation_table(table: EvaluationTable) -> "Table":
-    """A rich Table: mean ± std of each metric, and Dice's difference from the baseline."""
+    """A rich Table: mean ± std of each metric, Dice's difference from the baseline
+    with its 95 % interval, and the seeds a row folds."""
     from rich.table import Table
 
-    out = Table(title=f"Evaluation on {table.split} ({len(table.sample_ids)} images, every row on the same images)")
+    title = (f"Evaluation on {table.split} ({len(table.sample_ids)} images, every row on the same images; "
+             f"{splits_text(table)})")
+    out = Table(title=title)
     out.add_column("row")
     for metric in METRIC_NAMES:
         out.add_column(METRIC_TITLES[metric], justify="right")
-    out.add_column("Δ Dice", justify="right")
+    out.add_column("Δ Dice [95 % interval]", justify="right")
     out.add_column("Δ IoU", justify="right")
+    out.add_column("seeds", justify="right")
     for row in table.rows:
         cells = [f"{row.mean(m):.4f} ± {row.std(m):.3f}" for m in METRIC_NAMES]
         if row.name == table.baseline:
             deltas = ["", ""]
         else:
-            deltas = [f"{table.delta(row, m):+.4f}" for m in ("dice", "iou")]
-        label = f"[dim]{row.label}[/dim]" if row.kind == "upper_bound" else row.label
-        out.add_row(label, *cells, *deltas)
+            deltas = [escape(interval_text(row.interval)), f"{table.delta(row, 'iou'):+.4f}"]
+        label = f"[dim]{escape(row.label)}[/dim]" if row.kind == "upper_bound" else escape(row.label)
+        out.add_row(label, *cells, *deltas, str(len(row.seeds)) if row.seeds else "")
+    captions = []
+    if table.warning:
+        captions.append(f"warning: {warning_text(table)}")
     if table.missing:
-        out.caption = "not evaluated: " + "; ".join(f"{k} ({v})" for k, v in table.missing.items())
+        captions.append("not evaluated: " + "; ".join(f"{k} ({v})" for k, v in table.missing.items()))
+    if captions:
+        out.caption = escape("\n".join(captions))
+    return out
+
+
+def seeds_table(table: EvaluationTable) -> "Table | None":
+    """Each seed of the folded rows: its Dice and its difference from the baseline."""
+    from rich.table import Table
+
+    rows = [(row, run) for row in table.rows for run in row.seeds]
+    if not rows:
+        return None
+    base = table.row(table.baseline).values["dice"]
+    out = Table(title=f"Per seed, on {table.split}")
+    for column in ("row", "experiment", "seed", "Dice", "Δ Dice"):
+        out.add_column(column, justify="right" if column in ("seed", "Dice", "Δ Dice") else "left")
+    for row, run in rows:
+        delta = sum(a - b for a, b in zip(run.values["dice"], base)) / len(base)
+        out.add_row(escape(row.name), escape(run.experiment), str(run.seed), f"{run.mean('dice'):.4f}", f"{delta:+.4f}")
+    return out
+
+
+def group_title(group: "BreakdownGroup", by: str) -> str:
+    if by == "difficulty" and group.bounds is not None:
+        return f"{group.name}: baseline Dice {group.bounds[0]:.2f}-{group.bounds[1]:.2f}"
+    return group.name
+
+
+def breakdown_table(table: EvaluationTable, by: str) -> "Table | None":
+    """Each row's Dice gain by condition (or by quarter of the baseline's Dice), and
+    the share of its whole gain each group holds."""
+    from rich.table import Table
+
+    from sa2va_contract.evaluation import breakdown
+
+    groups = breakdown(table, by)
+    if not groups:
+        return None
+    rows = [row for row in table.rows if row.name != table.baseline]
+    out = Table(title=f"Δ Dice by {by} on {table.split} (share of the row's whole gain)")
+    out.add_column(by)
+    out.add_column("images", justify="right")
+    out.add_column("baseline", justify="right")
+    for row in rows:
+        out.add_column(escape(row.name), justify="right")
+    for group in groups:
+        cells = []
+        for row in rows:
+            share = group.shares[row.name]
+            cells.append(f"{group.deltas[row.name]:+.3f}" + (f" ({share:.0%})" if share is not None else ""))
+        out.add_row(escape(group_title(group, by)), str(group.samples), f"{group.baseline_dice:.3f}", *cells)
     return out
 
 

@@ -49,8 +49,8 @@ def cli():
 
 @pytest.fixture(scope="session")
 def mask_cache(tmp_path_factory) -> Path:
-    """A mask cache holding every (image, prompt) pair that SMALL_RUN's experiments ask
-    for (train and val, every candidate prompt), filled once per session through the
+    """A mask cache holding every (image, prompt) pair that SMALL_RUN's experiments and
+    their evaluation ask for (every split, every candidate prompt), filled once per session through the
     real model, so that the workers of every test read their masks from disk."""
     weights = ROOT / "experiments" / "backends" / "weights" / "embedded.pt"
     if not weights.is_file():
@@ -62,7 +62,7 @@ def mask_cache(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("mask_cache")
     config = load_config(QUICK_CONFIG, [*SMALL_RUN, f"backend.cache_dir={folder}"])
     segmenter = make_cached_segmenter(config)
-    samples = load_split(config.dataset, "train") + load_split(config.dataset, "val")
+    samples = [s for split in ("train", "val", "test") for s in load_split(config.dataset, split)]
     segmenter.warm(samples, config.backend.prompts)
     return folder
 

@@ -39,6 +39,8 @@ def test_split_sizes_and_limit():
 
 def test_splits_are_disjoint_and_seed_matters():
     config = DatasetConfig(limit=40)
+    ids = {split: {s.id for s in builtin_split(config, split)} for split in SPLITS}
+    assert not ids["train"] & ids["val"] and not ids["train"] & ids["test"] and not ids["val"] & ids["test"]
     digests = {split: {_digest(s) for s in builtin_split(config, split)} for split in SPLITS}
     assert all(len(d) == 40 for d in digests.values())
     assert not digests["train"] & digests["val"]
@@ -63,13 +65,25 @@ def test_shapes_types_ids_and_expressions(size):
 
 
 def test_every_kind_and_condition_occurs_with_nonempty_masks():
-    drawn = [generate(0, "val", i, 128) for i in range(240)]
+    drawn = [generate(0, "val", i, 128, "per_image") for i in range(240)]
     assert {s.target for s, _ in drawn} == set(KINDS)
     assert {c.name for _, c in drawn} == {c.name for c in CONDITIONS}
     assert all(s.mask.sum() >= 8 for s, _ in drawn)
     for sample, condition in drawn:
-        assert sample.target in condition.kinds
+        assert sample.target in condition.kinds and sample.condition == condition.name
         assert sample.expression == condition.template.replace("{target}", sample.target)
+
+
+def test_by_default_every_image_of_a_kind_has_one_expression():
+    """As a researcher's own data: the query names the kind, never the condition; the
+    images are the same whichever expressions the dataset gives."""
+    fixed = builtin_split(DatasetConfig(limit=60), "val")
+    described = builtin_split(DatasetConfig(limit=60, expressions="per_image"), "val")
+    assert {s.expression for s in fixed} == {f"the {kind}" for kind in KINDS}
+    assert all(s.expression == f"the {s.target}" for s in fixed)
+    assert len({s.expression for s in described}) > len(KINDS)
+    assert [_digest(s) for s in fixed] == [_digest(s) for s in described]
+    assert [s.condition for s in fixed] == [s.condition for s in described]
 
 
 def test_images_have_texture_and_vary():

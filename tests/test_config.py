@@ -48,6 +48,8 @@ def test_shipped_configs_are_valid():
         ("backend:\n  kind: sa2va\n", ["backend.model_path: the sa2va backend needs model_path"]),
         ("postprocess_rl:\n  operations: [dilate, smooth]\n", ["postprocess_rl.operations.1: unknown operation 'smooth'"]),
         ("variants:\n  seed2: {base: prompt_rl, seed: x}\n", ["variants.seed2.seed"]),
+        ("variants:\n  a b: {base: prompt_rl}\n", ["variants.a b: a name of letters, digits"]),
+        ("dataset:\n  expressions: some\n", ["dataset.expressions: must be one of"]),
         ("prompt_rl: [1, 2\n", ["x.yaml: invalid YAML at line"]),
         ("- a\n- b\n", ["x.yaml: the top level must be a mapping"]),
     ],
@@ -113,6 +115,13 @@ def test_check_reports_what_it_found(cli):
     assert "dataset: built-in" in result.stdout
     assert "experiments: prompt_rl, postprocess_rl, reward_net" in result.stdout
     assert "config is ready" in result.stdout
+
+
+def test_check_refuses_a_reward_network_that_leaves_fine_tuning_no_image(cli):
+    result = cli("check", "-c", str(QUICK_CONFIG), "--set", "dataset.limit=8")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert ("reward_net.reward.samples: 12 leaves no train image for fine-tuning (the train split has 8"
+            in result.stderr)
 
 
 def test_check_lists_every_problem_of_a_broken_folder_dataset(tmp_path, cli):

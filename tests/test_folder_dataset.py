@@ -83,3 +83,17 @@ def test_sixteen_bit_and_grey_images_become_rgb_uint8(tmp_path):
     (sample,) = folder_split(tmp_path, "train", "x", "x")
     assert sample.image.dtype == np.uint8 and sample.image.shape == (20, 30, 3)
     assert sample.image.max() == 255 and sample.image.min() == 0
+
+
+def test_without_a_test_split_val_reports_with_a_warning(tmp_path):
+    from experiments.datasets import has_split, reported_split
+
+    make_split(tmp_path, "train", ["a", "b"])
+    make_split(tmp_path, "val", ["c"])
+    config = DatasetConfig(kind="folder", root=tmp_path)
+    assert not has_split(config, "test")
+    assert reported_split(config) == ("val", "no_test_split")
+    make_split(tmp_path, "test", ["d"])
+    assert reported_split(config) == ("test", "")
+    assert reported_split(config, "val") == ("val", "val_reports")
+    assert reported_split(DatasetConfig(), None) == ("test", "")

@@ -85,3 +85,27 @@ def test_two_processes_filling_at_once_leave_no_torn_file(tmp_path, samples, mod
     reader = CachedSegmenter(model, tmp_path)
     reader.warm(samples, TEMPLATES)
     assert reader.model_calls == 0 and reader.disk_hits == 18
+
+
+def test_a_freed_image_s_address_never_serves_its_mask_to_a_new_image(samples, model):
+    """Images freed and new ones made in their place (Python reuses the addresses):
+    each new image gets its own mask, never the one memoised for the freed image."""
+    cached = CachedSegmenter(model, None)
+    prompt = "the vessels"
+    shape = samples[0].image.shape
+    freed_ids, reused = set(), 0
+    for i in range(20):
+        # The first allocation after the last image was freed: it takes that address.
+        image = np.empty(shape, np.uint8)
+        np.copyto(image, samples[i % len(samples)].image)
+        image //= 1 + i // len(samples)
+        reused += id(image) in freed_ids
+        got = cached.segment([image], [prompt])[0]
+        expected = model.segment([image], [prompt])[0]
+        np.testing.assert_array_equal(got.mask, expected.mask)
+        freed_ids.add(id(image))
+        del got, expected
+        del image  # last, so that its address is the next one handed out
+    assert reused > 0, "no address was reused: the test did not exercise the memo"
+    assert cached.model_calls == 20
+    assert len(cached._image_keys) == 0  # entries go with their images

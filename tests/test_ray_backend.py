@@ -86,7 +86,7 @@ def test_three_experiments_run_to_the_end_on_the_cluster_quietly(ray_cluster, re
     kinds = [e.type for e in read_events(supervisor.run_dir) if e.experiment == "prompt_rl"]
     assert kinds[:2] == ["queued", "started"] and kinds[-1] == "finished" and "checkpoint" in kinds
     assert (supervisor.run_dir / "postprocess_rl" / "final_model.zip").is_file()
-    assert "val_dice_after" in snapshot.experiments["reward_net"].summary["finetune"]
+    assert "dice_after" in snapshot.experiments["reward_net"].summary["finetune"]
     # Nothing of Ray's on the screen: its messages are in the run folder.
     captured = capfd.readouterr()
     assert captured.out == captured.err == ""

@@ -255,8 +255,8 @@ def test_files_tree_and_next_steps(run):
                  "best_model.zip", "final_model.zip", "best_reward_net.pth", "finetuned_segmenter.pt"):
         assert re.search(rf"[├└]── {re.escape(name)}", files), name
     steps = report_section(markdown, "Next steps")
-    assert (f"- Evaluate the finished experiments (`prompt_rl`, `postprocess_rl`, `reward_net`) on the `val` split: "
-            f"`sa2va-tui evaluate {run['dir']} --split val`") in steps
+    assert (f"- Evaluate the finished experiments (`prompt_rl`, `postprocess_rl`, `reward_net`) on the held-out split "
+            f"(val chose, test reports): `sa2va-tui evaluate {run['dir']}`") in steps
     assert "resume" not in steps  # nothing is left unfinished
 
 
@@ -297,7 +297,7 @@ def test_the_chinese_report_has_no_english_sentence_left(run):
     leaks = _english_words(zh) - PROPER_NOUNS
     assert not leaks, f"English words in the Chinese report: {sorted(leaks)}"
     for heading in ("概览", "GPU 使用情况", "预计完成时间", "实验对比", "问题及处理方式", "输出文件", "后续步骤", "成功指标",
-                    "评估结果", "学习曲线"):
+                    "评估结果", "增益来自哪里", "初步结论", "组合策略", "学习曲线"):
         assert f"\n## {heading}\n" in zh
     assert not re.search(r"[\u4e00-\u9fff]", report_text(run, "en"))
 
@@ -315,7 +315,9 @@ def test_json_report_carries_the_facts_and_translated_sentences(run):
     (problem,) = report["problems"]
     assert problem["restart"]["changes"]["batch_size"] == [32, 16] and "显存不足" in problem["text"]
     assert {i["name"]: i["status"] for i in report["indicators"]}["no_crash"] == "pass"
-    assert report["evaluation"]["split"] == "val"
+    assert report["evaluation"]["split"] == "test" and report["evaluation"]["chosen_on"] == "val"
+    assert report["conclusions"] and all(re.search(r"[\u4e00-\u9fff]", line) for line in report["conclusions"])
+    assert report["combined_strategy"] and report["evaluation"]["breakdown"]["by"] == "condition"
     assert set(report["curves"]) == {"episode_reward", "ppo_metrics", "reward_net"}
     assert json.loads(render_json(read_report(run["dir"]), "en"))["experiments"].keys() == set(EXPERIMENTS)
 

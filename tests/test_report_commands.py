@@ -30,15 +30,20 @@ def run(report_run):
 def test_evaluate_prints_and_keeps_the_table_that_the_report_shows(run):
     from sa2va_contract.evaluation import EvaluationTable
 
-    assert "Evaluation on val" in run["evaluated"].stdout
+    from sa2va_tui.report.conclusions import interval_words
+    from sa2va_tui.report.i18n import Translator
+
+    printed = " ".join(run["evaluated"].stdout.split())  # rich wraps the title at the pipe's 80 columns
+    assert "Evaluation on test" in printed and "val chose, test reports" in printed
     table = EvaluationTable.load(run["dir"] / "evaluation.json")
-    assert {"baseline", "prompt_policy", "postprocess_policy", "combined", "oracle_prompt"} <= {
-        r.name for r in table.rows}
+    assert {"baseline", "best_fixed_prompt", "supervised_chooser", "prompt_policy", "postprocess_policy", "combined",
+            "finetuned", "reward_rerank", "oracle_prompt"} <= {r.name for r in table.rows}
     section = report_section(report_text(run, "en"), "Evaluation")
+    assert "Reported on the `test` split" in section and "the `val` split chose" in section
     for row in table.rows:
-        delta = "" if row.name == table.baseline else f" {table.delta(row, 'dice'):+.4f} |"
         assert f"| {row.label} | {row.mean('dice'):.4f} ± {row.std('dice'):.3f} |" in section
-        assert delta in section
+        if row.name != table.baseline:
+            assert f" {interval_words(row.interval, Translator('en'))} |" in section
     zh = report_section(report_text(run, "zh"), "评估结果")
     assert f"| 提示选择策略 | {table.row('prompt_policy').mean('dice'):.4f}" in zh
     assert "Not evaluated yet" in render_markdown(run["before_evaluation"], "en")
@@ -85,14 +90,20 @@ def test_report_of_a_missing_run_is_one_line(tmp_path):
 # --- runs, tensorboard ------------------------------------------------------------------
 
 
-def test_runs_lists_the_run_with_its_states_and_headline_val_dice(run):
+def test_runs_lists_the_run_with_its_states_and_headline_dice_on_test(run):
     from sa2va_contract.evaluation import EvaluationTable
+    from sa2va_tui.text import interval_text
 
     result = run_cli("runs", "--logs-dir", str(run["dir"].parent))
     assert result.returncode == 0, result.stderr
-    name, dice, delta = EvaluationTable.load(run["dir"] / "evaluation.json").headline()
+    table = EvaluationTable.load(run["dir"] / "evaluation.json")
+    best = table.best()
     line = next(line for line in result.stdout.splitlines() if run["dir"].name in line)
-    assert f"{dice:.4f} {name} ({delta:+.4f})" in line
+    headline = f"{best.mean('dice'):.4f} {best.name} {interval_text(best.interval)} (val chose, test reports)"
+    assert headline in line
+    if not best.is_method:
+        method = max((row for row in table.rows if row.is_method), key=lambda row: row.mean("dice"))
+        assert f"; best method: {method.mean('dice'):.4f} {method.name} {interval_text(method.interval)}" in line
     for experiment in EXPERIMENTS:
         assert f"{experiment} finished" in result.stdout
 

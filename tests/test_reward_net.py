@@ -1,6 +1,7 @@
 """Experiment 3 end to end on the embedded default, small."""
 
 import hashlib
+import itertools
 import shutil
 
 import numpy as np
@@ -14,7 +15,7 @@ from experiments.harness import ListSink, WorkerContext, run_experiment
 from experiments.reward.network import load_reward_net
 from experiments.reward.quality import PERTURBATIONS, pearson, perturb, pick_best_accuracy, spearman
 from experiments.reward.rows import evaluation_rows
-from experiments.reward_net import run
+from experiments.reward_net import image_sets, run
 from sa2va_contract.layout import BEST_REWARD_NET, FINAL_REWARD_NET, FINETUNED_SEGMENTER
 from sa2va_contract.layout import REWARD_NET_CHECKPOINT as CHECKPOINT
 from sa2va_contract.config import load_config
@@ -94,18 +95,50 @@ def test_reward_net_trains_reports_and_fine_tunes(tmp_path, small_run):
     changed = [k for k in start_params if not torch.equal(start_params[k], tuned_params[k])]
     assert changed, "fine-tuning left every weight as it was"
     assert summary["finetune"]["relative_weight_change"] > 0
-    assert 0.0 <= summary["finetune"]["val_dice_before"] <= 1.0
-    assert 0.0 <= summary["finetune"]["val_dice_after"] <= 1.0
+    tuning = summary["finetune"]
+    assert tuning["split"] == "test" and tuning["images"] == len(load_split(config.dataset, "test"))
+    assert 0.0 <= tuning["dice_before"] <= 1.0 and 0.0 <= tuning["dice_after"] <= 1.0
+    low, high = tuning["dice_gain_interval"]
+    assert low <= tuning["dice_gain"] <= high
+    assert tuning["dice_gain"] == pytest.approx(tuning["dice_after"] - tuning["dice_before"], abs=2e-4)
 
     # Its two rows of the evaluation table, on the table's own images.
     samples = load_split(config.dataset, "val")[:6]
-    rows, missing = evaluation_rows(config, tmp_path, samples, make_cached_segmenter(config))
+    rows, missing = evaluation_rows(config, exp_dir, samples, make_cached_segmenter(config))
     assert missing == {}
     assert [r.name for r in rows] == ["finetuned", "reward_rerank"]
     for row in rows:
         assert row.sample_ids == [s.id for s in samples]
         assert all(0.0 <= v <= 1.0 for v in row.values["dice"])
     assert rows[0].source == str(tuned)
+
+
+def test_each_image_has_one_job_and_no_image_has_two():
+    """The reward network's images, the ones that choose its epoch, the ones
+    fine-tuning draws from and the reported ones are disjoint, asserted by id."""
+    config = load_config(QUICK_CONFIG, ["reward_net.reward.samples=10", "reward_net.finetune.samples=8"])
+    sets = {job: [s.id for s in samples] for job, samples in image_sets(config, config.reward_net).items()}
+    assert [len(sets[job]) for job in ("reward", "choice", "finetune", "report")] == [10, 8, 8, 24]
+    for a, b in itertools.combinations(sets, 2):
+        assert not set(sets[a]) & set(sets[b]), f"{a} and {b} share images"
+    assert all(i.startswith("builtin-train-") for i in sets["reward"] + sets["finetune"])
+    assert all(i.startswith("builtin-val-") for i in sets["choice"])
+    assert all(i.startswith("builtin-test-") for i in sets["report"])
+
+
+def test_without_a_test_split_the_epoch_is_chosen_on_held_out_reward_images(tmp_path):
+    from test_folder_dataset import make_split
+
+    make_split(tmp_path, "train", [f"t{i}" for i in range(12)])
+    make_split(tmp_path, "val", [f"v{i}" for i in range(4)])
+    config = load_config(None, ["dataset.kind=folder", f"dataset.root={tmp_path}", "reward_net.reward.samples=8"])
+    sets = {job: [s.id for s in samples] for job, samples in image_sets(config, config.reward_net).items()}
+    assert [len(sets[job]) for job in ("reward", "choice", "finetune", "report")] == [6, 2, 4, 4]
+    for a, b in itertools.combinations(sets, 2):
+        assert not set(sets[a]) & set(sets[b]), f"{a} and {b} share images"
+    greedy = load_config(None, ["dataset.kind=folder", f"dataset.root={tmp_path}", "reward_net.reward.samples=12"])
+    with pytest.raises(ValueError, match="leaves no train image for fine-tuning"):
+        image_sets(greedy, greedy.reward_net)
 
 
 def test_injected_oom_is_a_real_torch_oom_and_the_checkpoint_survives(tmp_path, small_run):

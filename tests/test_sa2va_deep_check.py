@@ -17,7 +17,8 @@ def check(*args: str):
 
 
 def sa2va(checkpoint, *more):
-    return ["--set", "backend.kind=sa2va", "--set", f"backend.model_path={checkpoint}", "--set", "dataset.limit=5", *more]
+    return ["--set", "backend.kind=sa2va", "--set", f"backend.model_path={checkpoint}", "--set", "dataset.limit=5",
+            "--set", "reward_net.reward.samples=2", *more]
 
 
 @pytest.mark.parametrize("family", ["internvl2_5", "qwen3_vl"])

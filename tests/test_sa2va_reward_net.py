@@ -38,6 +38,6 @@ def test_one_loaded_sa2va_serves_masks_fine_tuning_and_evaluation(tmp_path, monk
     assert any(k.startswith("grounding_encoder.sam2_model.sam_mask_decoder.") for k in tuned["state"])
 
     segmenter = make_cached_segmenter(config)
-    rows, missing = evaluation_rows(config, tmp_path / "run", load_split(config.dataset, "val")[:3], segmenter)
+    rows, missing = evaluation_rows(config, ctx.exp_dir, load_split(config.dataset, "val")[:3], segmenter)
     assert [r.name for r in rows] == ["finetuned", "reward_rerank"] and missing == {}
     assert len(LOADS) - loads_before == 2  # evaluation: one more process's worth, again one model

@@ -67,7 +67,7 @@ def test_launch_runs_three_experiments_and_a_variant_to_the_end(real_run, tmp_pa
         summary = snapshot.experiments[name].summary
         assert summary["timesteps"] == snapshot.experiments[name].total == 256
         assert (run_dir / name / "final_model.zip").is_file()
-    assert "val_dice_after" in snapshot.experiments["reward_net"].summary["finetune"]
+    assert "dice_after" in snapshot.experiments["reward_net"].summary["finetune"]
     # Two seeds, two trainings: the variant's episodes are its own.
     rewards = {name: [row["rollout/ep_rew_mean"] for row in csv.DictReader((run_dir / name / "progress.csv").open())]
                for name in ("prompt_rl", "prompt_rl_seed1")}

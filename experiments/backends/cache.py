@@ -12,6 +12,7 @@ several worker processes can fill one cache at once and none ever reads a torn f
 from __future__ import annotations
 
 import hashlib
+import weakref
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -45,7 +46,8 @@ class CachedSegmenter:
         self.gives_probabilities = segmenter.gives_probabilities
         self.folder = None if cache_dir is None else Path(cache_dir) / _safe(segmenter.fingerprint)
         self._memory: dict[str, tuple[np.ndarray, np.ndarray | None, tuple[int, int]]] = {}
-        self._image_keys: dict[int, str] = {}
+        #: id(image) -> (a weak reference to that image, its key); see `_image_key`.
+        self._image_keys: dict[int, tuple[weakref.ref, str]] = {}
         #: (image, prompt) pairs the model was actually asked for.
         self.model_calls = 0
         self.disk_hits = 0
@@ -54,13 +56,31 @@ class CachedSegmenter:
 
     def _image_key(self, image: np.ndarray) -> str:
         # Hashing is cheap next to a model call, but RL steps look the same image up
-        # thousands of times; the id() memo is safe because callers keep their images alive.
+        # thousands of times, so the key is memoised by id(). An id is reused once its
+        # image is freed: the memo holds a weak reference and trusts an entry only
+        # while it still points at this very image, and the entry goes with the image.
         memo = self._image_keys.get(id(image))
-        if memo is None:
-            digest = hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=12)
-            digest.update(repr(image.shape).encode())
-            memo = self._image_keys[id(image)] = digest.hexdigest()
-        return memo
+        if memo is not None and memo[0]() is image:
+            return memo[1]
+        digest = hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=12)
+        digest.update(repr(image.shape).encode())
+        key = digest.hexdigest()
+        try:
+            ref = weakref.ref(image, self._forget(id(image)))
+        except TypeError:  # an object without weak references (not an ndarray): no memo
+            return key
+        self._image_keys[id(image)] = (ref, key)
+        return key
+
+    def _forget(self, address: int):
+        owner = weakref.ref(self)  # the callback must not keep the cache alive
+
+        def forget(dead: weakref.ref) -> None:
+            cache = owner()
+            if cache is not None and cache._image_keys.get(address, (None,))[0] is dead:
+                del cache._image_keys[address]
+
+        return forget
 
     def _key(self, image: np.ndarray, prompt: str) -> str:
         prompt_digest = hashlib.blake2b(prompt.encode(), digest_size=8).hexdigest()

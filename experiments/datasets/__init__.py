@@ -6,7 +6,7 @@ from sa2va_contract.config import DatasetConfig
 
 from experiments.datasets.base import SPLITS, Sample, render_prompt
 
-__all__ = ["SPLITS", "Sample", "load_split", "render_prompt"]
+__all__ = ["SPLITS", "Sample", "has_split", "load_split", "render_prompt", "reported_split"]
 
 
 def load_split(config: DatasetConfig, split: str) -> list[Sample]:
@@ -20,3 +20,22 @@ def load_split(config: DatasetConfig, split: str) -> list[Sample]:
 
     assert config.root is not None  # the config validator guarantees it
     return folder_split(config.root, split, config.expression, config.target, config.manifest, config.limit)
+
+
+def has_split(config: DatasetConfig, split: str) -> bool:
+    """Whether the dataset holds this split (the built-in one holds all three; a folder
+    dataset a split it has a folder for)."""
+    if config.kind == "builtin":
+        return split in SPLITS
+    assert config.root is not None
+    return (config.root / split / "images").is_dir()
+
+
+def reported_split(config: DatasetConfig, requested: str | None = None) -> tuple[str, str]:
+    """The split that reports, and the key of a warning (`evaluation.WARNINGS`) when
+    its figures flatter the methods, else "". Test reports; a dataset without one
+    reports on val, with the warning."""
+    split = requested or ("test" if has_split(config, "test") else "val")
+    if split == "val":
+        return split, "no_test_split" if requested is None else "val_reports"
+    return split, "train_reports" if split == "train" else ""

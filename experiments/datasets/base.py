@@ -18,7 +18,9 @@ class Sample:
     `id` is stable across runs and unique within its dataset; the mask cache and the
     evaluation tables key on it. `target` is the noun phrase that candidate prompt
     templates put in place of `{target}`; `expression` is the dataset's own referring
-    expression for the sample.
+    expression for the sample. `condition` is what the built-in dataset drew the image
+    under ("faint", "crowded", ...), None for other datasets: it is there for the
+    per-condition breakdown of an evaluation, and no policy or chooser ever reads it.
     """
 
     id: str
@@ -26,13 +28,14 @@ class Sample:
     mask: np.ndarray  # (H, W) bool
     expression: str
     target: str
+    condition: str | None = None
 
     @property
     def size(self) -> tuple[int, int]:
         return self.image.shape[0], self.image.shape[1]
 
     def with_mask(self, mask: np.ndarray) -> "Sample":
-        return Sample(self.id, self.image, mask, self.expression, self.target)
+        return Sample(self.id, self.image, mask, self.expression, self.target, self.condition)
 
 
 def render_prompt(template: str, sample: Sample) -> str:

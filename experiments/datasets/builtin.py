@@ -7,16 +7,22 @@ speckle, blur, noise and uneven illumination. One kind is the target; its mask i
 the ground truth (the visible pixels of every in-focus instance of that kind).
 
 Each image is also drawn under one *condition* (faint, thin, crowded, in a dark
-part, ...), and the sample's referring expression names it, as an annotator says
-what makes an image hard ("the faint vessels"). The conditions are made so that the
-same local evidence means different things under different conditions: a faint
-target looks like the out-of-focus copies of a plain image, and so do the weak
-members of a crowd, a thin vessel after blur, a target in a dark or glaring part;
-small objects look like speckle; a thick vessel's central reflex splits it in two.
-A model that sees locally, as the embedded one does, segments such an image better
-when its prompt names the condition, and the condition shows in global image
-statistics (contrast, brightness, noise, scale): that gives a prompt-choosing agent
-something real to learn.
+part, ...), made so that the same local evidence means different things under
+different conditions: a faint target is paler than in a plain image, close to its
+out-of-focus copies, and so are the weak members of a crowd, a thin vessel after
+blur, a target in a dark or glaring part; small objects look like speckle; a thick
+vessel's central reflex splits it in two. A model that sees locally, as the embedded
+one does, segments such an image better when its prompt names the condition, and
+the condition shows in the image itself, in global statistics (contrast,
+brightness, noise, scale): that gives a prompt-choosing agent something real to
+learn, spread over several conditions rather than one.
+
+By default every image of a kind has the same referring expression ("the vessels"),
+as a researcher's own data has ("the blood vessels" for every image): nothing in
+the query gives the condition away. `dataset.expressions: per_image` gives each
+image an expression that names its condition ("the faint vessels"), as an annotator
+who says what makes an image hard would; that expression is one of the candidate
+prompts, so there the image's own expression is the baseline to beat.
 
 Every sample is generated from its own random stream, seeded by (seed, split,
 index), so a sample is the same whatever the split size or sample limit.
@@ -91,12 +97,13 @@ def builtin_split(config: DatasetConfig, split: str) -> list[Sample]:
 def builtin_sample(config: DatasetConfig, split: str, index: int) -> Sample:
     """Sample `index` of a split; indices past the split size continue the same
     stream (the embedded model trains on more images than the split holds)."""
-    sample, _ = generate(config.seed, split, index, config.image_size)
+    sample, _ = generate(config.seed, split, index, config.image_size, config.expressions)
     return sample
 
 
-def generate(seed: int, split: str, index: int, size: int) -> tuple[Sample, Condition]:
-    """One sample and the condition it was drawn under."""
+def generate(seed: int, split: str, index: int, size: int, expressions: str = "fixed") -> tuple[Sample, Condition]:
+    """One sample and the condition it was drawn under; `expressions` "fixed" gives
+    the sample its kind's one expression, "per_image" the one naming its condition."""
     entropy = [seed % 2**32, _SPLIT_CODE[split], index]
     rng = np.random.default_rng(np.random.SeedSequence(entropy))
     kind = KINDS[rng.choice(len(KINDS), p=_TARGET_WEIGHTS)]
@@ -109,12 +116,14 @@ def generate(seed: int, split: str, index: int, size: int) -> tuple[Sample, Cond
         image, mask = _Scene(rng, size, kind, condition.name).render()
         if np.count_nonzero(mask) >= 8:
             break
+    template = condition.template if expressions == "per_image" else PLAIN_TEMPLATE
     sample = Sample(
         id=f"builtin-{split}-{index:05d}",
         image=image,
         mask=mask,
-        expression=condition.template.replace("{target}", kind),
+        expression=template.replace("{target}", kind),
         target=kind,
+        condition=condition.name,
     )
     return sample, condition
 
@@ -132,8 +141,10 @@ class _Scene:
         self.signal = np.zeros((size, size, 3), np.float32)
         self.label = np.zeros((size, size), np.int8)
         # Faint images lower every structure's contrast, out-of-focus copies included,
-        # so that a faint target looks like the out-of-focus copies of a plain image.
-        self.contrast = rng.uniform(0.22, 0.32) if condition == "faint" else 1.0
+        # to between that of a plain image's targets and its out-of-focus copies: a
+        # model asked plainly loses part of a faint target, not all of it (at 0.22 to
+        # 0.32 it lost nearly all, and faint images held two thirds of the headroom).
+        self.contrast = rng.uniform(0.42, 0.55) if condition == "faint" else 1.0
 
     # --- drawing ------------------------------------------------------------------
 
@@ -322,7 +333,7 @@ class _Scene:
         # Uneven illumination: a gentle gradient, or a dark part where contrast fades.
         angle = rng.uniform(0, 2 * math.pi)
         along = (xx - 0.5) * math.cos(angle) + (yy - 0.5) * math.sin(angle)
-        low = rng.uniform(0.14, 0.28) if cond == "dark_part" else rng.uniform(0.8, 0.95)
+        low = rng.uniform(0.08, 0.18) if cond == "dark_part" else rng.uniform(0.8, 0.95)
         ramp = np.clip((along - rng.uniform(-0.15, 0.15)) / 0.3 + 0.5, 0, 1)
         image = scene * (1.0 - (1.0 - low) * ramp)[..., None]
         # Glare: a bright part that washes structure out towards white.

@@ -12,7 +12,7 @@ import torch
 from experiments.datasets import Sample, render_prompt
 from experiments.metrics import row_from_masks
 from experiments.reward.network import RewardNet, consensus_map, images_to_tensor, load_reward_net, resize_maps
-from sa2va_contract.evaluation import ROW_LABELS
+from sa2va_contract.evaluation import row_label
 from sa2va_contract.layout import BEST_REWARD_NET, FINETUNED_SEGMENTER
 
 
@@ -40,14 +40,17 @@ def rerank(reward_net: RewardNet, samples: Sequence[Sample], segmenter, template
     return chosen
 
 
-def evaluation_rows(config, run_dir: Path, samples: Sequence[Sample], segmenter) -> tuple[list, dict[str, str]]:
-    """The reward-network experiment's two rows of the evaluation table: the fine-tuned
+def evaluation_rows(config, exp_dir: Path, samples: Sequence[Sample], segmenter,
+                    experiment=None) -> tuple[list, dict[str, str]]:
+    """The two rows one reward-network experiment (its folder `exp_dir`, its config
+    `experiment`, by default the config's `reward_net`) gives: the fine-tuned
     segmenter with the default prompt, and reward-network reranking."""
     from experiments.backends import cache_dir_for, make_trainable
     from experiments.backends.cache import CachedSegmenter
     from experiments.postprocess import OpSettings
 
-    exp_dir = Path(run_dir) / "reward_net"
+    exp_dir = Path(exp_dir)
+    experiment = experiment or config.reward_net
     ids, truths = [s.id for s in samples], [s.mask for s in samples]
     template = config.backend.prompts[config.backend.default_prompt]
     rows, missing = [], {}
@@ -55,7 +58,7 @@ def evaluation_rows(config, run_dir: Path, samples: Sequence[Sample], segmenter)
     if tuned_path.is_file():
         tuned = CachedSegmenter(make_trainable(config, finetuned=tuned_path, base=segmenter), cache_dir_for(config))
         masks = [tuned.predict(s, template).mask for s in samples]
-        rows.append(row_from_masks("finetuned", ROW_LABELS["finetuned"], "model", ids, masks, truths,
+        rows.append(row_from_masks("finetuned", row_label("finetuned"), "model", ids, masks, truths,
                                    source=str(tuned_path)))
     else:
         missing["finetuned"] = f"no {FINETUNED_SEGMENTER} in {exp_dir}"
@@ -63,8 +66,8 @@ def evaluation_rows(config, run_dir: Path, samples: Sequence[Sample], segmenter)
     if net_path.is_file():
         settings = OpSettings.of(config.postprocess_rl)
         masks = rerank(load_reward_net(net_path), samples, segmenter, config.backend.prompts, template, settings,
-                       config.reward_net.reward.input_size)
-        rows.append(row_from_masks("reward_rerank", ROW_LABELS["reward_rerank"], "policy", ids, masks, truths,
+                       experiment.reward.input_size)
+        rows.append(row_from_masks("reward_rerank", row_label("reward_rerank"), "policy", ids, masks, truths,
                                    source=str(net_path)))
     else:
         missing["reward_rerank"] = f"no {BEST_REWARD_NET} in {exp_dir}"

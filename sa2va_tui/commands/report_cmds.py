@@ -76,23 +76,33 @@ def report(
 @app.command()
 def evaluate(
     run: str = typer.Argument(..., help="A run folder, a run id under --logs-dir, or 'latest'."),
-    split: str = typer.Option("val", "--split", help="The dataset split to score on: train, val or test."),
+    split: Optional[str] = typer.Option(
+        None, "--split", help="The split that reports: train, val or test (default: test; val, with a warning, "
+                              "for a dataset without a test split)."),
+    by: Optional[str] = typer.Option(
+        None, "--by", metavar="condition|difficulty",
+        help="Also show where each row's gain comes from: by the dataset's condition, or by quarter of the "
+             "baseline's Dice."),
     logs_dir: Path = LogsDirOption,
 ) -> None:
-    """Score every finished experiment of a run, all rows on the same images.
+    """Score the baselines and every experiment of a run (every seed), all rows on the same images.
 
-    Prints the table and keeps it in the run folder (evaluation.json) for the report."""
+    Train learns, val chooses, test reports. Prints the table and keeps it in the run
+    folder (evaluation.json) for the report and `runs`."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from sa2va_contract.config import SPLITS
+    from sa2va_contract.evaluation import BREAKDOWNS
     from sa2va_contract.layout import EVALUATION_FILE
     from sa2va_tui import engine
     from sa2va_tui.runstore import RunStoreError, load_run, load_run_config
-    from sa2va_tui.text import evaluation_table
+    from sa2va_tui.text import breakdown_table, evaluation_table, seeds_table, warning_text
 
-    if split not in SPLITS:
+    if split is not None and split not in SPLITS:
         fail(f"--split {split}: one of {', '.join(SPLITS)}")
+    if by is not None and by not in BREAKDOWNS:
+        fail(f"--by {by}: one of {', '.join(BREAKDOWNS)}")
     run_dir = find_run_or_exit(run, logs_dir)
     try:
         snapshot, config = load_run(run_dir), load_run_config(run_dir)
@@ -108,12 +118,22 @@ def evaluate(
             console.print(f"note: {name} has not finished ({s.state}); a model it saved so far is evaluated if any",
                           highlight=False, soft_wrap=True)
 
-    columns = (TextColumn(f"evaluating on {split}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    columns = (TextColumn(f"evaluating on {split or 'the reported split'}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())
     with Progress(*columns, console=console) as bar:
         task = bar.add_task("evaluate", total=None)
         table = engine.evaluate_run(config, run_dir, split,
                                     on_progress=lambda done, total: bar.update(task, completed=done, total=total))
     console.print(evaluation_table(table))
+    per_seed = seeds_table(table)
+    if per_seed is not None:
+        console.print(per_seed)
+    if by is not None:
+        groups = breakdown_table(table, by)
+        console.print(groups if groups is not None else
+                      f"--by {by}: the dataset names no condition per image; --by difficulty works on any dataset")
+    if table.warning:
+        console.print(f"warning: {warning_text(table)}", highlight=False, soft_wrap=True)
     console.print(f"saved: {run_dir / EVALUATION_FILE}", highlight=False, soft_wrap=True)
 
 
@@ -201,7 +221,7 @@ def _last_line(log: Path) -> str:
 
 @app.command()
 def runs(logs_dir: Path = LogsDirOption) -> None:
-    """The runs under --logs-dir: id, start, each experiment's state, best val Dice.
+    """The runs under --logs-dir: id, start, each experiment's state, the best evaluated Dice.
 
     An experiment shows as interrupted when its supervisor went away before it ended."""
     from rich.table import Table
@@ -215,7 +235,7 @@ def runs(logs_dir: Path = LogsDirOption) -> None:
         typer.echo(f"{logs_dir}: no runs yet")
         return
     table = Table(box=None, pad_edge=False)
-    for column in ("run", "started", "experiments", "val Dice"):
+    for column in ("run", "started", "experiments", "best Dice, Δ [95 % interval]"):
         table.add_column(column, no_wrap=True)
     for run_dir in found:
         try:
@@ -230,14 +250,24 @@ def runs(logs_dir: Path = LogsDirOption) -> None:
 
 
 def _headline_dice(run_dir: Path) -> str:
-    """`0.7312 combined (+0.0210)`: the best method on val and its gain over the baseline."""
+    """`0.7312 combined +0.0210 [+0.0150, +0.0270] (val chose, test reports)`: the best
+    row on the reported split, its gain over the baseline with its interval ("within
+    noise" where that covers 0), and the splits; where that row is a baseline, the best
+    method's figure too."""
     from sa2va_contract.evaluation import load_evaluation
+    from sa2va_tui.text import interval_text, splits_text
 
     table = load_evaluation(run_dir)
-    if table is None or table.split != "val":
-        return "-"
-    best = table.headline()
+    best = table.best() if table is not None else None
     if best is None:
         return "-"
-    name, dice, delta = best
-    return f"{dice:.4f} {name} ({delta:+.4f})"
+    def figure(row) -> str:
+        gain = interval_text(row.interval) if row.interval is not None else f"{table.delta(row, 'dice'):+.4f}"
+        return f"{row.mean('dice'):.4f} {row.name} {gain}"
+
+    line = f"{figure(best)} ({splits_text(table)})"
+    methods = [row for row in table.rows if row.is_method]
+    if not best.is_method and methods:
+        # The best row is a baseline: say how the best method of the run did.
+        line += f"; best method: {figure(max(methods, key=lambda row: row.mean('dice')))}"
+    return line

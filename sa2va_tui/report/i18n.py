@@ -170,8 +170,8 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "change.batch_size": ("batch size", "批大小"),
     "change.gpu": ("device", "设备"),
     # next steps
-    "next.evaluate": ("Evaluate the finished experiments ({names}) on the {split} split",
-                      "在 {split} 划分上评估已完成的实验（{names}）"),
+    "next.evaluate": ("Evaluate the finished experiments ({names}) on the held-out split (val chose, test reports)",
+                      "在留出的划分上评估已完成的实验（{names}）（由验证划分选择，在测试划分上报告）"),
     "next.resume": ("Continue the unfinished experiments ({names}) from their last checkpoints",
                     "从最近的检查点继续未完成的实验（{names}）"),
     "next.status": ("Follow the run", "查看运行状态"),
@@ -203,10 +203,39 @@ MESSAGES: dict[str, tuple[str, str]] = {
     # evaluation
     "eval.none": ("Not evaluated yet: {command} evaluates every finished experiment.",
                   "尚未评估：{command} 会评估所有已完成的实验。"),
-    "eval.intro": ("On the {split} split, {n} images, every row on the same images (evaluated {time}).",
-                   "在 {split} 划分上，共 {n} 张图像，每一行使用相同的图像（评估于 {time}）。"),
+    "eval.intro": ("Reported on the {split} split, {n} images, every row on the same images; the {chosen} split chose "
+                   "the checkpoints, hyperparameters and the reward network's epoch (evaluated {time}).",
+                   "在 {split} 划分上报告，共 {n} 张图像，每一行使用相同的图像；检查点、超参数和奖励网络的轮次由 {chosen} "
+                   "划分选择（评估于 {time}）。"),
+    "eval.warning.no_test_split": (
+        "Warning: the dataset has no test split, so these figures are on val, the split that chose: they are "
+        "optimistic.",
+        "警告：数据集没有测试划分，这些数值来自负责选择的验证划分，因此偏乐观。"),
+    "eval.warning.val_reports": ("Warning: reported on val, the split that chose: the figures are optimistic.",
+                                 "警告：在负责选择的验证划分上报告，数值偏乐观。"),
+    "eval.warning.train_reports": (
+        "Warning: reported on train, the split the methods learned on: the figures say nothing of new images.",
+        "警告：在方法学习所用的训练划分上报告，这些数值不能说明在新图像上的表现。"),
+    "eval.interval_note": (
+        "Δ Dice is against the default prompt, with its 95 % interval (a paired bootstrap over images combined with "
+        "the spread over seeds); an interval that covers 0 is marked within noise.",
+        "Δ Dice 相对默认提示计算，并给出 95% 区间（对图像的配对自助法与种子间波动合并）；包含 0 的区间标记为“在噪声范围内”。"),
+    "eval.within_noise": ("within noise", "在噪声范围内"),
+    "eval.per_seed": ("Each seed of the rows that fold several:", "包含多个种子的行中每个种子的结果："),
     "eval.missing": ("Not evaluated: {names}.", "未评估：{names}。"),
-    "row.baseline": ("baseline: default prompt", "基线：默认提示"),
+    "col.delta_interval": ("Δ Dice [95 % interval]", "Δ Dice［95% 区间］"),
+    "col.seeds": ("seeds", "种子数"),
+    "col.seed": ("seed", "种子"),
+    "col.images": ("images", "图像数"),
+    "col.baseline_dice": ("baseline Dice", "基线 Dice"),
+    "col.condition": ("condition", "条件"),
+    "col.difficulty": ("baseline Dice quarter", "基线 Dice 四分位"),
+    "row.baseline": ("baseline: default prompt {prompt}", "基线：默认提示 {prompt}"),
+    "row.own_expression": ("the image's own expression (from the dataset)", "图像自带的指代表达（来自数据集）"),
+    "row.best_fixed_prompt": ("best fixed prompt, chosen on train: {prompt}", "在训练集上选出的最佳固定提示：{prompt}"),
+    "row.supervised_chooser": (
+        "supervised chooser: a regression per prompt on the policy's first observation, fitted to train labels",
+        "监督选择器：基于策略的首个观测、按提示分别拟合训练标注的回归"),
     "row.prompt_policy": ("prompt policy", "提示选择策略"),
     "row.postprocess_policy": ("post-processing policy on the default prompt's mask", "默认提示掩码上的后处理策略"),
     "row.combined": ("prompt policy, then post-processing policy", "提示选择策略加后处理策略"),
@@ -214,6 +243,72 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "row.finetuned": ("reward-guided fine-tuned model, default prompt", "奖励网络引导微调后的模型（默认提示）"),
     "row.reward_rerank": ("reward-network reranking (prompts x post-processing, no labels)",
                           "奖励网络重排序（提示 × 后处理，不使用标注）"),
+    "row.group": ("{label} ({group})", "{label}（{group}）"),
+    # where the gain comes from
+    "section.breakdown": ("Where the gain comes from", "增益来自哪里"),
+    "breakdown.condition": (
+        "Δ Dice of each row by the condition the dataset drew the image under, the condition's share of the row's "
+        "whole gain in brackets.",
+        "按数据集生成图像时的条件列出各行的 Δ Dice，括号内为该条件占该行总增益的比例。"),
+    "breakdown.difficulty": (
+        "Δ Dice of each row by quarter of the baseline's Dice (Q1: the images it does worst on), the quarter's share "
+        "of the row's whole gain in brackets.",
+        "按基线 Dice 的四分位列出各行的 Δ Dice（Q1：基线表现最差的图像），括号内为该组占该行总增益的比例。"),
+    "breakdown.quarter": ("{name}: {low:.2f} to {high:.2f}", "{name}：{low:.2f} 至 {high:.2f}"),
+    # conclusions
+    "section.conclusions": ("Preliminary conclusions", "初步结论"),
+    "concl.not_evaluated": ("Not evaluated yet: {command} makes the figures these conclusions come from.",
+                            "尚未评估：{command} 会生成这些结论所依据的数值。"),
+    "concl.best": ("On {split}, the best row is {row}: Dice {dice:.4f}, {delta} against the default prompt.",
+                   "在 {split} 上，最好的一行是{row}：Dice {dice:.4f}，相对默认提示 {delta}。"),
+    "concl.best_is_baseline": ("It is a baseline (it reads no label at inference), not a method: no experiment of "
+                               "this run beats it.",
+                               "它是基线（推理时不读取标注）而不是方法：本次运行中没有实验超过它。"),
+    "concl.best_is_default": ("No row beats the default prompt.", "没有任何一行超过默认提示。"),
+    "concl.method": ("{row}: {against_default} against the default prompt ({verdict_default}); {against_bar} against "
+                     "the supervised chooser ({verdict_bar}).",
+                     "{row}：相对默认提示 {against_default}（{verdict_default}）；相对监督选择器 {against_bar}"
+                     "（{verdict_bar}）。"),
+    "concl.method_alone": ("{row}: {against_default} against the default prompt ({verdict_default}).",
+                           "{row}：相对默认提示 {against_default}（{verdict_default}）。"),
+    "concl.own_expression": ("{row}: {delta} against the image's own expression, the baseline to beat on this "
+                             "dataset ({verdict}).",
+                             "{row}：相对图像自带的指代表达（此数据集上需要超越的基线）{delta}（{verdict}）。"),
+    "concl.rl_none": ("No RL method beats the supervised chooser beyond noise on {split}: a supervised choice over "
+                      "the policy's own features, fitted to train labels, does at least as well.",
+                      "在 {split} 上，没有任何强化学习方法在噪声之外优于监督选择器：在策略自身特征上拟合训练标注的监督选择至少同样好。"),
+    "concl.rl_some": ("Beyond noise, {names} beat the supervised chooser on {split}.",
+                      "在 {split} 上，{names} 在噪声之外优于监督选择器。"),
+    "concl.oracle": ("The oracle prompt, an upper bound that reads the labels, reaches Dice {dice:.4f}; the best row "
+                     "takes {share:.0%} of its gain.",
+                     "最优提示（读取标注的上界）达到 Dice {dice:.4f}；最好的一行获得了其增益的 {share:.0%}。"),
+    "concl.seeds": ("Rows of methods fold {seeds} seeds each; their intervals include the spread over seeds.",
+                    "方法所在的行各合并了 {seeds} 个种子；其区间包含种子间的波动。"),
+    "concl.one_seed": ("Each method was trained with one seed: its interval covers the choice of images, not the luck "
+                       "of training (`sa2va-tui launch --seeds 3` measures that too).",
+                       "每个方法只用一个种子训练：其区间只反映图像的抽样，不反映训练的偶然性（`sa2va-tui launch --seeds 3` "
+                       "可同时衡量后者）。"),
+    "concl.optimistic": ("These conclusions rest on the split that chose: take them as optimistic.",
+                         "这些结论基于负责选择的划分：应视为偏乐观。"),
+    "verdict.above": ("better beyond noise", "在噪声之外更好"),
+    "verdict.below": ("worse beyond noise", "在噪声之外更差"),
+    "verdict.noise": ("within noise", "在噪声范围内"),
+    # the combined strategy
+    "section.combined": ("Combined strategy", "组合策略"),
+    "comb.result": ("The prompt policy, then the post-processing policy on its mask: Dice {dice:.4f}, {delta} "
+                    "against the default prompt ({verdict}).",
+                    "先用提示选择策略，再在其掩码上用后处理策略：Dice {dice:.4f}，相对默认提示 {delta}（{verdict}）。"),
+    "comb.part": ("Against {part} alone: {delta} ({verdict}).", "相对单独使用{part}：{delta}（{verdict}）。"),
+    "comb.adds": ("The combination beats each of its parts beyond noise: the two policies are worth using together.",
+                  "组合在噪声之外优于其每个部分：两个策略值得一起使用。"),
+    "comb.no_gain": ("The combination does not beat {names} beyond noise: the simpler strategy does as well.",
+                     "组合没有在噪声之外优于{names}：更简单的策略同样有效。"),
+    "comb.missing": ("Not evaluated: the combination needs both a `prompt_rl` and a `postprocess_rl` model.",
+                     "未评估：组合需要 `prompt_rl` 和 `postprocess_rl` 的模型。"),
+    "comb.keep_default": ("Nothing beats the default prompt beyond noise on {split}: keep the default prompt.",
+                          "在 {split} 上，没有任何方法在噪声之外优于默认提示：保留默认提示。"),
+    "comb.best": ("The strategy to use on this evidence: {row} (Dice {dice:.4f} on {split}).",
+                  "根据现有证据应采用的策略：{row}（在 {split} 上 Dice {dice:.4f}）。"),
     # curves
     "curve.episode_reward": ("Episode reward over timesteps", "回合奖励随时间步变化"),
     "curve.ppo_metrics": ("PPO metrics over timesteps", "PPO 指标随时间步变化"),
@@ -268,11 +363,16 @@ class Translator:
         return self.optional(f"desc.{kind}") or self("desc.other", kind=f"`{kind}`")
 
     def row_label(self, row: Any) -> str:
-        """An evaluation row's label: the table's own in English (it names the default
-        prompt), a translation by row name otherwise, else the row's name."""
+        """An evaluation row's label: the table's own in English, a translation by the
+        row's name otherwise (what it names, a prompt, in code), else the name."""
         if self.lang == "en":
             return row.label
-        return self.optional(f"row.{row.name}") or f"`{row.name}`"
+        base, _, group = row.name.partition("@")
+        args = {key: "`" + str(value).replace("`", "'") + "`" for key, value in row.label_args.items()}
+        label = self.optional(f"row.{base}", **{"prompt": "", **args})
+        if label is None:
+            return f"`{row.name}`"
+        return self("row.group", label=label, group=f"`{group}`") if group else label
 
     def join(self, items: Iterable[str]) -> str:
         """Clauses of one sentence."""

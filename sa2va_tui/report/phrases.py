@@ -23,8 +23,8 @@ from sa2va_tui.runstate import EPISODE_REWARD, ExperimentState
 from sa2va_tui.text import device_name
 
 #: What the reward network reports on top of `analysis.REWARD_NET_METRICS`: the
-#: segmenter's val Dice before and after its fine-tuning.
-REWARD_NET_EXTRA = ("finetune/val_dice_before", "finetune/val_dice_after")
+#: segmenter's Dice before and after its fine-tuning, on the reported split.
+REWARD_NET_EXTRA = ("finetune/dice_before", "finetune/dice_after")
 
 
 def code(text: Any) -> str:

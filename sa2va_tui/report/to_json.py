@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sa2va_contract.evaluation import EvaluationTable
+from sa2va_contract.evaluation import EvaluationTable, breakdown
+from sa2va_tui.report.conclusions import combined_strategy, conclusions, warning_sentence
 from sa2va_tui.report.facts import ReportData
 from sa2va_tui.report.i18n import Translator
 from sa2va_tui.report.phrases import hint_text, indicator_text, problem_text
@@ -52,6 +53,8 @@ def render_json(data: ReportData, lang: str = "en", curves: dict[str, Path] | No
                      for p in data.problems],
         "indicators": [{**dataclasses.asdict(i), "text": indicator_text(i, tr)} for i in data.indicators],
         "evaluation": _evaluation_json(data.evaluation, tr),
+        "conclusions": conclusions(data.evaluation, tr, f"sa2va-tui evaluate {data.run_ref}"),
+        "combined_strategy": combined_strategy(data.evaluation, tr, f"sa2va-tui evaluate {data.run_ref}"),
         "files": data.files,
         "curves": curves or {},
     }
@@ -66,7 +69,12 @@ def _evaluation_json(table: EvaluationTable | None, tr: Translator) -> dict[str,
     for row, source in zip(summary["rows"], table.rows):
         row["label"] = tr.row_label(source)
         del row["values"], row["sample_ids"]
-    del summary["sample_ids"]
+        for seed in row["seeds"]:
+            del seed["values"]
+    del summary["sample_ids"], summary["conditions"]
+    summary["warning_text"] = warning_sentence(table, tr)
+    by = "condition" if table.conditions is not None else "difficulty"
+    summary["breakdown"] = {"by": by, "groups": [dataclasses.asdict(group) for group in breakdown(table, by)]}
     return summary
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from sa2va_contract.evaluation import METRIC_NAMES
+from sa2va_contract.evaluation import METRIC_NAMES, breakdown
+from sa2va_tui.report.conclusions import combined_strategy, conclusions, interval_words, warning_sentence
 from sa2va_tui.report.curves import curve_panels
 from sa2va_tui.report.facts import EPISODE_LENGTH, ExperimentReport, ReportData
 from sa2va_tui.report.i18n import Translator
@@ -36,6 +37,9 @@ def render_markdown(data: ReportData, lang: str = "en", curves: dict[str, Path] 
         _next_steps(data, tr),
         _indicators_section(data, tr),
         _evaluation_section(data, tr),
+        _breakdown_section(data, tr),
+        _conclusions_section(data, tr),
+        _combined_section(data, tr),
         _curves_section(data, tr, curves),
     ]
     return "\n\n".join("\n".join(part) for part in parts) + "\n"
@@ -188,8 +192,8 @@ def _next_steps(data: ReportData, tr: Translator) -> list[str]:
     lines = [f"## {tr('section.next')}", ""]
     finished = [e.name for e in data.experiments.values() if e.state.state == "finished"]
     if finished:
-        what = tr("next.evaluate", names=tr.names(code(n) for n in finished), split=code("val"))
-        lines.append("- " + tr.item(what, code(f"sa2va-tui evaluate {ref} --split val")))
+        what = tr("next.evaluate", names=tr.names(code(n) for n in finished))
+        lines.append("- " + tr.item(what, code(f"sa2va-tui evaluate {ref}")))
     unfinished = [e.name for e in data.experiments.values() if e.shown_state in ("interrupted", "failed", "stopped")]
     if unfinished and not data.live:
         what = tr("next.resume", names=tr.names(code(n) for n in unfinished))
@@ -217,17 +221,61 @@ def _evaluation_section(data: ReportData, tr: Translator) -> list[str]:
     table = data.evaluation
     if table is None:
         return lines + [tr("eval.none", command=code(f"sa2va-tui evaluate {data.run_ref}"))]
-    lines += [tr("eval.intro", split=code(table.split), n=len(table.sample_ids), time=format_time(table.created)), ""]
+    lines += [tr("eval.intro", split=code(table.split), chosen=code(table.chosen_on), n=len(table.sample_ids),
+                 time=format_time(table.created)), ""]
+    warning = warning_sentence(table, tr)
+    if warning:
+        lines += [f"**{warning}**", ""]
     rows = []
     for row in table.rows:
         cells = [f"{row.mean(m):.4f} ± {row.std(m):.3f}" for m in METRIC_NAMES]
-        deltas = ["", ""] if row.name == table.baseline else [f"{table.delta(row, m):+.4f}" for m in ("dice", "iou")]
-        rows.append((tr.row_label(row), *cells, *deltas))
-    headers = [tr("col.row"), "Dice", "IoU", "Recall", "Precision", "Δ Dice", "Δ IoU"]
-    lines += _table(headers, rows, "lrrrrrr")
+        deltas = ["", ""] if row.name == table.baseline else [interval_words(row.interval, tr),
+                                                               f"{table.delta(row, 'iou'):+.4f}"]
+        rows.append((tr.row_label(row), *cells, *deltas, len(row.seeds) or ""))
+    headers = [tr("col.row"), "Dice", "IoU", "Recall", "Precision", tr("col.delta_interval"), "Δ IoU", tr("col.seeds")]
+    lines += _table(headers, rows, "lrrrrrrr")
+    lines += ["", tr("eval.interval_note")]
+    seeded = [(row, run) for row in table.rows for run in row.seeds]
+    if seeded:
+        base = table.row(table.baseline).values["dice"]
+        seed_rows = [(tr.row_label(row), code(run.experiment), run.seed, f"{run.mean('dice'):.4f}",
+                      f"{sum(a - b for a, b in zip(run.values['dice'], base)) / len(base):+.4f}")
+                     for row, run in seeded]
+        lines += ["", tr("eval.per_seed"), "",
+                  *_table([tr("col.row"), tr("col.experiment"), tr("col.seed"), "Dice", "Δ Dice"], seed_rows, "llrrr")]
     if table.missing:
         lines += ["", tr("eval.missing", names=tr.names(code(n) for n in table.missing))]
     return lines
+
+
+def _breakdown_section(data: ReportData, tr: Translator) -> list[str]:
+    """Each row's gain by the dataset's condition, else by quarter of the baseline's Dice."""
+    table = data.evaluation
+    lines = [f"## {tr('section.breakdown')}", ""]
+    if table is None:
+        return lines + [tr("eval.none", command=code(f"sa2va-tui evaluate {data.run_ref}"))]
+    by = "condition" if table.conditions is not None else "difficulty"
+    groups = breakdown(table, by)
+    others = [row for row in table.rows if row.name != table.baseline]
+    rows = []
+    for group in groups:
+        name = code(group.name) if by == "condition" else tr(
+            "breakdown.quarter", name=group.name, low=group.bounds[0], high=group.bounds[1])
+        cells = [f"{group.deltas[row.name]:+.3f}" + (f" ({share:.0%})" if (share := group.shares[row.name]) is not None
+                                                      else "") for row in others]
+        rows.append((name, group.samples, f"{group.baseline_dice:.3f}", *cells))
+    headers = [tr(f"col.{by}"), tr("col.images"), tr("col.baseline_dice"), *(code(row.name) for row in others)]
+    return lines + [tr(f"breakdown.{by}"), "", *_table(headers, rows, "l" + "r" * (len(headers) - 1))]
+
+
+def _conclusions_section(data: ReportData, tr: Translator) -> list[str]:
+    command = f"sa2va-tui evaluate {data.run_ref}"
+    return [f"## {tr('section.conclusions')}", "", *(f"- {s}" for s in conclusions(data.evaluation, tr, command))]
+
+
+def _combined_section(data: ReportData, tr: Translator) -> list[str]:
+    command = f"sa2va-tui evaluate {data.run_ref}"
+    return [f"## {tr('section.combined')}", "", *(f"- {s}" for s in combined_strategy(data.evaluation, tr, command))]
 
 
 def _curves_section(data: ReportData, tr: Translator, curves: dict[str, Path] | None) -> list[str]:

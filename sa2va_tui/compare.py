@@ -12,18 +12,19 @@ from __future__ import annotations
 import csv
 import io
 import json
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 from sa2va_contract.config import EXPERIMENT_KINDS, Config
-from sa2va_contract.evaluation import EvaluationTable, load_evaluation
+from sa2va_contract.evaluation import EvaluationTable, Interval, load_evaluation, row_base
 from sa2va_contract.kinds import KINDS
 from sa2va_tui.report.facts import metric_series, shown_state
 from sa2va_tui.runstate import EPISODE_REWARD
 from sa2va_tui.runstore import load_run, load_run_config, read_events
-from sa2va_tui.text import format_duration
+from sa2va_tui.text import format_duration, interval_text
 
 #: The learning curve that tells how an experiment of each kind is doing.
 CURVES = {"prompt_rl": EPISODE_REWARD, "postprocess_rl": EPISODE_REWARD, "reward_net": "reward/spearman"}
@@ -91,7 +92,7 @@ def _rows_of(run_dir: Path, now: float) -> list[CompareRow]:
             final=points[-1][1] if points else None, series=points,
             wall_s=(end - state.started_at) if state.started_at and end else None,
             oom_restarts=state.oom_restarts, state=shown_state(state, snapshot.supervised),
-            dice=_reported_dice(evaluation, state.kind) if name == state.kind else None,
+            dice=_reported_dice(evaluation, state.kind, name),
         ))
     return rows
 
@@ -122,18 +123,26 @@ def differing_keys(settings: Sequence[dict[str, Any]]) -> list[str]:
     return [key for key in keys if len({json.dumps(s.get(key, missing), default=str) for s in settings}) > 1]
 
 
-def _reported_dice(table: EvaluationTable | None, kind: str) -> dict[str, Any] | None:
-    """The experiment's own row of the run's evaluation: its first row in the kinds
-    registry (the prompt policy, the post-processing policy, the fine-tuned model)."""
+def _reported_dice(table: EvaluationTable | None, kind: str, experiment: str) -> dict[str, Any] | None:
+    """The experiment's own figures in the run's evaluation: its row (the prompt policy,
+    the post-processing policy, the fine-tuned model: the kind's first in the registry),
+    the Dice of its own seed there, and the row's Δ Dice with its interval, which the
+    seeds folded into the row share."""
     if table is None:
         return None
-    name = KINDS[kind].evaluation_rows[0]
-    try:
-        row = table.row(name)
-    except KeyError:
-        return None
-    return {"split": table.split, "row": name, "mean": row.mean("dice"), "delta": table.delta(row, "dice"),
-            "std": row.std("dice"), "n": len(row.sample_ids)}
+    wanted = KINDS[kind].evaluation_rows[0]
+    for row in table.rows:
+        if row_base(row.name) != wanted:
+            continue
+        own = next((run for run in row.seeds if run.experiment == experiment), None)
+        if own is None and not (row.name == wanted and experiment == kind and not row.seeds):
+            continue
+        base = table.row(table.baseline).values["dice"]
+        values = own.values["dice"] if own is not None else row.values["dice"]
+        return {"split": table.split, "row": row.name, "mean": statistics.fmean(values),
+                "delta": statistics.fmean(a - b for a, b in zip(values, base)),
+                "interval": row.interval.to_dict() if row.interval is not None else None, "n": len(row.sample_ids)}
+    return None
 
 
 # --- rendering ----------------------------------------------------------------------
@@ -150,9 +159,13 @@ def _value(value: Any) -> str:
 
 
 def _dice_text(dice: dict[str, Any] | None) -> str:
+    """`0.8289 (+0.0090) on test; row +0.0090 [+0.0002, +0.0179]`."""
     if dice is None:
         return "-"
-    return f"{dice['mean']:.4f} ({dice['delta']:+.4f}) on {dice['split']}"
+    text = f"{dice['mean']:.4f} ({dice['delta']:+.4f}) on {dice['split']}"
+    if dice.get("interval"):
+        text += f"; row {interval_text(Interval.from_dict(dice['interval']))}"
+    return text
 
 
 def table_rows(comparison: Comparison, kind: str) -> tuple[list[str], list[list[str]]]:

@@ -260,3 +260,31 @@ def output_console() -> "Console":
 
     console = Console()
     return console if console.is_terminal else Console(width=240)
+
+
+def markdown_table(table: "Table") -> str:
+    """A rich Table as plain Markdown: its title, a pipe table of its cells (markup
+    taken out), its caption."""
+    from rich.text import Text
+
+    def plain(cell: object) -> str:
+        text = Text.from_markup(cell) if isinstance(cell, str) else cell
+        return str(text.plain if isinstance(text, Text) else text).replace("|", "\\|").replace("\n", " ")
+
+    headers = [plain(column.header) for column in table.columns]
+    columns = [[plain(cell) for cell in column.cells] for column in table.columns]
+    lines = [f"**{plain(table.title)}**", ""] if table.title else []
+    lines += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(row) + " |" for row in zip(*columns)]
+    if table.caption:
+        lines += ["", plain(table.caption)]
+    return "\n".join(lines) + "\n"
+
+
+def print_table(console: "Console", table: "Table") -> None:
+    """On a terminal, the table drawn; piped, plain Markdown at full width (a file or a
+    grep gets whole rows, not cells wrapped at 80 columns)."""
+    if console.is_terminal:
+        console.print(table)
+    else:
+        console.file.write(markdown_table(table) + "\n")

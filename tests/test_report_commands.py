@@ -33,9 +33,12 @@ def test_evaluate_prints_and_keeps_the_table_that_the_report_shows(run):
     from sa2va_tui.report.conclusions import interval_words
     from sa2va_tui.report.i18n import Translator
 
-    printed = " ".join(run["evaluated"].stdout.split())  # rich wraps the title at the pipe's 80 columns
+    printed = run["evaluated"].stdout
     assert "Evaluation on test" in printed and "val chose, test reports" in printed
     table = EvaluationTable.load(run["dir"] / "evaluation.json")
+    # Piped, the table is plain Markdown, each row whole on its line.
+    for row in table.rows:
+        assert f"| {row.label} | {row.mean('dice'):.4f} ± {row.std('dice'):.3f} |" in printed, printed
     assert {"baseline", "best_fixed_prompt", "supervised_chooser", "prompt_policy", "postprocess_policy", "combined",
             "finetuned", "reward_rerank", "oracle_prompt"} <= {r.name for r in table.rows}
     section = report_section(report_text(run, "en"), "Evaluation")

@@ -33,6 +33,13 @@ SetOption = typer.Option(
     [], "--set", "-s", metavar="KEY.PATH=VALUE", help="Override a config value, e.g. prompt_rl.total_timesteps=2000 (repeatable)."
 )
 LogsDirOption = typer.Option(Path("logs"), "--logs-dir", help="Where the run folders are.")
+SeedsOption = typer.Option(1, "--seeds", min=1, metavar="N",
+                           help="Run each experiment with N seeds (variants <experiment>-seed<N>); "
+                                "`evaluate` folds them into one row with an interval.")
+SweepOption = typer.Option(
+    [], "--sweep", metavar="KEY.PATH=V1,V2,...",
+    help="Run the experiment KEY names once per value, e.g. prompt_rl.ppo.learning_rate=3e-4,1e-3 "
+         "(repeatable: every combination; values read as YAML, like --set).")
 BACKENDS = ("local", "ray")
 BackendOption = typer.Option(None, "--backend", metavar="local|ray",
                              help="Where workers run (default: the config's run.backend).")
@@ -88,4 +95,18 @@ def load_run_or_exit(ref: Optional[str], logs_dir: Path) -> "RunSnapshot":
     try:
         return load_run(find_run_or_exit(ref, logs_dir))
     except RunStoreError as err:
+        fail(str(err))
+
+
+def with_command_variants(config: "Config", sweeps: list[str], seeds: int) -> tuple["Config", dict[str, dict]]:
+    """The config with the variants --sweep and --seeds ask for (checked by the schema
+    before anything starts), and those variants by name."""
+    from sa2va_contract.config import ConfigError
+    from sa2va_contract.variants import apply_sweeps, command_variants, with_variants
+
+    try:
+        config, swept = apply_sweeps(config, sweeps)
+        seeded = command_variants(config, seeds)
+        return with_variants(config, seeded, f"--seeds {seeds}"), {**swept, **seeded}
+    except ConfigError as err:
         fail(str(err))

@@ -7,7 +7,18 @@ from typing import Optional
 
 import typer
 
-from sa2va_tui.commands.common import BackendOption, ConfigOption, SetOption, app, backend_overrides, fail, load_config_or_exit
+from sa2va_tui.commands.common import (
+    BackendOption,
+    ConfigOption,
+    SeedsOption,
+    SetOption,
+    SweepOption,
+    app,
+    backend_overrides,
+    fail,
+    load_config_or_exit,
+    with_command_variants,
+)
 
 
 @app.command()
@@ -15,6 +26,8 @@ def check(
     config: Optional[Path] = ConfigOption,
     set_: list[str] = SetOption,
     backend: Optional[str] = BackendOption,
+    sweep: list[str] = SweepOption,
+    seeds: int = SeedsOption,
     deep: bool = typer.Option(False, "--deep", help="Sa2VA: also load the model, segment one image with every prompt "
                               "and take two fine-tuning steps, on the GPU, and estimate the mask cache's time."),
 ) -> None:
@@ -22,7 +35,7 @@ def check(
     the ray backend: the cluster's nodes, each experiment's request, the shared run folder)."""
     from sa2va_tui.preflight import preflight
 
-    cfg = load_config_or_exit(config, backend_overrides(backend, set_))
+    cfg, made = with_command_variants(load_config_or_exit(config, backend_overrides(backend, set_)), sweep, seeds)
     report = preflight(cfg)
     for line in report.found:
         typer.echo(f"ok    {line}")
@@ -32,6 +45,8 @@ def check(
         typer.echo(f"error {line}", err=True)
     if report.problems:
         fail(f"{len(report.problems)} problem(s) in {config or 'the config'}")
+    for name, changes in made.items():
+        typer.echo(f"ok    variant {name}: {variant_words(changes)}")
     if deep:
         _deep_check(cfg)
     typer.echo("config is ready")
@@ -44,3 +59,11 @@ def _deep_check(cfg) -> None:
     problem = engine.deep_check(cfg, typer.echo)
     if problem:
         fail(problem)
+
+
+def variant_words(changes: dict) -> str:
+    """`ppo.learning_rate=3e-4, seed=2`: what a made variant changes from its base."""
+    from sa2va_tui.compare import flatten
+
+    flat = flatten({k: v for k, v in changes.items() if k not in ("base", "enabled")})
+    return ", ".join(f"{key}={value}" for key, value in flat.items()) or "as its base"

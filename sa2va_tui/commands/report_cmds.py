@@ -97,7 +97,7 @@ def evaluate(
     from sa2va_contract.layout import EVALUATION_FILE
     from sa2va_tui import engine
     from sa2va_tui.runstore import RunStoreError, load_run, load_run_config
-    from sa2va_tui.text import breakdown_table, evaluation_table, seeds_table, warning_text
+    from sa2va_tui.text import breakdown_table, evaluation_table, print_table, seeds_table, warning_text
 
     if split is not None and split not in SPLITS:
         fail(f"--split {split}: one of {', '.join(SPLITS)}")
@@ -124,14 +124,16 @@ def evaluate(
         task = bar.add_task("evaluate", total=None)
         table = engine.evaluate_run(config, run_dir, split,
                                     on_progress=lambda done, total: bar.update(task, completed=done, total=total))
-    console.print(evaluation_table(table))
+    print_table(console, evaluation_table(table))
     per_seed = seeds_table(table)
     if per_seed is not None:
-        console.print(per_seed)
+        print_table(console, per_seed)
     if by is not None:
         groups = breakdown_table(table, by)
-        console.print(groups if groups is not None else
-                      f"--by {by}: the dataset names no condition per image; --by difficulty works on any dataset")
+        if groups is not None:
+            print_table(console, groups)
+        else:
+            console.print(f"--by {by}: the dataset names no condition per image; --by difficulty works on any dataset")
     if table.warning:
         console.print(f"warning: {warning_text(table)}", highlight=False, soft_wrap=True)
     console.print(f"saved: {run_dir / EVALUATION_FILE}", highlight=False, soft_wrap=True)

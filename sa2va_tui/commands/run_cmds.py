@@ -12,13 +12,16 @@ from sa2va_tui.commands.common import (
     BackendOption,
     ConfigOption,
     LogsDirOption,
+    SeedsOption,
     SetOption,
+    SweepOption,
     app,
     backend_overrides,
     fail,
     find_run_or_exit,
     load_config_or_exit,
     load_run_or_exit,
+    with_command_variants,
 )
 
 if TYPE_CHECKING:
@@ -85,9 +88,8 @@ def launch(
     all_: bool = typer.Option(False, "--all", help="Every enabled experiment of the config (the default)."),
     only: list[str] = typer.Option([], "--only", metavar="NAME", help="Only this experiment (repeatable)."),
     headless: bool = HeadlessOption,
-    seeds: int = typer.Option(1, "--seeds", min=1, metavar="N",
-                              help="Run each experiment with N seeds (variants <experiment>-seed<N>); "
-                                   "`evaluate` folds them into one row with an interval."),
+    seeds: int = SeedsOption,
+    sweep: list[str] = SweepOption,
     max_parallel: Optional[int] = typer.Option(
         None, "--max-parallel", min=1, help="At most N experiments at once; the others wait in line (run.max_parallel)."),
     backend: Optional[str] = BackendOption,
@@ -97,24 +99,16 @@ def launch(
     """Start experiments, each in its own worker process (or Ray actor), in a new run folder logs/<run-id>/.
 
     Each waits in line until a device has room (the CPU's cores, a GPU's free memory)."""
-    from sa2va_contract.config import ConfigError
-    from sa2va_contract.variants import command_variants, with_variants
-
     if all_ and only:
         fail("use --all or --only, not both")
     overrides = [*backend_overrides(backend, set_), *([f"run.max_parallel={max_parallel}"] if max_parallel else [])]
-    cfg = load_config_or_exit(config, overrides)
-    made = command_variants(cfg, seeds)
-    try:
-        cfg = with_variants(cfg, made, f"--seeds {seeds}")
-    except ConfigError as err:
-        fail(str(err))
+    cfg, made = with_command_variants(load_config_or_exit(config, overrides), sweep, seeds)
     enabled = cfg.experiments()
     for name in only:
         if name not in enabled:
             fail(f"--only {name}: not an enabled experiment (enabled: {', '.join(enabled) or 'none'})")
-    # --only NAME runs NAME's seeds too.
-    only = [*only, *(variant for name in only for variant in made if variant.rsplit("-seed", 1)[0] == name)]
+    # --only NAME runs the variants made of NAME too (its seeds, its sweep's points).
+    only = [*only, *(variant for name in only for variant in made if variant.startswith(f"{name}-"))]
     if not enabled:
         fail("no experiment is enabled in the config")
     from sa2va_tui.runstore import RunStore

@@ -37,6 +37,7 @@ from typing import Any, Callable
 
 from sa2va_contract.config import RayConfig
 from sa2va_tui.placement.base import LaunchError
+from sa2va_tui.runstore import pid_alive
 
 #: The Ray release this backend was written against (the `ray` extra pins it).
 RAY_VERSION = "2.60.0"
@@ -65,23 +66,13 @@ def _short_tmp() -> Path:
     return Path("/tmp") if Path("/tmp").is_dir() else Path(tempfile.gettempdir())
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def end_leftovers(tmp_root: Path | None = None) -> list[int]:
     """End the processes of private instances whose driver is gone (killed before it could
     stop them), and remove their folders. Returns the pids it ended."""
     ended: list[int] = []
     for folder in (tmp_root or _short_tmp()).glob(f"{TEMP_PREFIX}*"):
         found = re.match(rf"{TEMP_PREFIX}(\d+)-", folder.name)
-        if not found or _pid_alive(int(found.group(1))):
+        if not found or pid_alive(int(found.group(1))):
             continue
         for proc in Path("/proc").glob("[0-9]*"):
             try:

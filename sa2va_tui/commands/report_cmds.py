@@ -225,28 +225,30 @@ def _last_line(log: Path) -> str:
 def runs(logs_dir: Path = LogsDirOption) -> None:
     """The runs under --logs-dir: id, start, each experiment's state, the best evaluated Dice.
 
-    An experiment shows as interrupted when its supervisor went away before it ended."""
+    An experiment shows as interrupted when its supervisor went away before it ended; a
+    run whose run.json cannot be read shows as unreadable, with the reason."""
     from rich.table import Table
 
     from sa2va_tui.report.facts import shown_state
-    from sa2va_tui.runstore import RunStoreError, list_runs, load_run
+    from sa2va_tui.runstore import scan_runs
     from sa2va_tui.text import format_time, output_console
 
-    found = list_runs(logs_dir)
+    found = scan_runs(logs_dir)
     if not found:
         typer.echo(f"{logs_dir}: no runs yet")
         return
     table = Table(box=None, pad_edge=False)
     for column in ("run", "started", "experiments", "best Dice, Δ [95 % interval]"):
         table.add_column(column, no_wrap=True)
-    for run_dir in found:
-        try:
-            snapshot = load_run(run_dir)
-        except RunStoreError:
-            continue  # removed or rewritten since it was listed
+    for entry in found:
+        snapshot = entry.snapshot
+        if snapshot is None:
+            reason = entry.problem.reason if entry.problem is not None else "unknown"
+            table.add_row(entry.path.name, format_time(entry.created_at), f"unreadable: {reason}", "-")
+            continue
         live = snapshot.supervised
         states = "\n".join(f"{name} {shown_state(s, live)}" for name, s in snapshot.experiments.items()) or "-"
-        table.add_row(snapshot.run_id, format_time(snapshot.created_at), states, _headline_dice(run_dir))
+        table.add_row(snapshot.run_id, format_time(snapshot.created_at), states, _headline_dice(entry.path))
     console = output_console()
     console.print(table)
 

@@ -27,6 +27,13 @@ def preflight(config: Config) -> Any:
     return report
 
 
+def launch_problems(config: Config) -> list[str]:
+    """What `launch` refuses to start with: the problems `check` finds in the data, the
+    model and the rollout's memory (the GPUs and the cluster are left to the queue and
+    the backend, which say so themselves)."""
+    return list(engine.check_data_and_model(config).problems)
+
+
 def _check_ray(config: Config, report: Any) -> None:
     """The cluster (`placement.ray_check`): its nodes, each request, the shared folder."""
     from sa2va_tui.placement.ray_check import check_cluster

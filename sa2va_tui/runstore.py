@@ -6,6 +6,7 @@ launched it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -292,9 +293,21 @@ def _read_event_lines(path: Path) -> Iterator[Event]:
     with f:
         for line in f:
             try:
-                yield event_from_dict(json.loads(line))
-            except (ValueError, KeyError, TypeError):
-                continue
+                yield _event_of(json.loads(line))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue  # torn by a crash mid-write, or not an event of this version's shape
+
+
+@cache
+def _event_shape(cls: type[Event]) -> TypeAdapter:
+    return TypeAdapter(cls)
+
+
+def _event_of(data: Any) -> Event:
+    """An event from its JSON form, its fields of the types its class declares (a
+    ValueError, pydantic's, otherwise: a reader would fail on a list where numbers belong)."""
+    event = event_from_dict(data)
+    return _event_shape(type(event)).validate_python(dataclasses.asdict(event))
 
 
 @dataclass(frozen=True)

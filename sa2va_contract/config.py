@@ -8,6 +8,7 @@ and exit 2 without a traceback.
 from __future__ import annotations
 
 import copy
+import reprlib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -268,13 +269,23 @@ _MESSAGES = {
 }
 
 
+#: How an error line shows a value: cut short, never expanded whole (YAML aliases
+#: nested ten deep make a value of billions of items out of a few lines).
+_SHOWN = reprlib.Repr()
+_SHOWN.maxlevel, _SHOWN.maxlist, _SHOWN.maxdict, _SHOWN.maxstring, _SHOWN.maxother = 2, 4, 3, 60, 60
+
+
+def _shown(value: Any) -> str:
+    return _SHOWN.repr(value)
+
+
 def _describe(error: dict) -> str:
     kind = error["type"]
     ctx = error.get("ctx") or {}
     if kind in _MESSAGES:
         return _MESSAGES[kind]
     if kind == "finite_number":
-        return f"must be a finite number, not {error.get('input')!r}"
+        return f"must be a finite number, not {_shown(error.get('input'))}"
     if kind == "greater_than":
         return f"must be > {ctx['gt']}"
     if kind == "greater_than_equal":
@@ -284,11 +295,11 @@ def _describe(error: dict) -> str:
     if kind == "less_than_equal":
         return f"must be <= {ctx['le']}"
     if kind == "literal_error":
-        return f"must be one of {ctx.get('expected')}, not {error.get('input')!r}"
+        return f"must be one of {ctx.get('expected')}, not {_shown(error.get('input'))}"
     if kind == "value_error":
         return str(ctx.get("error", error["msg"]))
     if kind.endswith("_type") or kind.endswith("_parsing"):
-        return f"{error['msg'].lower()}, got {error.get('input')!r}"
+        return f"{error['msg'].lower()}, got {_shown(error.get('input'))}"
     return error["msg"]
 
 

@@ -30,6 +30,8 @@ RUN_FILE = "run.json"
 EVENTS_FILE = "events.jsonl"
 GPUS_FILE = "gpus.jsonl"
 EVALUATION_FILE = "evaluation.json"
+#: What the run keeps of itself at the top of its folder: nothing else may write over them.
+RUN_RECORDS = (CONFIG_FILE, RUN_FILE, EVENTS_FILE, GPUS_FILE, EVALUATION_FILE)
 #: Under the logs folder, beside the runs (unless `backend.cache_dir` moves it).
 MASK_CACHE_DIR = ".mask_cache"
 

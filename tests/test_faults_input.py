@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -238,15 +241,32 @@ def test_only_cuda_allocator_errors_count_as_out_of_memory():
 
 
 def test_made_variants_are_capped_before_they_are_built():
-    started = time.monotonic()
     seeds = invoke("check", "-c", QUICK_CONFIG, "--seeds", str(2**32))
     sweep = invoke("check", "-c", QUICK_CONFIG, "--sweep", "prompt_rl.seed=" + ",".join(map(str, range(300))))
-    assert time.monotonic() - started < 30  # not billions of variants in memory first
     assert seeds.exit_code == sweep.exit_code == 2
     assert error_lines(seeds.output) == [
         f"error: --seeds {2**32}: would make 12,884,901,885 variants of 3 experiment(s), more than the 256 one "
         "command may make"]
     assert error_lines(sweep.output)[-1].endswith(": 300 combinations, more than the 256 variants one command may make")
+
+
+def test_an_alias_bomb_in_a_config_is_one_line_without_expanding_it(tmp_path):
+    """Nine levels of ten YAML aliases: a billion items, were the error line to print
+    the value whole. Under a 2 GiB address-space limit, that would be a MemoryError."""
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 10)]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("prompt_rl:\n  ppo:\n    net_arch:\n" + "".join(f"      {line}\n" for line in levels))
+
+    def limit_memory() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (2 * 2**30, 2 * 2**30))
+
+    result = subprocess.run([sys.executable, "-m", "sa2va_tui.cli", "check", "-c", str(bomb)], capture_output=True,
+                            text=True, timeout=120, preexec_fn=limit_memory)
+    lines = error_lines(result.stderr)
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+    assert lines[0].startswith(f"error: {bomb}: prompt_rl.ppo.net_arch: input should be a valid list, got {{'a0': ")
+    assert len(lines[0]) < 400
 
 
 def test_a_logs_folder_that_is_a_file_is_refused_before_anything_starts(tmp_path):
@@ -386,3 +406,22 @@ def test_an_error_made_by_an_override_names_the_override(tmp_path):
     broken.write_text("nosection: {x: 1}\n")
     result = invoke("check", "-c", broken, "--set", "run.name=fine")
     assert error_lines(result.output) == [f"error: {broken}: nosection: unknown key"]
+
+
+# --- beyond the table: a report written over the run it reports -------------------------
+
+
+def test_a_report_never_overwrites_the_run_it_reports(tmp_path):
+    store = finished_run(tmp_path / "logs")
+    (store.path / "prompt_rl").mkdir()
+    before = {name: (store.path / name).read_bytes() for name in (RUN_FILE, EVENTS_FILE, "config.yaml")}
+    for target, why in ((store.path / RUN_FILE, "is the run's own run.json"),
+                        (store.path / EVENTS_FILE, "is the run's own events.jsonl"),
+                        (store.path / "prompt_rl" / "report.md", "inside an experiment's folder")):
+        result = invoke("report", store.run_id, "--logs-dir", tmp_path / "logs", "-o", target)
+        assert result.exit_code == 2 and error_lines(result.output) == [
+            f"error: -o {target}: {why}" + ("; choose another file" if "own" in why else
+                                              " of the run; choose a file beside them")]
+    assert {name: (store.path / name).read_bytes() for name in before} == before
+    beside = invoke("report", store.run_id, "--logs-dir", tmp_path / "logs", "-o", store.path / "report.md")
+    assert beside.exit_code == 0 and (store.path / "report.md").read_text().strip()

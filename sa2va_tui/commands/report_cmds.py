@@ -47,8 +47,11 @@ def report(
     from sa2va_tui.report import read_report, render_json, render_markdown, write_curves
     from sa2va_tui.runstore import RunStoreError
 
+    run_dir = find_run_or_exit(run, logs_dir)
+    if output is not None:
+        _refuse_overwriting_the_run(run_dir, output)
     try:
-        data = read_report(find_run_or_exit(run, logs_dir))
+        data = read_report(run_dir)
     except RunStoreError as err:
         fail(str(err))
     render = render_json if format_ is ReportFormat.json else render_markdown
@@ -71,6 +74,18 @@ def report(
     typer.echo(f"report: {output}")
     for path in curves.values():
         typer.echo(f"curves: {path}")
+
+
+def _refuse_overwriting_the_run(run_dir: Path, output: Path) -> None:
+    """`-o FILE` may put a report in the run folder, never over the run's own records
+    (its state, events, config, evaluation) or into an experiment's folder."""
+    from sa2va_contract.layout import RUN_RECORDS
+
+    target, run_root = output.resolve(), run_dir.resolve()
+    if target.parent == run_root and target.name in RUN_RECORDS:
+        fail(f"-o {output}: is the run's own {target.name}; choose another file")
+    if run_root in target.parents and target.parent != run_root:
+        fail(f"-o {output}: inside an experiment's folder of the run; choose a file beside them")
 
 
 @app.command()

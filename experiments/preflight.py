@@ -3,6 +3,7 @@ a run spends an hour finding out (the GPUs are the tool's part: `sa2va_tui.prefl
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +22,51 @@ def check_data_and_model(config: Config) -> Preflight:
     report = Preflight()
     _check_dataset(config, report)
     _check_backend(config, report)
+    if config.run.backend == "local":  # a Ray node's memory is not this machine's
+        _check_rollout_memory(config, report, available_memory())
     return report
+
+
+#: Floats SB3's rollout buffer keeps per step besides the observation: the action,
+#: reward, return, episode start, value, log-probability and advantage.
+_PER_STEP_FLOATS = 7
+
+
+def _check_rollout_memory(config: Config, report: Preflight, available: int | None) -> None:
+    """A PPO rollout buffer that cannot fit in memory fails in the worker with a
+    MemoryError (or takes the machine's memory); say so here, naming the key. Every
+    observation holds the image's features and two masks' at least."""
+    from experiments.envs.features import IMAGE_FEATURES, MASK_FEATURES
+
+    if available is None:
+        return
+    floats_per_step = IMAGE_FEATURES + 2 * MASK_FEATURES + _PER_STEP_FLOATS
+    for name, exp in config.experiments().items():
+        if exp.kind == "reward_net":
+            continue
+        steps = exp.ppo.n_steps * exp.ppo.n_envs
+        needed = steps * floats_per_step * 4
+        if needed > available:
+            report.problems.append(
+                f"{name}.ppo.n_steps: a rollout of n_steps * n_envs = {steps:,} steps needs at least "
+                f"{needed / 2**30:,.1f} GiB for its buffer, more than the {available / 2**30:,.1f} GiB of memory "
+                "available")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new process now (Linux's MemAvailable), None
+    where the system does not say."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return None
 
 
 def _check_dataset(config: Config, report: Preflight) -> None:

@@ -8,13 +8,26 @@ and exit 2 without a traceback.
 from __future__ import annotations
 
 import copy
-import shlex
+import reprlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
+# The sections of where and with what, re-exported: `from sa2va_contract.config import X`
+# reaches every name of the config.
+from sa2va_contract.config_sections import (  # noqa: F401 - re-exported
+    BUILTIN_PROMPTS,
+    BackendConfig,
+    DatasetConfig,
+    RayConfig,
+    RecoveryConfig,
+    RunConfig,
+    Seed,
+    SplitSizes,
+    Strict,
+)
 from sa2va_contract.layout import is_plain_name
 
 EXPERIMENT_KINDS = ("prompt_rl", "postprocess_rl", "reward_net")
@@ -35,107 +48,10 @@ class ConfigError(Exception):
     """A config that cannot be used; `str()` is the one line to show."""
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-# --- dataset -----------------------------------------------------------------------
-
-
-class SplitSizes(Strict):
-    train: int = Field(800, ge=1)
-    val: int = Field(240, ge=1)
-    test: int = Field(240, ge=1)
-
-
-class DatasetConfig(Strict):
-    """`builtin`: the procedurally generated dataset; `folder`: ROOT/<split>/images and
-    ROOT/<split>/masks paired by file stem."""
-
-    kind: Literal["builtin", "folder"] = "builtin"
-    seed: int = 0
-    image_size: int = Field(128, ge=32, le=1024)
-    sizes: SplitSizes = SplitSizes()
-    #: Samples used per split at most (quick runs: 50); null means all.
-    limit: int | None = Field(None, ge=1)
-    #: builtin: "fixed" gives every image of a kind one expression ("the vessels"), as
-    #: a researcher's own data does; "per_image" one that names the image's condition
-    #: ("the faint vessels"), itself a candidate prompt.
-    expressions: Literal["fixed", "per_image"] = "fixed"
-    root: Path | None = None
-    #: Referring expression for folder samples that the manifest does not describe.
-    expression: str = "the blood vessels"
-    #: What `{target}` means in prompt templates for folder samples.
-    target: str = "blood vessels"
-    #: CSV (columns stem, expression[, target]) or JSONL with the same keys.
-    manifest: Path | None = None
-
-    @model_validator(mode="after")
-    def _folder_needs_root(self) -> "DatasetConfig":
-        if self.kind == "folder" and self.root is None:
-            raise ValueError("root: a folder dataset needs root")
-        return self
-
-
-# --- backend -----------------------------------------------------------------------
-
-# The referring expressions of the built-in dataset's image conditions (plain, faint,
-# thin, thick, small, large, dark part, bright part, noisy, blurry, crowded): the
-# embedded model was trained on them, and which one helps depends on the image.
-BUILTIN_PROMPTS = [
-    "the {target}",
-    "the faint {target}",
-    "the thin {target}",
-    "the thick {target}",
-    "the small {target}",
-    "the large {target}",
-    "the {target} in the dark part of the image",
-    "the {target} in the bright part of the image",
-    "the {target} in the noisy image",
-    "the blurry {target}",
-    "all {target}",
-]
-
-
-class BackendConfig(Strict):
-    kind: Literal["embedded", "sa2va"] = "embedded"
-    #: embedded: a weights file (null: the weights shipped with the package).
-    weights: Path | None = None
-    #: sa2va: a local checkpoint folder or a hub id already in the local cache.
-    model_path: str | None = None
-    trust_remote_code: bool = False
-    #: Only bfloat16 is safe with Sa2VA's code (see the check below).
-    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    #: sa2va: null puts the model on the worker's GPU; "split" lays an InternVL-based
-    #: checkpoint over the worker's GPUs as upstream does (for one that fits no single GPU).
-    device_map: Literal["split", "auto"] | None = None
-    #: sa2va: internvl2_5, internvl3, qwen2_5_vl or qwen3_vl; null: told from config.json.
-    family: Literal["internvl2_5", "internvl3", "qwen2_5_vl", "qwen3_vl"] | None = None
-    #: Candidate prompts the prompt agent chooses among; `{target}` is the sample's target.
-    prompts: list[str] = Field(default_factory=lambda: list(BUILTIN_PROMPTS), min_length=2)
-    #: Index into `prompts` of the baseline prompt.
-    default_prompt: int = Field(0, ge=0)
-    #: Where model outputs are kept across runs (null: logs/.mask_cache).
-    cache_dir: Path | None = None
-    #: Images per forward pass of the embedded model (8 is fastest per image on a CPU).
-    batch_size: int = Field(8, ge=1)
-
-    @model_validator(mode="after")
-    def _default_prompt_in_range(self) -> "BackendConfig":
-        if self.default_prompt >= len(self.prompts):
-            raise ValueError(f"default_prompt: {self.default_prompt} is not an index of the {len(self.prompts)} prompts")
-        if self.kind == "sa2va" and not self.model_path:
-            raise ValueError("model_path: the sa2va backend needs model_path")
-        if self.dtype != "bfloat16":
-            raise ValueError(f"dtype: {self.dtype} is not safe, use bfloat16 (Sa2VA's code casts the model, or its inputs, "
-                             "to bfloat16 on the first call)")
-        if self.device_map == "auto":
-            raise ValueError("device_map: auto is not safe (Sa2VA's code hard-codes .cuda()); use split for upstream's "
-                             "layout over several GPUs, or null")
-        return self
-
-
 # --- experiments -------------------------------------------------------------------
+
+#: A hidden layer of no unit trains nothing, silently.
+LayerWidth = Annotated[int, Field(ge=1)]
 
 
 class Faults(Strict):
@@ -162,7 +78,7 @@ class PPOConfig(Strict):
     ent_coef: float = Field(0.01, ge=0)
     vf_coef: float = Field(0.5, ge=0)
     max_grad_norm: float = Field(0.5, gt=0)
-    net_arch: list[int] = Field(default_factory=lambda: [128, 128])
+    net_arch: list[LayerWidth] = Field(default_factory=lambda: [128, 128])
     n_envs: int = Field(8, gt=0)
 
     @model_validator(mode="after")
@@ -175,7 +91,7 @@ class PPOConfig(Strict):
 
 class ExperimentBase(Strict):
     enabled: bool = True
-    seed: int = 0
+    seed: Seed = 0
     #: "cpu", "cuda" or "auto" (cuda when the worker has a GPU).
     device: Literal["cpu", "cuda", "auto"] = "auto"
     #: Pin a GPU index; null lets the supervisor pick the freest.
@@ -266,64 +182,6 @@ class RewardNetConfig(ExperimentBase):
 ExperimentConfig = PromptRLConfig | PostprocessRLConfig | RewardNetConfig
 
 
-class RecoveryConfig(Strict):
-    max_oom_restarts: int = Field(3, ge=0)
-    min_batch_size: int = Field(4, ge=1)
-    #: Automatic restarts (from the last checkpoint, same batch) after a crash that is
-    #: neither an out-of-memory failure nor a failure at start-up; 0: none.
-    retry_errors: int = Field(0, ge=0)
-
-
-class RunConfig(Strict):
-    logs_dir: Path = Path("logs")
-    #: A label that goes into the run id.
-    name: str = "run"
-    #: At most this many experiments run at once (null: as many as the devices have
-    #: room for); the others wait in the queue.
-    max_parallel: int | None = Field(None, ge=1)
-    #: A command run (without a shell) when an experiment finishes, fails for good or
-    #: is restarted after an out-of-memory failure; it gets SA2VA_RUN, SA2VA_EXPERIMENT,
-    #: SA2VA_EVENT and SA2VA_STATE in its environment.
-    on_event: str | None = None
-    #: Where workers run: `local` processes on this machine, or `ray` actors (see `ray:`).
-    backend: Literal["local", "ray"] = "local"
-
-    @model_validator(mode="after")
-    def _command_parses(self) -> "RunConfig":
-        if self.on_event is not None:
-            try:
-                argv = shlex.split(self.on_event)
-            except ValueError as err:
-                raise ValueError(f"on_event: not a command line ({err})") from None
-            if not argv:
-                raise ValueError("on_event: an empty command")
-        return self
-
-
-class RayConfig(Strict):
-    """The ray backend (`run.backend: ray`): which Ray, and how files reach the run folder."""
-
-    #: `local`: a private Ray instance started for the run on 127.0.0.1 (no dashboard) and
-    #: stopped after it; else the address of a running cluster ("10.0.0.5:6379", "auto").
-    address: str = Field("local", min_length=1)
-    #: `shared`: the run folder is at the same path on every node; `ship`: workers write to
-    #: node-local scratch and stream their files back with their events.
-    storage: Literal["shared", "ship"] = "shared"
-    #: ship: the node-local folder attempts write in (null: /tmp/sa2va-scratch on each node).
-    scratch_dir: Path | None = None
-    #: A local instance: the CPUs and GPUs it offers (null: what this machine has).
-    num_cpus: int | None = Field(None, ge=1)
-    num_gpus: int | None = Field(None, ge=0)
-    #: A local instance: its object store in MiB (ship moves files through it).
-    object_store_mb: int = Field(256, ge=80)
-
-    @model_validator(mode="after")
-    def _scratch_is_absolute(self) -> "RayConfig":
-        if self.scratch_dir is not None and not self.scratch_dir.is_absolute():
-            raise ValueError(f"scratch_dir: {self.scratch_dir} must be an absolute path (it names a folder on every node)")
-        return self
-
-
 class Config(Strict):
     run: RunConfig = RunConfig()
     dataset: DatasetConfig = DatasetConfig()
@@ -380,7 +238,7 @@ def _resolve_variant(config: Config, name: str, variant: dict[str, Any]) -> Expe
     if name in EXPERIMENT_KINDS:
         raise ValueError(f"variants.{name}: a variant needs a name of its own")
     if not is_plain_name(name):
-        raise ValueError(f"variants.{name}: a name of letters, digits, '_' and '-' only (it names a folder)")
+        raise ValueError(f"variants.{name!r}: not a plain name: letters, digits, '_' and '-' only (it names a folder)")
     changes = dict(variant)
     base = changes.pop("base", None)
     if base not in EXPERIMENT_KINDS:
@@ -411,11 +269,23 @@ _MESSAGES = {
 }
 
 
+#: How an error line shows a value: cut short, never expanded whole (YAML aliases
+#: nested ten deep make a value of billions of items out of a few lines).
+_SHOWN = reprlib.Repr()
+_SHOWN.maxlevel, _SHOWN.maxlist, _SHOWN.maxdict, _SHOWN.maxstring, _SHOWN.maxother = 2, 4, 3, 60, 60
+
+
+def _shown(value: Any) -> str:
+    return _SHOWN.repr(value)
+
+
 def _describe(error: dict) -> str:
     kind = error["type"]
     ctx = error.get("ctx") or {}
     if kind in _MESSAGES:
         return _MESSAGES[kind]
+    if kind == "finite_number":
+        return f"must be a finite number, not {_shown(error.get('input'))}"
     if kind == "greater_than":
         return f"must be > {ctx['gt']}"
     if kind == "greater_than_equal":
@@ -425,11 +295,11 @@ def _describe(error: dict) -> str:
     if kind == "less_than_equal":
         return f"must be <= {ctx['le']}"
     if kind == "literal_error":
-        return f"must be one of {ctx.get('expected')}, not {error.get('input')!r}"
+        return f"must be one of {ctx.get('expected')}, not {_shown(error.get('input'))}"
     if kind == "value_error":
         return str(ctx.get("error", error["msg"]))
     if kind.endswith("_type") or kind.endswith("_parsing"):
-        return f"{error['msg'].lower()}, got {error.get('input')!r}"
+        return f"{error['msg'].lower()}, got {_shown(error.get('input'))}"
     return error["msg"]
 
 
@@ -495,29 +365,62 @@ def validate_config(data: dict, origin: str) -> Config:
 def load_config(path: Path | str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read, override and validate. `path` None means all defaults."""
     source = str(path) if path is not None else "<defaults>"
-    data = read_yaml(Path(path)) if path is not None else {}
+    from_file = read_yaml(Path(path)) if path is not None else {}
+    data = copy.deepcopy(from_file)
+    #: Key paths (each override's, and the sections it created) -> the override.
     overridden: dict[str, str] = {}
     for text in overrides:
-        keys, value = parse_override(text)
-        node = data
-        for depth, key in enumerate(keys[:-1]):
-            child = node.get(key)
-            if child is None:
-                child = node[key] = {}
-            elif not isinstance(child, dict):
-                raise ConfigError(f"--set {text}: {'.'.join(keys[: depth + 1])} is not a section")
-            node = child
-        node[keys[-1]] = value
-        overridden[".".join(keys)] = text
+        overridden.update(_apply_override(data, text))
     try:
         config = Config.model_validate(data)
     except ValidationError as err:
-        line = _first_error(err)
-        loc = line.split(": ", 1)[0]
-        origin = next((f"--set {text}" for key, text in overridden.items() if loc == key or loc.startswith(key + ".")), source)
-        raise ConfigError(f"{origin}: {line}") from None
+        raise ConfigError(_blame(err, from_file, overrides, overridden, source)) from None
     _resolve_paths(config, Path(path).parent if path is not None else Path.cwd())
     return config
+
+
+def _apply_override(data: dict, text: str) -> dict[str, str]:
+    """Set one `--set` value in `data`; the key paths it wrote or created."""
+    keys, value = parse_override(text)
+    written: dict[str, str] = {}
+    node = data
+    for depth, key in enumerate(keys[:-1]):
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+            written[".".join(keys[: depth + 1])] = text
+        elif not isinstance(child, dict):
+            raise ConfigError(f"--set {text}: {'.'.join(keys[: depth + 1])} is not a section")
+        node = child
+    node[keys[-1]] = value
+    written[".".join(keys)] = text
+    return written
+
+
+def _blame(err: ValidationError, from_file: dict, overrides: list[str] | tuple[str, ...],
+           overridden: dict[str, str], source: str) -> str:
+    """The one line of a config that does not validate, naming what made it wrong: the
+    override whose key it is or that created its section; else, when the file alone
+    is valid, the first override after which it is not (a value another key is checked
+    against); else the file."""
+    line = _first_error(err)
+    loc = line.split(": ", 1)[0]
+    for key, text in overridden.items():
+        if loc == key or loc.startswith(key + "."):
+            return f"--set {text}: {line}"
+    if overrides:
+        try:
+            Config.model_validate(from_file)
+        except ValidationError:
+            return f"{source}: {line}"
+        data = copy.deepcopy(from_file)
+        for text in overrides:
+            _apply_override(data, text)
+            try:
+                Config.model_validate(data)
+            except ValidationError as stage:
+                return f"--set {text}: {_first_error(stage)}"
+    return f"{source}: {line}"
 
 
 def _resolve_paths(config: Config, base: Path) -> None:

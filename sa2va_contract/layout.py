@@ -20,7 +20,9 @@ The engine writes these names and the tool reads them back; neither spells one o
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 
 # --- the run ------------------------------------------------------------------------
 CONFIG_FILE = "config.yaml"
@@ -28,6 +30,8 @@ RUN_FILE = "run.json"
 EVENTS_FILE = "events.jsonl"
 GPUS_FILE = "gpus.jsonl"
 EVALUATION_FILE = "evaluation.json"
+#: What the run keeps of itself at the top of its folder: nothing else may write over them.
+RUN_RECORDS = (CONFIG_FILE, RUN_FILE, EVENTS_FILE, GPUS_FILE, EVALUATION_FILE)
 #: Under the logs folder, beside the runs (unless `backend.cache_dir` moves it).
 MASK_CACHE_DIR = ".mask_cache"
 
@@ -49,13 +53,40 @@ FINETUNED_SEGMENTER = "finetuned_segmenter.pt"
 
 _PPO_CHECKPOINT = re.compile(r"^ckpt_(\d+)\.zip$")
 #: An experiment's name is its folder's name and a key on the command line: letters,
-#: digits, "_" and "-" only.
-_PLAIN_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+#: digits, "_" and "-" only (so no separator, no "..", no hidden folder).
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
-def is_plain_name(name: str) -> bool:
+class OutsideError(ValueError):
+    """A path the tool would write that lies outside the folder it belongs to."""
+
+
+def is_plain_name(name: object) -> bool:
     """Whether `name` may name an experiment (and so its folder)."""
-    return bool(_PLAIN_NAME.match(name))
+    return isinstance(name, str) and _PLAIN_NAME.fullmatch(name) is not None
+
+
+def is_run_id(text: str) -> bool:
+    """Whether `text` may be a run id looked up under a logs folder: one folder name,
+    never "." or ".." (run ids are `<time>-<run.name>`, dots allowed)."""
+    return bool(text) and text not in (".", "..") and os.sep not in text and "/" not in text and "\0" not in text
+
+
+def inside(root: Path, path: Path) -> Path:
+    """`path` when it lies inside `root` (after resolving "..", and links); else an
+    OutsideError naming both. Every run-folder path built from a name goes through it."""
+    resolved, base = Path(path).resolve(), Path(root).resolve()
+    if resolved != base and base not in resolved.parents:
+        raise OutsideError(f"{path}: outside {root}")
+    return Path(path)
+
+
+def experiment_dir(run_dir: Path, name: str) -> Path:
+    """An experiment's folder in its run folder; a name that is not plain, or a folder
+    that a link leads elsewhere, is an OutsideError."""
+    if not is_plain_name(name):
+        raise OutsideError(f"{name!r}: not a plain experiment name (letters, digits, '_' and '-')")
+    return inside(run_dir, Path(run_dir) / name)
 
 
 def ppo_checkpoint_name(timesteps: int) -> str:

@@ -31,18 +31,17 @@ START, RESTART_REASONS = "start", ("oom", "error", "manual", "resume")
 
 
 def is_out_of_memory(error: BaseException) -> bool:
-    """PyTorch's OOM in all its forms: the typed errors, and the allocator's message
-    wrapped in a RuntimeError by older code paths; Python's own MemoryError too."""
-    if isinstance(error, MemoryError):
-        return True
+    """A GPU allocator's out-of-memory error: torch's typed error, or CUDA's message
+    wrapped in a RuntimeError by older code paths. Only these count: a smaller batch
+    frees GPU memory, but a host `MemoryError` or a CPU allocator failure comes from a
+    size that does not depend on the batch (a rollout buffer, a dataset), and halving
+    the batch would only repeat it."""
     # An error can only be torch's if torch is loaded; asking must not load it.
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(error, torch.OutOfMemoryError):
         return True
     text = str(error)
-    return isinstance(error, RuntimeError) and (
-        "out of memory" in text.lower() or "DefaultCPUAllocator: can't allocate memory" in text
-    )
+    return isinstance(error, RuntimeError) and ("CUDA out of memory" in text or "CUDA error: out of memory" in text)
 
 
 def classify_exception(error: BaseException, training_started: bool = True) -> str:

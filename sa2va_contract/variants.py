@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 from typing import Any
 
 import yaml
@@ -20,6 +21,9 @@ from sa2va_contract.config import Config, ConfigError, ExperimentConfig, validat
 
 #: Fields that say where and how an experiment runs, not what it learns.
 _PLACEMENT_FIELDS = ("seed", "device", "gpu", "faults", "enabled")
+#: Variants one command may make (each is a worker): more is a slip of the keyboard
+#: (`--seeds 4294967296`), and building them would take the machine's memory first.
+MAX_MADE_VARIANTS = 256
 
 
 def seed_variant_name(experiment: str, seed: int) -> str:
@@ -32,8 +36,12 @@ def command_variants(config: Config, seeds: int = 1) -> dict[str, dict[str, Any]
     own seed s and `seeds - 1` more with seeds s+1, s+2, ..."""
     if seeds < 1:
         raise ValueError(f"seeds: {seeds} must be >= 1")
+    experiments = config.experiments()
+    if len(experiments) * (seeds - 1) > MAX_MADE_VARIANTS:
+        raise ConfigError(f"--seeds {seeds}: would make {len(experiments) * (seeds - 1):,} variants of "
+                          f"{len(experiments)} experiment(s), more than the {MAX_MADE_VARIANTS} one command may make")
     made: dict[str, dict[str, Any]] = {}
-    for name, experiment in config.experiments().items():
+    for name, experiment in experiments.items():
         changes = {key: value for key, value in config.variants.get(name, {}).items() if key != "base"}
         for extra in range(1, seeds):
             seed = experiment.seed + extra
@@ -137,6 +145,10 @@ def apply_sweeps(config: Config, sweeps: list[str]) -> tuple[Config, dict[str, d
             raise ConfigError(f"--sweep {text}: {path[0]} is not an enabled experiment "
                               f"(enabled: {', '.join(enabled) or 'none'})")
         by_experiment.setdefault(path[0], []).append((path[1:], values, text))
+    points = sum(math.prod(len(values) for _, values, _ in swept) for swept in by_experiment.values())
+    if points > MAX_MADE_VARIANTS:
+        raise ConfigError(f"--sweep {' --sweep '.join(sweeps)}: {points:,} combinations, more than the "
+                          f"{MAX_MADE_VARIANTS} variants one command may make")
     data = config.model_dump(mode="python")
     made: dict[str, dict[str, Any]] = {}
     for name, swept in by_experiment.items():

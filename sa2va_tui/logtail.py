@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import BinaryIO
 
-from sa2va_contract.events import Event, Finished, Metrics, Progress
+from sa2va_contract.events import Event, Failed, Finished, Metrics, Progress
 from sa2va_tui.runstate import EventHub
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -177,11 +177,14 @@ class LogTail:
         self._tables = 0
         #: The last timesteps its tables reported.
         self.timesteps = 0
+        #: Why it can no longer be read (it became a folder, lost its permission, an I/O
+        #: error); from then on it is not read again.
+        self.broken: OSError | None = None
 
     @property
     def caught_up(self) -> bool:
-        """Whether the last poll read everything there was."""
-        return self._follower.caught_up
+        """Whether the last poll read everything there was (all of a broken log was)."""
+        return self.broken is not None or self._follower.caught_up
 
     @property
     def modified(self) -> float | None:
@@ -193,8 +196,17 @@ class LogTail:
         return bool(self.total) and self.timesteps >= self.total
 
     def poll(self) -> list[Event]:
-        """Events from what was written since the last poll, up to `FileFollower.CHUNK` bytes of it."""
-        data = self._follower.read()
+        """Events from what was written since the last poll, up to `FileFollower.CHUNK` bytes
+        of it. A log that cannot be read fails, as an experiment does, once: the others
+        are read on."""
+        if self.broken is not None:
+            return []
+        try:
+            data = self._follower.read()
+        except OSError as err:
+            self.broken = err
+            self._follower.close()
+            return [Failed(self.name, kind="error", message=f"{self.path}: cannot be read ({err.strerror or err})")]
         if self._follower.restarted:
             self._lines.reset()
         events: list[Event] = []

@@ -15,6 +15,7 @@ from sa2va_tui.gpus import read_gpus
 def preflight(config: Config) -> Any:
     """An `experiments.preflight.Preflight`: what was found, warnings, problems."""
     report = engine.check_data_and_model(config)
+    report.problems += folder_problems(config)
     if config.run.backend == "ray":
         _check_ray(config, report)
     else:
@@ -25,6 +26,28 @@ def preflight(config: Config) -> Any:
     names = ", ".join(config.experiments()) or "none"
     report.found.append(f"experiments: {names}")
     return report
+
+
+def launch_problems(config: Config) -> list[str]:
+    """What `launch` refuses to start with: the problems `check` finds in the data, the
+    model and the rollout's memory (the GPUs and the cluster are left to the queue and
+    the backend, which say so themselves)."""
+    return [*folder_problems(config), *engine.check_data_and_model(config).problems]
+
+
+def folder_problems(config: Config) -> list[str]:
+    """The folders the run writes (its run folder under run.logs_dir, the mask cache)
+    must be folders, or be creatable as ones: a file there, or above, fails the run at
+    its first write."""
+    problems = []
+    for key, path in (("run.logs_dir", config.run.logs_dir), ("backend.cache_dir", config.backend.cache_dir)):
+        if path is None:
+            continue
+        existing = next((p for p in (path, *path.parents) if p.exists()), None)
+        if existing is not None and not existing.is_dir():
+            problems.append(f"{key}: {path}: not a folder" if existing == path else
+                            f"{key}: {path}: {existing} is a file, not a folder")
+    return problems
 
 
 def _check_ray(config: Config, report: Any) -> None:

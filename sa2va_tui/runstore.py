@@ -6,6 +6,7 @@ launched it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -13,13 +14,29 @@ import socket
 import struct
 import time
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
+
+from pydantic import TypeAdapter, ValidationError
+from typing_extensions import TypedDict  # pydantic reads typing's TypedDict only from Python 3.12
 
 from sa2va_contract.config import Config, ConfigError, dump_config, load_config
 from sa2va_contract.events import Event, GpuSample, event_from_dict
 from sa2va_contract.files import atomic_write_text
-from sa2va_contract.layout import CONFIG_FILE, EVENTS_FILE, GPUS_FILE, LOG_FILE, RUN_FILE, TENSORBOARD_DIR, TFEVENTS_GLOB
+from sa2va_contract.layout import (
+    CONFIG_FILE,
+    EVENTS_FILE,
+    GPUS_FILE,
+    LOG_FILE,
+    RUN_FILE,
+    TENSORBOARD_DIR,
+    TFEVENTS_GLOB,
+    OutsideError,
+    experiment_dir,
+    is_plain_name,
+    is_run_id,
+)
 from sa2va_tui.runstate import ExperimentState
 from sa2va_tui.text import format_bytes
 
@@ -29,6 +46,15 @@ TREE_ENTRIES = 12
 
 class RunStoreError(Exception):
     """A run folder that cannot be read; `str()` is the one line to show."""
+
+
+class UnreadableRun(RunStoreError):
+    """A run.json that is there but cannot be read, or is not of the shape written."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"{path}: unreadable ({reason})")
 
 
 def pid_alive(pid: int | None) -> bool:
@@ -86,7 +112,10 @@ class RunStore:
         return self.path.name
 
     def exp_dir(self, name: str) -> Path:
-        path = self.path / name
+        try:
+            path = experiment_dir(self.path, name)
+        except OutsideError as err:
+            raise RunStoreError(str(err)) from None
         path.mkdir(parents=True, exist_ok=True)
         return path
 
@@ -97,13 +126,13 @@ class RunStore:
         if not event.persist:
             return
         if self._events is None:
-            self._events = open(self.path / EVENTS_FILE, "a", encoding="utf-8", buffering=1)
+            self._events = open_for_append(self.path / EVENTS_FILE, buffering=1)
         self._events.write(event.to_json() + "\n")
 
     def append_gpu_sample(self, sample: GpuSample) -> None:
         """Keep one GPU sample: events.jsonl does not (they come every second), but the
         report needs the GPUs' recent history from the folder alone."""
-        with open(self.path / GPUS_FILE, "a", encoding="utf-8") as f:
+        with open_for_append(self.path / GPUS_FILE) as f:
             f.write(sample.to_json() + "\n")
 
     def write_state(self, states: dict[str, ExperimentState], finish_time: float | None, active: bool = True) -> None:
@@ -168,26 +197,74 @@ class RunSnapshot:
         return pid_alive(self.supervisor_pid)
 
 
+class _RunFile(TypedDict, total=False):
+    """The shape of run.json, as `RunStore.write_state` writes it."""
+
+    run_id: str
+    created_at: float
+    updated_at: float
+    supervisor_pid: int | None
+    host: str
+    active: bool
+    finish_time: float | None
+    experiments: dict[str, ExperimentState]
+
+
+@cache
+def _run_file_shape() -> TypeAdapter:
+    return TypeAdapter(_RunFile)
+
+
 def load_run(run_dir: Path) -> RunSnapshot:
+    """The run as its run.json tells it; a file that cannot be read, or of another shape
+    than the one written (null, a list, a string where a number belongs), is a
+    RunStoreError naming the file and what is wrong."""
     run_dir = Path(run_dir)
     path = run_dir / RUN_FILE
     try:
-        data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise RunStoreError(f"{run_dir}: not a run folder (no {RUN_FILE})") from None
     except (OSError, ValueError) as err:
-        raise RunStoreError(f"{path}: unreadable ({err})") from None
+        raise UnreadableRun(path, str(err)) from None
+    data = _run_file_of(raw, path)
     return RunSnapshot(
         path=run_dir,
         run_id=data.get("run_id", run_dir.name),
-        created_at=float(data.get("created_at", 0.0)),
-        updated_at=float(data.get("updated_at", 0.0)),
+        created_at=data.get("created_at", 0.0),
+        updated_at=data.get("updated_at", 0.0),
         supervisor_pid=data.get("supervisor_pid"),
         host=data.get("host", ""),
-        active=bool(data.get("active", False)),
+        active=data.get("active", False),
         finish_time=data.get("finish_time"),
-        experiments={name: ExperimentState.from_dict(s) for name, s in data.get("experiments", {}).items()},
+        experiments=data.get("experiments", {}),
     )
+
+
+def _run_file_of(raw: Any, path: Path) -> _RunFile:
+    """run.json's content checked against its shape; a RunStoreError in one line if not."""
+    if not isinstance(raw, dict):
+        raise UnreadableRun(path, f"a JSON object expected, found {_json_kind(raw)}")
+    try:
+        data: _RunFile = _run_file_shape().validate_python(raw)
+    except ValidationError as err:
+        error = err.errors()[0]
+        where = ".".join(str(part) for part in error["loc"])
+        raise UnreadableRun(path, f"{where}: {error['msg'].lower()}, found {_json_kind(error.get('input'))}") from None
+    for name in data.get("experiments", {}):
+        if not is_plain_name(name):
+            raise UnreadableRun(path, f"experiments: {name!r} is not a plain experiment name")
+    return data
+
+
+def _json_kind(value: Any) -> str:
+    """How a JSON value reads in an error: `null`, `a list`, `"abc"`, `12`."""
+    if value is None:
+        return "null"
+    if isinstance(value, (list, dict)):
+        return "a list" if isinstance(value, list) else "an object"
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def load_run_config(run_dir: Path) -> Config:
@@ -216,33 +293,101 @@ def _read_event_lines(path: Path) -> Iterator[Event]:
     with f:
         for line in f:
             try:
-                yield event_from_dict(json.loads(line))
-            except (ValueError, KeyError, TypeError):
-                continue
+                yield _event_of(json.loads(line))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue  # torn by a crash mid-write, or not an event of this version's shape
+
+
+@cache
+def _event_shape(cls: type[Event]) -> TypeAdapter:
+    return TypeAdapter(cls)
+
+
+def _event_of(data: Any) -> Event:
+    """An event from its JSON form, its fields of the types its class declares (a
+    ValueError, pydantic's, otherwise: a reader would fail on a list where numbers belong)."""
+    event = event_from_dict(data)
+    return _event_shape(type(event)).validate_python(dataclasses.asdict(event))
+
+
+@dataclass(frozen=True)
+class RunEntry:
+    """A run folder under a logs folder, readable or not."""
+
+    path: Path
+    #: When it was started: its run.json's word, else the time its run id names.
+    created_at: float
+    snapshot: RunSnapshot | None
+    #: Why its run.json cannot be read, None when it can.
+    problem: UnreadableRun | None = None
+
+
+def scan_runs(logs_dir: Path) -> list[RunEntry]:
+    """Every folder under `logs_dir` with a run.json, oldest first; one that cannot be
+    read is listed with its problem rather than left out."""
+    entries = []
+    for path in Path(logs_dir).glob(f"*/{RUN_FILE}"):
+        run_dir = path.parent
+        try:
+            snapshot = load_run(run_dir)
+        except UnreadableRun as err:
+            entries.append(RunEntry(run_dir, _started_by_name(run_dir), None, err))
+            continue
+        except RunStoreError:
+            continue  # removed since it was listed
+        entries.append(RunEntry(run_dir, snapshot.created_at, snapshot))
+    return sorted(entries, key=lambda entry: (entry.created_at, entry.path.name))
+
+
+def _started_by_name(run_dir: Path) -> float:
+    """The start time a run id (`YYYYmmdd-HHMMSS-<name>`, local time) names, else the
+    folder's modification time."""
+    try:
+        return time.mktime(time.strptime(run_dir.name[:15], "%Y%m%d-%H%M%S"))
+    except ValueError:
+        try:
+            return run_dir.stat().st_mtime
+        except OSError:
+            return 0.0
 
 
 def list_runs(logs_dir: Path) -> list[Path]:
-    """Run folders under `logs_dir`, oldest first."""
-    runs = []
-    for path in Path(logs_dir).glob(f"*/{RUN_FILE}"):
-        try:
-            runs.append((load_run(path.parent).created_at, path.parent.name, path.parent))
-        except RunStoreError:
-            continue
-    return [path for _, _, path in sorted(runs)]
+    """The readable run folders under `logs_dir`, oldest first."""
+    return [entry.path for entry in scan_runs(logs_dir) if entry.problem is None]
 
 
 def find_run(ref: str | None, logs_dir: Path) -> Path:
-    """A run by folder path, by run id under `logs_dir`, or the latest when `ref` is None."""
+    """A run by folder path, by run id under `logs_dir`, or the latest when `ref` is None
+    (when that one cannot be read, a RunStoreError says so: never an older one instead)."""
     if ref is None:
-        runs = list_runs(logs_dir)
+        runs = scan_runs(logs_dir)
         if not runs:
             raise RunStoreError(f"{logs_dir}: no runs yet")
-        return runs[-1]
-    for candidate in (Path(ref), Path(logs_dir) / ref):
+        if runs[-1].problem is not None:
+            problem = runs[-1].problem
+            raise RunStoreError(f"the latest run is unreadable: {problem.path}: {problem.reason}")
+        return runs[-1].path
+    # A run id is one folder name: "../x" is looked for as a path only.
+    candidates = [Path(ref), *([Path(logs_dir) / ref] if is_run_id(ref) else [])]
+    for candidate in candidates:
         if (candidate / RUN_FILE).is_file():
             return candidate
     raise RunStoreError(f"{ref}: no such run (looked for a run folder there and under {logs_dir})")
+
+
+def open_for_append(path: Path, buffering: int = -1) -> IO[str]:
+    """A JSON-lines file opened to append to. A line torn by a crash mid-write is ended
+    first, so that the next line is not glued onto it (and lost with it)."""
+    try:
+        with open(path, "rb") as f:
+            torn = f.seek(0, os.SEEK_END) > 0 and f.seek(-1, os.SEEK_END) >= 0 and f.read(1) != b"\n"
+    except FileNotFoundError:
+        torn = False
+    out = open(path, "a", encoding="utf-8", buffering=buffering)
+    if torn:
+        out.write("\n")
+        out.flush()
+    return out
 
 
 def _slug(name: str) -> str:

@@ -48,7 +48,7 @@ def test_shipped_configs_are_valid():
         ("backend:\n  kind: sa2va\n", ["backend.model_path: the sa2va backend needs model_path"]),
         ("postprocess_rl:\n  operations: [dilate, smooth]\n", ["postprocess_rl.operations.1: unknown operation 'smooth'"]),
         ("variants:\n  seed2: {base: prompt_rl, seed: x}\n", ["variants.seed2.seed"]),
-        ("variants:\n  a b: {base: prompt_rl}\n", ["variants.a b: a name of letters, digits"]),
+        ("variants:\n  a b: {base: prompt_rl}\n", ["variants.'a b': not a plain name: letters, digits"]),
         ("dataset:\n  expressions: some\n", ["dataset.expressions: must be one of"]),
         ("prompt_rl: [1, 2\n", ["x.yaml: invalid YAML at line"]),
         ("- a\n- b\n", ["x.yaml: the top level must be a mapping"]),

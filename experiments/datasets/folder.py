@@ -7,8 +7,11 @@ instead of failing on the first or training on bad pairs.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import struct
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,11 +55,65 @@ def _files_by_stem(folder: Path, problems: list[str]) -> dict[str, Path]:
     return found
 
 
-def _read_image(path: Path) -> np.ndarray | None:
-    data = np.fromfile(path, dtype=np.uint8)
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+class ImageProblem(Exception):
+    """Why an image file cannot be used; `str()` is the reason, without the path."""
+
+
+def _read_image(path: Path) -> np.ndarray:
+    """Every pixel of an image file, decoded whole; an ImageProblem when it cannot be
+    (empty, truncated, corrupt, or a float image with NaN or infinite values, which the
+    conversion to 8 bits would turn black without a word)."""
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as err:
+        raise ImageProblem(f"cannot be read ({err.strerror or err})") from None
     if data.size == 0:
-        return None
-    return cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+        raise ImageProblem("empty file")
+    if data[:8].tobytes() == _PNG_SIGNATURE:
+        # libpng writes its complaint about a cut file to stderr itself: such a file
+        # must not reach it.
+        _check_png_chunks(data.tobytes())
+    with _opencv_quiet():
+        pixels = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    if pixels is None:
+        raise ImageProblem("unreadable or empty image file (truncated, corrupt or of an unknown format)")
+    if pixels.dtype.kind == "f":
+        bad = int(np.count_nonzero(~np.isfinite(pixels)))
+        if bad:
+            raise ImageProblem(f"{bad} NaN or infinite pixel values (a float image must be finite)")
+    return pixels
+
+
+def _check_png_chunks(data: bytes) -> None:
+    """A PNG whole: every chunk complete with a matching CRC, up to IEND."""
+    offset = len(_PNG_SIGNATURE)
+    while offset + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[offset:offset + 8])
+        end = offset + 8 + length + 4
+        if end > len(data):
+            raise ImageProblem(f"truncated PNG ({kind.decode('latin-1')} chunk cut short at byte {len(data)})")
+        (crc,) = struct.unpack(">I", data[end - 4:end])
+        if zlib.crc32(data[offset + 4:end - 4]) != crc:
+            raise ImageProblem(f"corrupt PNG (the {kind.decode('latin-1')} chunk at byte {offset} fails its CRC)")
+        if kind == b"IEND":
+            return
+        offset = end
+    raise ImageProblem(f"truncated PNG (no IEND chunk in its {len(data)} bytes)")
+
+
+@contextlib.contextmanager
+def _opencv_quiet():
+    """OpenCV's own log lines ("[ WARN:0@...] ...") off while decoding: the problem is
+    reported once, in the dataset's words."""
+    level = cv2.utils.logging.getLogLevel()
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    try:
+        yield
+    finally:
+        cv2.utils.logging.setLogLevel(level)
 
 
 def scan_split(root: Path, split: str) -> FolderScan:
@@ -78,10 +135,11 @@ def scan_split(root: Path, split: str) -> FolderScan:
         image_path, mask_path = images[stem], masks[stem]
         shapes = []
         for path in (image_path, mask_path):
-            pixels = _read_image(path)
-            if pixels is None:
-                scan.problems.append(f"{path}: unreadable or empty image file")
-            shapes.append(None if pixels is None else pixels.shape[:2])
+            try:
+                shapes.append(_read_image(path).shape[:2])
+            except ImageProblem as problem:
+                scan.problems.append(f"{path}: {problem}")
+                shapes.append(None)
         if None in shapes:
             continue
         if shapes[0] != shapes[1]:
@@ -153,8 +211,10 @@ def folder_split(
     pairs = scan.pairs[:limit] if limit else scan.pairs
     samples = []
     for image_path, mask_path in pairs:
-        pixels = _read_image(image_path)
-        mask = _read_image(mask_path)
+        try:
+            pixels, mask = _read_image(image_path), _read_image(mask_path)
+        except ImageProblem as problem:  # changed since the scan
+            raise DatasetError(root / split, [f"{image_path.stem}: {problem}"]) from None
         samples.append(
             Sample(
                 id=f"{split}/{image_path.stem}",

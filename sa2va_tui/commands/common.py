@@ -58,6 +58,13 @@ def fail(message: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
+def fail_all(problems: list[str], code: int = 2) -> NoReturn:
+    """One line per problem on stderr, no traceback, a non-zero exit."""
+    for problem in problems:
+        typer.echo(f"error: {problem}", err=True)
+    raise typer.Exit(code)
+
+
 def load_config_or_exit(path: Optional[Path], overrides: list[str]) -> "Config":
     from sa2va_contract.config import ConfigError, load_config
 

@@ -47,8 +47,11 @@ def report(
     from sa2va_tui.report import read_report, render_json, render_markdown, write_curves
     from sa2va_tui.runstore import RunStoreError
 
+    run_dir = find_run_or_exit(run, logs_dir)
+    if output is not None:
+        _refuse_overwriting_the_run(run_dir, output)
     try:
-        data = read_report(find_run_or_exit(run, logs_dir))
+        data = read_report(run_dir)
     except RunStoreError as err:
         fail(str(err))
     render = render_json if format_ is ReportFormat.json else render_markdown
@@ -71,6 +74,18 @@ def report(
     typer.echo(f"report: {output}")
     for path in curves.values():
         typer.echo(f"curves: {path}")
+
+
+def _refuse_overwriting_the_run(run_dir: Path, output: Path) -> None:
+    """`-o FILE` may put a report in the run folder, never over the run's own records
+    (its state, events, config, evaluation) or into an experiment's folder."""
+    from sa2va_contract.layout import RUN_RECORDS
+
+    target, run_root = output.resolve(), run_dir.resolve()
+    if target.parent == run_root and target.name in RUN_RECORDS:
+        fail(f"-o {output}: is the run's own {target.name}; choose another file")
+    if run_root in target.parents and target.parent != run_root:
+        fail(f"-o {output}: inside an experiment's folder of the run; choose a file beside them")
 
 
 @app.command()
@@ -225,28 +240,30 @@ def _last_line(log: Path) -> str:
 def runs(logs_dir: Path = LogsDirOption) -> None:
     """The runs under --logs-dir: id, start, each experiment's state, the best evaluated Dice.
 
-    An experiment shows as interrupted when its supervisor went away before it ended."""
+    An experiment shows as interrupted when its supervisor went away before it ended; a
+    run whose run.json cannot be read shows as unreadable, with the reason."""
     from rich.table import Table
 
     from sa2va_tui.report.facts import shown_state
-    from sa2va_tui.runstore import RunStoreError, list_runs, load_run
+    from sa2va_tui.runstore import scan_runs
     from sa2va_tui.text import format_time, output_console
 
-    found = list_runs(logs_dir)
+    found = scan_runs(logs_dir)
     if not found:
         typer.echo(f"{logs_dir}: no runs yet")
         return
     table = Table(box=None, pad_edge=False)
     for column in ("run", "started", "experiments", "best Dice, Δ [95 % interval]"):
         table.add_column(column, no_wrap=True)
-    for run_dir in found:
-        try:
-            snapshot = load_run(run_dir)
-        except RunStoreError:
-            continue  # removed or rewritten since it was listed
+    for entry in found:
+        snapshot = entry.snapshot
+        if snapshot is None:
+            reason = entry.problem.reason if entry.problem is not None else "unknown"
+            table.add_row(entry.path.name, format_time(entry.created_at), f"unreadable: {reason}", "-")
+            continue
         live = snapshot.supervised
         states = "\n".join(f"{name} {shown_state(s, live)}" for name, s in snapshot.experiments.items()) or "-"
-        table.add_row(snapshot.run_id, format_time(snapshot.created_at), states, _headline_dice(run_dir))
+        table.add_row(snapshot.run_id, format_time(snapshot.created_at), states, _headline_dice(entry.path))
     console = output_console()
     console.print(table)
 

@@ -18,6 +18,7 @@ from sa2va_tui.commands.common import (
     app,
     backend_overrides,
     fail,
+    fail_all,
     find_run_or_exit,
     load_config_or_exit,
     load_run_or_exit,
@@ -111,6 +112,11 @@ def launch(
     only = [*only, *(variant for name in only for variant in made if variant.startswith(f"{name}-"))]
     if not enabled:
         fail("no experiment is enabled in the config")
+    from sa2va_tui.preflight import launch_problems
+
+    problems = launch_problems(cfg)  # before a run folder or any worker
+    if problems:
+        fail_all(problems)
     from sa2va_tui.runstore import RunStore
     from sa2va_tui.supervisor import Supervisor
 
@@ -272,6 +278,10 @@ def watch(
     seconds as stalled."""
     from sa2va_tui.logtail import LogWatcher
 
+    # A folder, a pipe, a device: followed as a file, it would never end or never read.
+    not_files = [str(p) for p in logs if p.exists() and not p.is_file()]
+    if not_files:
+        fail(f"not a regular file: {', '.join(not_files)} (watch follows log files)")
     missing = [str(p) for p in logs if not p.is_file()]
     if missing and not follow:
         fail(f"no such log file: {', '.join(missing)}")

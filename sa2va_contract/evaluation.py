@@ -322,5 +322,5 @@ def load_evaluation(run_dir: Path) -> EvaluationTable | None:
         return None
     try:
         return EvaluationTable.load(path)
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # AttributeError: JSON of another shape
         return None

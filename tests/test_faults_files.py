@@ -22,19 +22,25 @@ import torch
 from stable_baselines3 import PPO
 
 from experiments import prompt_rl, reward_net
+from experiments.backends import make_cached_segmenter
 from experiments.backends.cache import CachedSegmenter
 from experiments.backends.embedded import load_embedded
 from experiments.checkpoints import resolve_recorded
 from experiments.datasets import load_split
 from experiments.evaluate import evaluate_run
 from experiments.harness import ListSink, WorkerContext, run_experiment
+from experiments.reward.rows import evaluation_rows
+from sa2va_contract.evaluation import load_evaluation
 from sa2va_contract.config import load_config
 from sa2va_contract.events import Failed, Notice, Progress
 from sa2va_contract.layout import (
     BEST_MODEL,
     BEST_RECORD,
     CHECKPOINT_DIR,
+    EVALUATION_FILE,
     FINAL_MODEL,
+    BEST_REWARD_NET,
+    FINETUNED_SEGMENTER,
     PROGRESS_CSV,
     REWARD_NET_CHECKPOINT,
     REWARD_NET_PREVIOUS,
@@ -268,6 +274,26 @@ def test_a_planted_pickle_in_the_reward_checkpoint_is_refused(reward_run, tmp_pa
     reward_net.run(ctx)
     assert not marker.exists()
     assert _notices(ctx)[0].startswith(f"skipped checkpoint {last}: holds pickled objects other than tensors")
+
+
+def test_damaged_reward_net_files_cost_their_rows_and_run_no_pickle(reward_run, tmp_path):
+    config, original = reward_run
+    exp_dir = tmp_path / "reward_net"
+    shutil.copytree(original, exp_dir)
+    marker = tmp_path / "marker"
+    _truncate(exp_dir / FINETUNED_SEGMENTER)
+    torch.save({"width": 16, "text_buckets": 1024, "model": Payload(marker)}, exp_dir / BEST_REWARD_NET)
+    samples = load_split(config.dataset, "test")[:2]
+    rows, missing = evaluation_rows(config, exp_dir, samples, make_cached_segmenter(config))
+    assert rows == [] and not marker.exists()
+    assert missing["finetuned"] == f"{exp_dir / FINETUNED_SEGMENTER}: truncated (not a whole PyTorch file)"
+    assert missing["reward_rerank"].startswith(f"{exp_dir / BEST_REWARD_NET}: holds pickled objects other than tensors")
+
+
+@pytest.mark.parametrize("text", ["null", "[1, 2]", '{"rows": 5}', '{"split": "test", "sample_ids": [], "ro'])
+def test_an_evaluation_file_of_another_shape_reads_as_none(tmp_path, text):
+    (tmp_path / EVALUATION_FILE).write_text(text)
+    assert load_evaluation(tmp_path) is None
 
 
 def test_checkpoints_and_cache_files_honour_the_umask(reward_run, mask_cache):

@@ -28,6 +28,7 @@ ends on, never on the best mask it passed through. `sa2va-tui evaluate RUN` runs
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -49,6 +50,8 @@ from sa2va_contract.layout import BEST_MODEL, EVALUATION_FILE, FINAL_MODEL
 from sa2va_contract.variants import seed_groups
 
 ProgressCallback = Callable[[int, int], None]
+
+log = logging.getLogger(__name__)
 
 
 def find_policy(run_dir: Path, experiment: str) -> Path | None:
@@ -166,10 +169,10 @@ def _baselines(ev: _Evaluation, train_table, val_table, report_table) -> None:
 
 def _methods(ev: _Evaluation, report_table) -> list[_Fold]:
     """One fold per row that experiments give, each with one run per seed."""
-    from stable_baselines3 import PPO
-
     from experiments import postprocess_rl, prompt_rl
+    from experiments.checkpoints import DamagedFile
     from experiments.envs import build_postprocess_table
+    from experiments.ppo_common import load_policy
     from experiments.reward.rows import evaluation_rows as reward_net_rows
 
     backend = ev.config.backend
@@ -185,6 +188,23 @@ def _methods(ev: _Evaluation, report_table) -> list[_Fold]:
         table = build_postprocess_table(ev.samples, ev.segmenter, backend.prompts, starts, cfg.min_component_area)
         return [outcome.answer for outcome in postprocess_rl.edit_masks(model, table, cfg)]
 
+    def policy(member: str, exp):
+        """The member's best (else final) model, loaded without unpickling; None, with
+        the reason recorded, when there is none that loads."""
+        if find_policy(ev.run_dir, member) is None:
+            ev.table.missing[f"{member}"] = f"no {exp.kind} model in {ev.run_dir / member}"
+            return None, None
+        if exp.kind == "prompt_rl":
+            env = prompt_rl.make_env(report_table, exp)
+        else:
+            env = postprocess_rl.make_env(build_postprocess_table(ev.samples, ev.segmenter, backend.prompts,
+                                                                  backend.default_prompt, exp.min_component_area), exp)
+        try:
+            return load_policy(ev.run_dir / member, env, exp.ppo, exp.seed, log.warning)
+        except DamagedFile as err:
+            ev.table.missing[f"{member}"] = str(err)
+            return None, None
+
     for group, members in seed_groups(ev.experiments).items():
         for member in members:
             exp = ev.experiments[member]
@@ -195,16 +215,13 @@ def _methods(ev: _Evaluation, report_table) -> list[_Fold]:
                 for row, why in missing.items():
                     ev.table.missing[f"{row} ({member})"] = why
             else:
-                path = find_policy(ev.run_dir, member)
-                if path is None:
-                    ev.table.missing[f"{member}"] = f"no {exp.kind} model in {ev.run_dir / member}"
-                elif exp.kind == "prompt_rl":
-                    chosen = prompt_rl.choose_prompts(PPO.load(path, device="cpu"), report_table, exp)
+                path, model = policy(member, exp)
+                if model is not None and exp.kind == "prompt_rl":
+                    chosen = prompt_rl.choose_prompts(model, report_table, exp)
                     chosen_by.setdefault(group, []).append((member, exp.seed, chosen, path))
                     row = ev.row("prompt_policy", "policy", ev.masks_of(chosen))
                     fold("prompt_policy", group, "policy").runs.append(SeedRun(member, exp.seed, row.values, str(path)))
-                else:
-                    model = PPO.load(path, device="cpu")
+                elif model is not None:
                     post_by.setdefault(group, []).append((member, exp.seed, model, path))
                     row = ev.row("postprocess_policy", "policy",
                                  post_masks(model, exp, backend.default_prompt))

@@ -43,6 +43,11 @@ class StopRequested(Exception):
         self.reason = reason
 
 
+class ClearError(Exception):
+    """A failure whose message says all the user needs (which file, why): reported in
+    one line, without a traceback or the log's tail."""
+
+
 class EventSink(Protocol):
     def emit(self, event: events.Event) -> None: ...
 
@@ -150,6 +155,11 @@ class WorkerContext:
         if clean:
             self.emit(events.Metrics(self.name, step=int(step), values=clean))
 
+    def notice(self, message: str) -> None:
+        """One line for the user: in the log, and as an event every view shows."""
+        log.warning("%s", message)
+        self.emit(events.Notice(self.name, message=message))
+
     def checkpoint_saved(self, path: Path, step: int) -> None:
         self.emit(events.Checkpoint(self.name, path=str(path), step=int(step)))
 
@@ -216,11 +226,13 @@ def run_experiment(ctx: WorkerContext, entry: str, log_path: Path | None = None)
         log.info("stopped at step %d: %s", ctx.last_step, stop.reason)
         return events.Stopped(ctx.name, step=ctx.last_step, reason=stop.reason)
     except Exception as err:  # noqa: BLE001 - every failure is reported, none escapes
-        message = f"{type(err).__name__}: {err}".strip()
-        log.error("failed at step %d", ctx.last_step, exc_info=err)
+        clear = isinstance(err, ClearError)
+        message = str(err) if clear else f"{type(err).__name__}: {err}".strip()
+        log.error("failed at step %d%s", ctx.last_step, f": {message}" if clear else "",
+                  exc_info=None if clear else err)
         kind = classify_exception(err, ctx.training_started)
         tail: list[str] = []
-        if kind != "oom":  # an out-of-memory failure says all in its message
+        if kind != "oom" and not clear:  # these say all in their message
             tail = read_log_tail(log_path) if log_path else traceback.format_exception(err)[-LOG_TAIL_LINES:]
         return events.Failed(ctx.name, kind=kind, message=message, step=ctx.last_step, batch_size=ctx.batch_size,
                              gpu=ctx.gpu, log_tail=[line.rstrip("\n") for line in tail])

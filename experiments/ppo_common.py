@@ -14,6 +14,11 @@ Files in the experiment folder:
     checkpoints/ckpt_<timesteps>.zip
     best_model.zip         best val score so far (best.json says which step and score)
     final_model.zip
+
+Every zip is read back by `load_ppo`, never by `PPO.load`: SB3 unpickles entries of a
+zip's `data` (the schedules, the spaces, the policy class), so a planted payload would
+run. Ours takes only plain numbers from `data`, tensors from the `.pth` entries with
+`weights_only=True`, and rebuilds the rest from the config.
 """
 
 from __future__ import annotations
@@ -21,9 +26,12 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 import sys
 import time
+import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence, TextIO
@@ -42,6 +50,7 @@ from stable_baselines3.common.logger import (
 from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
 
+from experiments.checkpoints import CheckpointError, DamagedFile, damage_reason, newest_loadable, ppo_checkpoints
 from experiments.harness import StopRequested, WorkerContext
 from sa2va_contract.config import PPOConfig
 from sa2va_contract.files import atomic_write_text, atomic_writer
@@ -54,10 +63,14 @@ from sa2va_contract.layout import (
     PROGRESS_CSV,
     TENSORBOARD_DIR,
     ppo_checkpoint_name,
-    ppo_checkpoint_step,
 )
 #: Seconds between progress events: a UI needs no more, and a queue must not flood.
 PROGRESS_INTERVAL = 0.5
+#: The counters of a PPO zip's `data` that a loaded model takes over; everything else
+#: there is the config's, rebuilt.
+_COUNTERS = ("num_timesteps", "_n_updates", "_episode_num")
+
+log = logging.getLogger(__name__)
 
 
 # --- logger outputs -------------------------------------------------------------------
@@ -87,12 +100,12 @@ class ResumableCSVOutputFormat(CSVOutputFormat):
         if resume_step is None or not path.is_file() or path.stat().st_size == 0:
             super().__init__(filename)
             return
-        with path.open(newline="") as handle:
+        with path.open(newline="", encoding="utf-8", errors="replace") as handle:
             rows = list(csv.reader(handle))
-        header, body = rows[0], rows[1:]
+        header, body = (rows[0], rows[1:]) if rows else ([], [])
         column = header.index("time/total_timesteps") if "time/total_timesteps" in header else None
         if column is not None:
-            body = [row for row in body if len(row) <= column or not row[column] or float(row[column]) <= resume_step]
+            body = [row for row in body if len(row) == len(header) and _row_before(row, column, resume_step)]
         kept = io.StringIO()
         csv.writer(kept, lineterminator="\n").writerows([header, *body])
         atomic_write_text(path, kept.getvalue())
@@ -101,6 +114,17 @@ class ResumableCSVOutputFormat(CSVOutputFormat):
         self.keys = header
         self.separator = ","
         self.quotechar = '"'
+
+
+def _row_before(row: list[str], column: int, resume_step: int) -> bool:
+    """Whether a progress.csv row lies at or before the resumed step; a row whose step is
+    not a number (a torn line) is dropped with the steps past the checkpoint."""
+    if not row[column]:
+        return True
+    try:
+        return float(row[column]) <= resume_step
+    except ValueError:
+        return False
 
 
 class ResumableTensorBoardFormat(TensorBoardOutputFormat):
@@ -195,12 +219,88 @@ def save_model_atomically(model: PPO, path: Path) -> None:
 
 def latest_checkpoint(folder: Path) -> Path | None:
     """The checkpoint with the most timesteps in `folder` (or `folder/checkpoints`)."""
-    for candidate in (folder / CHECKPOINT_DIR, folder):
-        if candidate.is_dir():
-            found = [(step, p) for p in candidate.iterdir() if (step := ppo_checkpoint_step(p.name)) is not None]
-            if found:
-                return max(found)[1]
-    return None
+    found = ppo_checkpoints(folder)
+    return found[0] if found else None
+
+
+def read_ppo_zip(path: Path) -> tuple[dict[str, int], dict[str, dict]]:
+    """The counters and the state dicts of a PPO zip as SB3 writes it, with nothing
+    unpickled: `data` is parsed as JSON and only its plain counters are kept, the
+    `.pth` entries are loaded with `weights_only=True`."""
+    import torch
+
+    with zipfile.ZipFile(path) as archive:
+        names = set(archive.namelist())
+        if "data" not in names or "policy.pth" not in names:
+            raise DamagedFile("not a PPO checkpoint (no data or policy.pth in the zip)")
+        try:
+            data = json.loads(archive.read("data").decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as err:
+            raise DamagedFile(f"its data entry is not JSON ({err})") from None
+        if not isinstance(data, dict):
+            raise DamagedFile("its data entry is not a JSON object")
+        counters = {}
+        for key in _COUNTERS:
+            value = data.get(key, 0)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise DamagedFile(f"its data entry {key} is not a count ({value!r})")
+            counters[key] = value
+        states = {}
+        for name in ("policy", "policy.optimizer"):
+            if f"{name}.pth" in names:
+                states[name] = torch.load(io.BytesIO(archive.read(f"{name}.pth")), map_location="cpu",
+                                          weights_only=True)
+    return counters, states
+
+
+def load_ppo(path: Path, env: VecEnv | gym.Env, ppo: PPOConfig, seed: int, device: str) -> PPO:
+    """A PPO checkpoint (a checkpoint, the best or the final model) into a PPO built from
+    the config on `env`: a zip of another shape fails here, not mid-training."""
+    counters, states = read_ppo_zip(path)
+    model = build_ppo(ppo, env, seed, device)
+    model.policy.load_state_dict(states["policy"])
+    if "policy.optimizer" in states:
+        model.policy.optimizer.load_state_dict(states["policy.optimizer"])
+    for key, value in counters.items():
+        setattr(model, key, value)
+    return model
+
+
+def load_policy(exp_dir: Path, env: VecEnv | gym.Env, ppo: PPOConfig, seed: int,
+                notice: Callable[[str], None]) -> tuple[Path, PPO]:
+    """The experiment's best model, else its final one, on the CPU; a damaged one is
+    skipped with a line saying why. Raises DamagedFile when neither loads."""
+    reasons = []
+    for name in (BEST_MODEL, FINAL_MODEL):
+        path = Path(exp_dir) / name
+        if not path.is_file():
+            continue
+        try:
+            with warnings.catch_warnings():
+                # Built on one environment to play it, never to train: the rollout buffer's size is moot.
+                warnings.filterwarnings("ignore", message="You have specified a mini-batch size")
+                return path, load_ppo(path, env, ppo, seed, "cpu")
+        except Exception as err:  # noqa: BLE001 - a damaged model is reported, the next tried
+            reasons.append(f"{name}: {damage_reason(err)}")
+            notice(f"skipped {path}: {damage_reason(err)}")
+    raise DamagedFile("; ".join(reasons) if reasons else f"no {BEST_MODEL} or {FINAL_MODEL} in {exp_dir}")
+
+
+def read_best_record(path: Path, notice: Callable[[str], None]) -> dict:
+    """best.json of an earlier attempt; a damaged one is said and forgotten (the best
+    model is then chosen afresh from the resumed step on)."""
+    if not path.is_file():
+        return {}
+    try:
+        best = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        notice(f"ignored {path}: {damage_reason(err)}")
+        return {}
+    score = best.get("score") if isinstance(best, dict) else None
+    if isinstance(score, bool) or not isinstance(score, (int, float)):
+        notice(f"ignored {path}: not a best-model record (no numeric score)")
+        return {}
+    return best
 
 
 # --- scoring a policy ------------------------------------------------------------------
@@ -346,23 +446,18 @@ def train(ctx: WorkerContext, task: PPOTask) -> TrainingResult:
     cfg = ctx.experiment
     total = cfg.total_timesteps
     env = make_vec_env(task.make_env, cfg.ppo.n_envs)
-    checkpoint = ctx.resume_from
-    if checkpoint is not None and Path(checkpoint).is_dir():
-        checkpoint = latest_checkpoint(Path(checkpoint))
-    elif checkpoint is None:
-        checkpoint = latest_checkpoint(ctx.exp_dir)
-    if checkpoint is not None:
-        model = PPO.load(checkpoint, env=env, device=ctx.device)
-        # This attempt's batch size (smaller after an out-of-memory failure), not the saved one.
-        model.batch_size = cfg.ppo.batch_size
+    found = _resume_point(ctx, lambda path: load_ppo(path, env, cfg.ppo, cfg.seed, ctx.device))
+    if found is not None:
+        # Built from the config: this attempt's batch size (smaller after an
+        # out-of-memory failure), not the saved one.
+        checkpoint, model = found
         resume_step = model.num_timesteps
     else:
-        model = build_ppo(cfg.ppo, env, cfg.seed, ctx.device)
+        checkpoint, model = None, build_ppo(cfg.ppo, env, cfg.seed, ctx.device)
         resume_step = None
     log = TrainingLog(ctx, resume_step)
     model.set_logger(log.logger)
-    best_path = ctx.exp_dir / BEST_RECORD
-    best = json.loads(best_path.read_text()) if resume_step is not None and best_path.is_file() else {}
+    best = read_best_record(ctx.exp_dir / BEST_RECORD, ctx.notice) if resume_step is not None else {}
     callback = TrainingCallback(ctx, task, total, best)
     start_steps = model.num_timesteps
     if checkpoint is not None:
@@ -396,6 +491,18 @@ def train(ctx: WorkerContext, task: PPOTask) -> TrainingResult:
     finally:
         log.close()
         env.close()
+
+
+def _resume_point(ctx: WorkerContext, load: Callable[[Path], PPO]) -> tuple[Path, PPO] | None:
+    """The newest loadable checkpoint of the experiment (`ctx.resume_from` names one, or a
+    folder of them for `run_one --resume DIR`), loaded; None to start afresh."""
+    asked = ctx.resume_from
+    if asked is not None and Path(asked).is_dir():
+        found = ppo_checkpoints(Path(asked))
+        if not found:
+            raise CheckpointError(f"{asked} holds no checkpoint to resume from")
+        return newest_loadable(ctx.exp_dir, None, found, load, ctx.notice)
+    return newest_loadable(ctx.exp_dir, asked, ppo_checkpoints(ctx.exp_dir), load, ctx.notice)
 
 
 class PhaseReporter:
@@ -436,16 +543,15 @@ def run_ppo_experiment(ctx: WorkerContext, build_tables: Callable, make_env: Cal
     score the best model on val. Returns the summary, the best model's val score and
     the tables, for an experiment to add figures of its own. The summary's figures are
     val's, the split that chose the best model: `evaluate` reports on test."""
-    from stable_baselines3 import PPO
-
     segmenter, splits = load_inputs(ctx)
     tables = build_tables(ctx, segmenter, splits)
     calls_before_training = segmenter.model_calls
     ctx.phase("training")
     result = train(ctx, PPOTask(make_env=lambda: make_env(tables["train"]), score=lambda model: score(model, tables["val"])))
     ctx.phase("evaluating")
-    best_path = ctx.exp_dir / BEST_MODEL
-    final = score(PPO.load(best_path if best_path.is_file() else ctx.exp_dir / FINAL_MODEL, device="cpu"), tables["val"])
+    cfg = ctx.experiment
+    _, chosen = load_policy(ctx.exp_dir, make_env(tables["val"]), cfg.ppo, cfg.seed, ctx.notice)
+    final = score(chosen, tables["val"])
     summary = {
         "timesteps": result.timesteps,
         "resumed_from": result.resumed_from,
@@ -458,5 +564,6 @@ def run_ppo_experiment(ctx: WorkerContext, build_tables: Callable, make_env: Cal
         "model_calls": segmenter.model_calls,
         "model_calls_in_training": segmenter.model_calls - calls_before_training,
         "cache_disk_hits": segmenter.disk_hits,
+        "cache_damaged": segmenter.damaged,
     }
     return summary, final, tables

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from experiments.backends import make_cached_segmenter
+from experiments.checkpoints import DamagedFile, damage_reason, keep_previous, newest_loadable
 from experiments.datasets import Sample, load_split, render_prompt, reported_split
 from experiments.harness import StopRequested, WorkerContext
 from experiments.intervals import delta_interval
@@ -46,6 +47,7 @@ from sa2va_contract.layout import (
     FINAL_REWARD_NET,
     FINETUNED_SEGMENTER,
     REWARD_NET_CHECKPOINT,
+    REWARD_NET_PREVIOUS,
     TENSORBOARD_DIR,
 )
 
@@ -155,8 +157,7 @@ def run(ctx: WorkerContext) -> dict[str, Any]:
 
     batches_per_epoch = -(-len(train_set) // batch_size)
     total = reward_cfg.epochs * batches_per_epoch + tune_cfg.steps
-    checkpoint_path = ctx.exp_dir / REWARD_NET_CHECKPOINT
-    resume = _load_checkpoint(ctx.resume_from or (checkpoint_path if checkpoint_path.exists() else None))
+    resume = _resume_point(ctx, reward_cfg.width)
     if resume is not None:
         # The steps taken as they were taken, then those left at this attempt's batch
         # size (smaller after an out-of-memory error: more batches per epoch).
@@ -199,15 +200,12 @@ def run(ctx: WorkerContext) -> dict[str, Any]:
         if values["reward/spearman"] > best["reward/spearman"]:
             best = {k: v for k, v in values.items()}
             save_atomic(reward_net_state(net), ctx.exp_dir / BEST_REWARD_NET)
-        save_atomic(
-            {"stage": "reward", "epoch": epoch + 1, "step": progress.step, "best": best,
-             "reward_net": reward_net_state(net), "optimiser": optimiser.state_dict()},
-            checkpoint_path,
-        )
-        ctx.checkpoint_saved(checkpoint_path, progress.step)
+        save_checkpoint(ctx, {"stage": "reward", "epoch": epoch + 1, "step": progress.step, "best": best,
+                              "reward_net": reward_net_state(net), "optimiser": optimiser.state_dict()},
+                        progress.step)
     save_atomic(reward_net_state(net), ctx.exp_dir / FINAL_REWARD_NET)
 
-    best_net = load_reward_net(ctx.exp_dir / BEST_REWARD_NET, device)
+    best_net = _best_reward_net(ctx, net, device, resume)
     for parameter in best_net.parameters():
         parameter.requires_grad_(False)
     consensus = {s.id: consensus_map(train_masks[s.id]) for s in images["finetune"]}
@@ -271,23 +269,19 @@ def finetune(
 
     rng = np.random.default_rng(ctx.experiment.seed + first_step)
     size = ctx.experiment.reward.input_size
-    checkpoint_path = ctx.exp_dir / REWARD_NET_CHECKPOINT
     ctx.phase("training", first_step, cfg.steps)
     last: dict[str, float] = {}
-    def save_checkpoint(steps_done: int) -> None:
-        save_atomic(
-            {"stage": "finetune", "epoch": ctx.experiment.reward.epochs, "step": progress.step, "best": {},
-             "finetune_step": steps_done, "reward_net": reward_net_state(reward_net),
-             "segmenter": model.state_dict(), "optimiser": optimiser.state_dict()},
-            checkpoint_path,
-        )
-        ctx.checkpoint_saved(checkpoint_path, progress.step)
+    def save_finetune_checkpoint(steps_done: int) -> None:
+        save_checkpoint(ctx, {"stage": "finetune", "epoch": ctx.experiment.reward.epochs, "step": progress.step,
+                              "best": {}, "finetune_step": steps_done, "reward_net": reward_net_state(reward_net),
+                              "segmenter": model.state_dict(), "optimiser": optimiser.state_dict()},
+                        progress.step)
 
     for step in range(first_step, cfg.steps):
         try:
             progress.advance()
         except StopRequested:
-            save_checkpoint(step)  # stop saves first; a reward-net epoch is too short to need that
+            save_finetune_checkpoint(step)  # stop saves first; a reward-net epoch is too short to need that
             raise
         batch = [train[i] for i in rng.choice(len(train), size=min(batch_size, len(train)), replace=False)]
         logits = model.mask_logits([s.image for s in batch], [render_prompt(template, s) for s in batch])
@@ -308,7 +302,7 @@ def finetune(
             for key, value in last.items():
                 writer.add_scalar(key, value, progress.step)
         if (step + 1) % FINETUNE_CHECKPOINT_EVERY == 0 or finished:
-            save_checkpoint(step + 1)
+            save_finetune_checkpoint(step + 1)
     model.save(ctx.exp_dir / FINETUNED_SEGMENTER)
     change = torch.sqrt(sum(((p.detach() - q) ** 2).sum() for p, q in zip(model.trainable_parameters(), initial)))
     scale = torch.sqrt(sum((q**2).sum() for q in initial))
@@ -335,10 +329,61 @@ def _dice_per_image(model, samples: Sequence[Sample], template: str) -> np.ndarr
     return np.array([dice(p.mask, s.mask) for p, s in zip(predictions, samples)], np.float64)
 
 
-def _load_checkpoint(path: Path | None) -> dict | None:
-    if path is None or not Path(path).exists():
-        return None
-    return torch.load(path, map_location="cpu", weights_only=True)
+#: What every checkpoint holds, and what each stage adds.
+_CHECKPOINT_KEYS = ("stage", "epoch", "step", "best", "reward_net", "optimiser")
+_STAGE_KEYS = {"reward": (), "finetune": ("finetune_step", "segmenter")}
+
+
+def save_checkpoint(ctx: WorkerContext, state: dict, step: int) -> None:
+    """The new checkpoint as `last.pt`, the one it replaces kept as `previous.pt`."""
+    path = ctx.exp_dir / REWARD_NET_CHECKPOINT
+    keep_previous(path, ctx.exp_dir / REWARD_NET_PREVIOUS)
+    save_atomic(state, path)
+    ctx.checkpoint_saved(path, step)
+
+
+def read_checkpoint(path: Path, width: int) -> dict:
+    """A reward-net checkpoint, tensors only (`weights_only`), checked to be one: its
+    keys, its stage, its network of this config's width."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise DamagedFile("not a reward-net checkpoint (not a dict)")
+    stage = state.get("stage")
+    if stage not in _STAGE_KEYS:
+        raise DamagedFile(f"not a reward-net checkpoint (stage {stage!r})")
+    absent = [key for key in (*_CHECKPOINT_KEYS, *_STAGE_KEYS[stage]) if key not in state]
+    if absent:
+        raise DamagedFile(f"not a whole reward-net checkpoint (no {', '.join(absent)})")
+    for key in ("epoch", "step", *(("finetune_step",) if stage == "finetune" else ())):
+        if isinstance(state[key], bool) or not isinstance(state[key], int) or state[key] < 0:
+            raise DamagedFile(f"its {key} is not a count ({state[key]!r})")
+    if not isinstance(state["best"], dict):
+        raise DamagedFile("its best record is not a dict")
+    RewardNet(width=width).load_state_dict(state["reward_net"]["model"])
+    return state
+
+
+def _resume_point(ctx: WorkerContext, width: int) -> dict | None:
+    """The newest loadable of `last.pt` and `previous.pt` (or the checkpoint asked for);
+    None to start afresh."""
+    in_folder = [path for path in (ctx.exp_dir / REWARD_NET_CHECKPOINT, ctx.exp_dir / REWARD_NET_PREVIOUS)
+                 if path.is_file()]
+    found = newest_loadable(ctx.exp_dir, ctx.resume_from, in_folder, lambda path: read_checkpoint(path, width),
+                            ctx.notice)
+    return found[1] if found is not None else None
+
+
+def _best_reward_net(ctx: WorkerContext, net: RewardNet, device: str, resume: dict | None) -> RewardNet:
+    """The network of the best epoch; if its file will not load, the one in hand (the
+    checkpoint's, which is the best one, in the fine-tuning stage; else the last
+    epoch's), said in one line."""
+    path = ctx.exp_dir / BEST_REWARD_NET
+    try:
+        return load_reward_net(path, device)
+    except Exception as err:  # noqa: BLE001 - a damaged file is said, the network in hand used
+        source = "the checkpoint's" if resume is not None and resume["stage"] == "finetune" else "the last epoch's"
+        ctx.notice(f"skipped {path}: {damage_reason(err)}; fine-tuning with {source} reward network")
+        return net.eval()
 
 
 def _tensorboard(exp_dir: Path):

@@ -139,6 +139,15 @@ class Stopped(Event):
     type: ClassVar[str] = "stopped"
 
 
+@dataclass
+class Notice(Event):
+    """One line the experiment wants the user to read, e.g. which checkpoint a resume
+    skipped and why; it changes no state."""
+
+    message: str
+    type: ClassVar[str] = "notice"
+
+
 @dataclass(frozen=True)
 class Change:
     old: Any
@@ -218,7 +227,7 @@ class GpuSample(Event):
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.type: cls
     for cls in (Started, Queued, Phase, Progress, Metrics, Checkpoint, Failed, Finished, Paused, Resumed, Stopped,
-                Restarting, GpuSample)
+                Notice, Restarting, GpuSample)
 }
 
 

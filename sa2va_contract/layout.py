@@ -10,7 +10,7 @@
             train.log              everything the worker printed, SB3's tables included
             progress.csv           one row per PPO iteration
             tensorboard/           one TensorBoard run, continued on resume
-            checkpoints/           ckpt_<timesteps>.zip (PPO), last.pt (reward network)
+            checkpoints/           ckpt_<timesteps>.zip (PPO), last.pt and previous.pt (reward network)
             best_model.zip, best.json, final_model.zip                      (PPO)
             best_reward_net.pth, final_reward_net.pth, finetuned_segmenter.pt (reward net)
     logs/.mask_cache/<model fingerprint>/   segmenter outputs shared by every run
@@ -45,8 +45,10 @@ CHECKPOINT_DIR = "checkpoints"
 BEST_MODEL = "best_model.zip"
 BEST_RECORD = "best.json"
 FINAL_MODEL = "final_model.zip"
-#: The reward network's one checkpoint (network, fine-tuned segmenter, optimisers).
+#: The reward network's checkpoint (network, fine-tuned segmenter, optimisers), and the
+#: one before it, kept so that a damaged last one costs one checkpoint's steps only.
 REWARD_NET_CHECKPOINT = f"{CHECKPOINT_DIR}/last.pt"
+REWARD_NET_PREVIOUS = f"{CHECKPOINT_DIR}/previous.pt"
 BEST_REWARD_NET = "best_reward_net.pth"
 FINAL_REWARD_NET = "final_reward_net.pth"
 FINETUNED_SEGMENTER = "finetuned_segmenter.pt"

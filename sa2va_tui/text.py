@@ -117,6 +117,8 @@ def describe(event: events.Event) -> tuple[str, str] | None:
         return escape(finished_text(event.summary)), "green"
     if isinstance(event, events.Stopped):
         return f"stopped at step {event.step} ({event.reason})", "yellow"
+    if isinstance(event, events.Notice):
+        return escape(event.message), "yellow"
     return None
 
 

@@ -7,12 +7,17 @@ share masks. On disk a mask is packed bits and a probability map 8 bits per pixe
 the same decoded form is returned on a hit and on a miss, so results never depend on
 what happened to be cached. Files are written to a temporary name and renamed, so
 several worker processes can fill one cache at once and none ever reads a torn file.
+A file damaged anyway (a full disk, a copy cut short, bytes that are no mask) is
+treated as missing: deleted, computed again, and counted in `damaged`. Nothing in a
+cache file is unpickled (`np.load` refuses object arrays).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import weakref
+import zipfile
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -23,6 +28,12 @@ from experiments.datasets.base import Sample, render_prompt
 from sa2va_contract.files import atomic_writer
 
 ProgressCallback = Callable[[int, int], None]
+
+log = logging.getLogger(__name__)
+
+
+class DamagedEntry(ValueError):
+    """A cache file that holds no mask of the shape it claims."""
 
 
 def _encode(prediction: Prediction) -> tuple[np.ndarray, np.ndarray | None, tuple[int, int]]:
@@ -51,6 +62,8 @@ class CachedSegmenter:
         #: (image, prompt) pairs the model was actually asked for.
         self.model_calls = 0
         self.disk_hits = 0
+        #: Cache files found unreadable, deleted and computed again.
+        self.damaged = 0
 
     # --- keys --------------------------------------------------------------------
 
@@ -98,14 +111,24 @@ class CachedSegmenter:
             return entry
         path = self._path(key)
         try:
-            with np.load(path) as data:
-                prob = data["prob"] if "prob" in data.files else None
-                entry = (data["bits"], prob, tuple(int(v) for v in data["shape"]))
-        except (FileNotFoundError, OSError, ValueError, KeyError):
+            entry = _read_entry(path)
+        except FileNotFoundError:
+            return None
+        except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as err:
+            self._discard(path, err)
             return None
         self.disk_hits += 1
         self._memory[key] = entry
         return entry
+
+    def _discard(self, path: Path, error: BaseException) -> None:
+        """A damaged file goes, so that the entry computed again can take its place."""
+        self.damaged += 1
+        log.warning("mask cache: %s is damaged (%s); computing it again", path, error)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass  # another worker got there first
 
     def _store(self, key: str, entry) -> None:
         self._memory[key] = entry
@@ -164,6 +187,22 @@ class CachedSegmenter:
         images = [s.image for s in samples for _ in templates]
         prompts = [render_prompt(t, s) for s in samples for t in templates]
         self.segment(images, prompts, batch_size=batch_size, on_progress=on_progress)
+
+
+def _read_entry(path: Path) -> tuple[np.ndarray, np.ndarray | None, tuple[int, int]]:
+    """One cache file, checked to hold what `_encode` writes: a mask of the shape it
+    says in packed bits, and a probability map of that shape if any."""
+    with np.load(path, allow_pickle=False) as data:
+        bits, shape = data["bits"], data["shape"]
+        prob = data["prob"] if "prob" in data.files else None
+    if shape.shape != (2,) or shape.dtype.kind not in "iu" or (shape < 0).any():
+        raise DamagedEntry(f"shape {shape.tolist()} is no image size")
+    height, width = int(shape[0]), int(shape[1])
+    if bits.dtype != np.uint8 or bits.ndim != 1 or bits.size != -(-height * width // 8):
+        raise DamagedEntry(f"{bits.size} bytes of mask for a {height}x{width} image")
+    if prob is not None and (prob.dtype != np.uint8 or prob.shape != (height, width)):
+        raise DamagedEntry(f"a probability map of shape {prob.shape} for a {height}x{width} image")
+    return bits, prob, (height, width)
 
 
 def _safe(fingerprint: str) -> str:

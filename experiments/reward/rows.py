@@ -55,20 +55,34 @@ def evaluation_rows(config, exp_dir: Path, samples: Sequence[Sample], segmenter,
     template = config.backend.prompts[config.backend.default_prompt]
     rows, missing = [], {}
     tuned_path = exp_dir / FINETUNED_SEGMENTER
-    if tuned_path.is_file():
-        tuned = CachedSegmenter(make_trainable(config, finetuned=tuned_path, base=segmenter), cache_dir_for(config))
+    tuned_model = _loaded(lambda: make_trainable(config, finetuned=tuned_path, base=segmenter), tuned_path,
+                          "finetuned", missing)
+    if tuned_model is not None:
+        tuned = CachedSegmenter(tuned_model, cache_dir_for(config))
         masks = [tuned.predict(s, template).mask for s in samples]
         rows.append(row_from_masks("finetuned", row_label("finetuned"), "model", ids, masks, truths,
                                    source=str(tuned_path)))
-    else:
-        missing["finetuned"] = f"no {FINETUNED_SEGMENTER} in {exp_dir}"
     net_path = exp_dir / BEST_REWARD_NET
-    if net_path.is_file():
+    net = _loaded(lambda: load_reward_net(net_path), net_path, "reward_rerank", missing)
+    if net is not None:
         settings = OpSettings.of(config.postprocess_rl)
-        masks = rerank(load_reward_net(net_path), samples, segmenter, config.backend.prompts, template, settings,
+        masks = rerank(net, samples, segmenter, config.backend.prompts, template, settings,
                        experiment.reward.input_size)
         rows.append(row_from_masks("reward_rerank", row_label("reward_rerank"), "policy", ids, masks, truths,
                                    source=str(net_path)))
-    else:
-        missing["reward_rerank"] = f"no {BEST_REWARD_NET} in {exp_dir}"
     return rows, missing
+
+
+def _loaded(load, path: Path, row: str, missing: dict[str, str]):
+    """What `load` makes of the file at `path`; None, with the row's reason recorded in
+    `missing`, when it is absent or will not load (truncated, not ours)."""
+    from experiments.checkpoints import damage_reason
+
+    if not path.is_file():
+        missing[row] = f"no {path.name} in {path.parent}"
+        return None
+    try:
+        return load()
+    except Exception as err:  # noqa: BLE001 - a damaged file costs its row, not the evaluation
+        missing[row] = f"{path}: {damage_reason(err)}"
+        return None

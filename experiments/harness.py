@@ -216,11 +216,12 @@ def run_experiment(ctx: WorkerContext, entry: str, log_path: Path | None = None)
         log.info("stopped at step %d: %s", ctx.last_step, stop.reason)
         return events.Stopped(ctx.name, step=ctx.last_step, reason=stop.reason)
     except Exception as err:  # noqa: BLE001 - every failure is reported, none escapes
-        message = f"{type(err).__name__}: {err}".strip()
-        log.error("failed at step %d", ctx.last_step, exc_info=err)
         kind = classify_exception(err, ctx.training_started)
+        # No room says all in one line, whatever library wrapped it on the way.
+        message = disk_full_message(err, ctx.exp_dir) if kind == DISK_FULL else f"{type(err).__name__}: {err}".strip()
+        log.error("failed at step %d", ctx.last_step, exc_info=err)
         tail: list[str] = []
-        if kind != "oom":  # an out-of-memory failure says all in its message
+        if kind not in (OOM, DISK_FULL):  # these say all in their message
             tail = read_log_tail(log_path) if log_path else traceback.format_exception(err)[-LOG_TAIL_LINES:]
         return events.Failed(ctx.name, kind=kind, message=message, step=ctx.last_step, batch_size=ctx.batch_size,
                              gpu=ctx.gpu, log_tail=[line.rstrip("\n") for line in tail])

@@ -26,6 +26,8 @@ import re
 CONFIG_FILE = "config.yaml"
 RUN_FILE = "run.json"
 EVENTS_FILE = "events.jsonl"
+#: The supervisor's own warnings and faults (a worker killed, a full disk).
+SUPERVISOR_LOG = "supervisor.log"
 GPUS_FILE = "gpus.jsonl"
 EVALUATION_FILE = "evaluation.json"
 #: Under the logs folder, beside the runs (unless `backend.cache_dir` moves it).

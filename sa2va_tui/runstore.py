@@ -7,6 +7,7 @@ launched it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import socket
@@ -19,7 +20,16 @@ from typing import IO, Any, Callable, Iterator
 from sa2va_contract.config import Config, ConfigError, dump_config, load_config
 from sa2va_contract.events import Event, GpuSample, event_from_dict
 from sa2va_contract.files import atomic_write_text
-from sa2va_contract.layout import CONFIG_FILE, EVENTS_FILE, GPUS_FILE, LOG_FILE, RUN_FILE, TENSORBOARD_DIR, TFEVENTS_GLOB
+from sa2va_contract.layout import (
+    CONFIG_FILE,
+    EVENTS_FILE,
+    GPUS_FILE,
+    LOG_FILE,
+    RUN_FILE,
+    SUPERVISOR_LOG,
+    TENSORBOARD_DIR,
+    TFEVENTS_GLOB,
+)
 from sa2va_tui.runstate import ExperimentState
 from sa2va_tui.text import format_bytes
 
@@ -120,8 +130,29 @@ class RunStore:
 
     def close(self) -> None:
         if self._events is not None:
-            self._events.close()
-            self._events = None
+            events, self._events = self._events, None
+            try:
+                events.close()
+            except OSError:
+                pass  # its last line met a full disk: what was written stays, the supervisor said why
+
+    def problem_log(self) -> logging.Handler:
+        """A handler that keeps the tool's warnings and errors in the run folder
+        (`supervisor.log`), whatever the terminal shows of them."""
+        return _ProblemLog(self.path / SUPERVISOR_LOG)
+
+
+class _ProblemLog(logging.FileHandler):
+    """`supervisor.log`, opened at its first line; a line the disk has no room for is
+    lost silently (the run's fault says so once), never a traceback on the terminal."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, encoding="utf-8", delay=True)
+        self.setLevel(logging.WARNING)
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
 
 
 class StateWriter:

@@ -147,8 +147,9 @@ def tensorboard(
 ) -> None:
     """One TensorBoard over every experiment of a run, on 127.0.0.1 only.
 
-    Each experiment is its own named run, on one port; Ctrl+C stops it."""
+    Each experiment is its own named run, on one port; Ctrl+C (or SIGTERM, SIGHUP) stops it."""
     from sa2va_tui.runstore import tensorboard_dir
+    from sa2va_tui.signals import StopRequests
 
     snapshot = load_run_or_exit(run, logs_dir)
     run_dir = snapshot.path
@@ -161,22 +162,30 @@ def tensorboard(
             fail(f"{folder}: TensorBoard's --logdir_spec cannot name a run or folder with ':' or ','")
     _check_port_free(port)
     log = Path(tempfile.mkstemp(prefix="sa2va-tensorboard-", suffix=".log")[1])
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "tensorboard.main", "--logdir_spec",
-             ",".join(f"{name}:{folder}" for name, folder in spec.items()), "--host", LOCALHOST, "--port", str(port)],
-            stdout=out, stderr=subprocess.STDOUT)
-    try:
-        _wait_until_serving(process, port, log)
-        missing = [name for name, folder in folders.items() if folder is None]
-        typer.echo(f"TensorBoard at http://{LOCALHOST}:{port}/ with runs {', '.join(spec)}"
-                   + (f" (no TensorBoard files yet: {', '.join(missing)})" if missing else "")
-                   + f"; its log: {log}; Ctrl+C stops it")
-        code = process.wait()
-    except KeyboardInterrupt:
-        code = 0
-    finally:
-        _stop(process)
+    # Whatever ends this command ends TensorBoard too: a stop signal only takes note,
+    # and the child is stopped on the way out. Stopped as asked is a success (exit 0).
+    with StopRequests() as requests:
+        with open(log, "wb") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "tensorboard.main", "--logdir_spec",
+                 ",".join(f"{name}:{folder}" for name, folder in spec.items()), "--host", LOCALHOST, "--port",
+                 str(port)], stdout=out, stderr=subprocess.STDOUT)
+        try:
+            _wait_until_serving(process, port, log, requests)
+            missing = [name for name, folder in folders.items() if folder is None]
+            typer.echo(f"TensorBoard at http://{LOCALHOST}:{port}/ with runs {', '.join(spec)}"
+                       + (f" (no TensorBoard files yet: {', '.join(missing)})" if missing else "")
+                       + f"; its log: {log}; Ctrl+C stops it")
+            code = None
+            while code is None and not requests.stop.is_set():
+                try:
+                    code = process.wait(timeout=0.2)
+                except subprocess.TimeoutExpired:
+                    pass
+        except KeyboardInterrupt:
+            code = None
+        finally:
+            _stop(process)
     if code:
         fail(f"tensorboard exited with code {code}: {_last_line(log)}")
     log.unlink(missing_ok=True)  # kept only when something went wrong
@@ -191,10 +200,11 @@ def _check_port_free(port: int) -> None:
             fail(f"port {port} on {LOCALHOST} is in use; choose another with --port")
 
 
-def _wait_until_serving(process: subprocess.Popen, port: int, log: Path) -> None:
-    """Return once TensorBoard accepts connections; fail if it exits or takes too long."""
+def _wait_until_serving(process: subprocess.Popen, port: int, log: Path, requests) -> None:
+    """Return once TensorBoard accepts connections (or a stop signal came); fail if it
+    exits or takes too long."""
     deadline = time.monotonic() + TENSORBOARD_START_S
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not requests.stop.is_set():
         if process.poll() is not None:
             fail(f"tensorboard exited with code {process.returncode}: {_last_line(log)}")
         try:
@@ -202,6 +212,8 @@ def _wait_until_serving(process: subprocess.Popen, port: int, log: Path) -> None
                 return
         except OSError:
             time.sleep(0.2)
+    if requests.stop.is_set():
+        return
     _stop(process)
     fail(f"tensorboard did not answer on port {port} within {TENSORBOARD_START_S:g} s; its log: {log}")
 

@@ -53,16 +53,45 @@ def _show(source: "EventHub", start: Optional[Callable[[], None]] = None) -> NoR
 
 
 def _show_app(source: "AppSource") -> NoReturn:
-    """The Textual app over a source it starts itself, once it listens."""
-    from sa2va_tui.app import run_app
+    """The Textual app over a source it starts itself, once it listens. A stop signal
+    (`sa2va_tui.signals`) stops every experiment gracefully, then ends the app."""
+    import _thread
+    import threading
 
-    raise typer.Exit(run_app(source))
+    from sa2va_tui.app import run_app
+    from sa2va_tui.signals import StopRequests
+
+    def stop_then_leave() -> None:
+        source.hub.shutdown(source.stop_grace_s)
+        leaving.set()
+        _thread.interrupt_main()  # the app's loop ends as after Ctrl+C outside it
+
+    def on_signal() -> None:
+        if leaving.is_set():
+            raise KeyboardInterrupt
+        if requests.force.is_set():
+            threading.Thread(target=source.hub.shutdown, args=(0.0,), daemon=True).start()
+        elif not stopping.is_set():
+            stopping.set()
+            threading.Thread(target=stop_then_leave, name="graceful-stop", daemon=True).start()
+
+    leaving, stopping = threading.Event(), threading.Event()
+    with StopRequests(on_signal) as requests:
+        try:
+            code = run_app(source)
+        except KeyboardInterrupt:
+            code = requests.exit_code or 130
+    raise typer.Exit(code)
 
 
 def _run_supervisor(supervisor, names: list[str] | None, headless: bool) -> NoReturn:
+    import logging
+
     from sa2va_tui.supervisor import SupervisorError
 
     typer.echo(f"run {supervisor.store.run_id}: {supervisor.run_dir}")
+    # What the tool warns of stays in the run folder, whatever becomes of the terminal.
+    logging.getLogger("sa2va_tui").addHandler(supervisor.store.problem_log())
     if supervisor.config.run.on_event:
         from sa2va_tui.notify import Notifier
 
@@ -147,6 +176,7 @@ def status(
     """The state of a run, from its folder alone: works from any terminal, during or after the run."""
     from rich.table import Table
 
+    from sa2va_tui.report.facts import shown_state
     from sa2va_tui.runstate import StateBook
     from sa2va_tui.runstore import pid_alive
     from sa2va_tui.text import format_clock, format_duration, output_console
@@ -162,7 +192,7 @@ def status(
         table.add_column(column, justify="right" if column in ("pid", "GPU", "reward") else "left", no_wrap=True)
     cut_short = [name for name, s in snapshot.experiments.items() if not live and not s.terminal]
     for name, s in snapshot.experiments.items():
-        state = f"{s.state}*" if name in cut_short else s.state
+        state = shown_state(s, live)  # the word `runs` and `report` use
         if s.state == "queued" and s.queue_position:
             state += f" #{s.queue_position}"
         waited = s.waited_s(now if live else snapshot.updated_at)
@@ -186,8 +216,8 @@ def status(
                   highlight=False, soft_wrap=True)
     console.print(table)
     if cut_short:
-        console.print(f"* cut short: its supervisor is gone; `sa2va-tui resume {snapshot.run_id}` continues it",
-                      highlight=False, soft_wrap=True)
+        console.print(f"interrupted: its supervisor went away before it ended; `sa2va-tui resume {snapshot.run_id}` "
+                      "continues it", highlight=False, soft_wrap=True)
     if live:
         finish = StateBook(snapshot.experiments).finish_time(now)
         line = f"overall finish: {format_clock(finish)} (in {format_duration(finish - now)})" if finish else \

@@ -27,9 +27,9 @@ from typing import Any, Callable, Protocol
 
 from sa2va_contract import events
 from sa2va_contract.config import Config, ExperimentConfig
-from sa2va_contract.files import LOG_TAIL_LINES, read_log_tail
+from sa2va_contract.files import LOG_TAIL_LINES, disk_full_message, read_log_tail
 from sa2va_contract.kinds import kind_of, resolve_entry
-from sa2va_contract.recovery import classify_exception
+from sa2va_contract.recovery import DISK_FULL, OOM, classify_exception
 from sa2va_contract.worker import load_function
 
 log = logging.getLogger(__name__)

@@ -69,6 +69,21 @@ def disk_full_message(error: BaseException, fallback: Path | str) -> str | None:
 
 
 @contextmanager
+def naming_disk_full(path: Path | str) -> Iterator[None]:
+    """Writes to `path` in this block that find no room raise `DiskFull(path)` (a write
+    to an open file says no file name of its own)."""
+    try:
+        yield
+    except DiskFull:
+        raise
+    except BaseException as err:
+        cause = disk_full_cause(err)
+        if cause is None:
+            raise
+        raise DiskFull(path, cause.errno or errno.ENOSPC) from err
+
+
+@contextmanager
 def atomic_writer(path: Path, durable: bool = True) -> Iterator[BinaryIO]:
     """A binary file to write `path` through; it replaces `path` when the block ends
     without an exception. `durable=False` skips the sync to disk, for files that can
@@ -84,12 +99,10 @@ def atomic_writer(path: Path, durable: bool = True) -> Iterator[BinaryIO]:
             if durable:
                 os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException as err:
+    except BaseException:
         Path(tmp).unlink(missing_ok=True)
-        cause = disk_full_cause(err)
-        if cause is not None and not isinstance(err, DiskFull):
-            raise DiskFull(path, cause.errno) from err
-        raise
+        with naming_disk_full(path):
+            raise
 
 
 def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:

@@ -36,7 +36,10 @@ def call_subscribers(subscribers: Sequence[Subscriber], pending: Iterable[Event]
     return broken
 
 
-def write_problem(error: OSError, folder: Path) -> str:
-    """The one line for a write to the run folder that failed: `disk full: PATH`, or
-    the file and the system's word."""
-    return disk_full_message(error, folder) or f"{error.filename or folder}: {error.strerror or error}"
+def write_problem(error: OSError, folder: Path) -> tuple[str, str]:
+    """The one line for a write to the run folder that failed (`disk full: PATH`, or
+    the file and the system's word), and the stop reason the workers are given."""
+    full = disk_full_message(error, folder)
+    if full is not None:
+        return full, "disk full"
+    return f"{error.filename or folder}: {error.strerror or error}", "run folder not writable"

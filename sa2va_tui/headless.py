@@ -173,16 +173,13 @@ def run_headless(source: EventHub, console: Console | None = None, grace_s: floa
                     pass
                 if requests.stop.is_set():
                     code = requests.exit_code
-                    printer.line("sa2va-tui", f"{requests.signal_name}: stopping every experiment (at most "
-                                              f"{grace_s:g} s; Ctrl+C again, {FORCE_AFTER_S:g} s or more later, "
-                                              "to stop at once)", "yellow")
+                    printer.line("sa2va-tui", f"interrupted: stopping every experiment ({requests.signal_name}; "
+                                              f"at most {grace_s:g} s; Ctrl+C again, {FORCE_AFTER_S:g} s or more "
+                                              "later, to stop at once)", "yellow")
                     _stop_every_experiment(source, grace_s, requests, printer)
                 else:
                     source.shutdown(grace_s)
-            fault = getattr(source, "fault", None)
-            if fault:
-                printer.line("sa2va-tui", escape(fault), "bold red")
-            printer.summary()
+            printer.summary()  # a fault of the source's own was told as it happened, by the tool's log
     finally:
         unsubscribe()
         tool_log.removeHandler(to_printer)

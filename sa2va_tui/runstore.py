@@ -19,7 +19,7 @@ from typing import IO, Any, Callable, Iterator
 
 from sa2va_contract.config import Config, ConfigError, dump_config, load_config
 from sa2va_contract.events import Event, GpuSample, event_from_dict
-from sa2va_contract.files import atomic_write_text
+from sa2va_contract.files import atomic_write_text, naming_disk_full
 from sa2va_contract.layout import (
     CONFIG_FILE,
     EVENTS_FILE,
@@ -104,16 +104,18 @@ class RunStore:
         return self.exp_dir(name) / LOG_FILE
 
     def append_event(self, event: Event) -> None:
+        """One line of events.jsonl; no room for it is a `DiskFull` naming the file."""
         if not event.persist:
             return
-        if self._events is None:
-            self._events = open(self.path / EVENTS_FILE, "a", encoding="utf-8", buffering=1)
-        self._events.write(event.to_json() + "\n")
+        with naming_disk_full(self.path / EVENTS_FILE):
+            if self._events is None:
+                self._events = open(self.path / EVENTS_FILE, "a", encoding="utf-8", buffering=1)
+            self._events.write(event.to_json() + "\n")
 
     def append_gpu_sample(self, sample: GpuSample) -> None:
         """Keep one GPU sample: events.jsonl does not (they come every second), but the
         report needs the GPUs' recent history from the folder alone."""
-        with open(self.path / GPUS_FILE, "a", encoding="utf-8") as f:
+        with naming_disk_full(self.path / GPUS_FILE), open(self.path / GPUS_FILE, "a", encoding="utf-8") as f:
             f.write(sample.to_json() + "\n")
 
     def write_state(self, states: dict[str, ExperimentState], finish_time: float | None, active: bool = True) -> None:

@@ -240,17 +240,17 @@ class Supervisor(EventHub):
         for attempt in self._attempts.values():
             self._ask_stop(attempt, reason, grace_s)
 
-    def _cut_short(self, problem: str) -> None:
+    def _cut_short(self, problem: str, reason: str) -> None:
         """A fault of the supervisor's own (the run folder cannot be written): said once,
-        in one line; every worker saves if it can and stops; the rest is the
-        caller's `shutdown`."""
+        in one line; every worker saves if it can and stops (for `reason`); the rest
+        is the caller's `shutdown`."""
         with self._lock:
             if self._fault is not None:
                 return
             self._fault = problem
             log.error("%s: stopping every experiment", problem)
             if not self._finished:
-                self._close_down(problem, self._stop_grace_s)
+                self._close_down(reason, self._stop_grace_s)
             self._changed.notify_all()
 
     # --- helpers -------------------------------------------------------------------
@@ -314,7 +314,7 @@ class Supervisor(EventHub):
             try:
                 sample = self._gpus.record(snapshot)
             except OSError as err:
-                self._cut_short(write_problem(err, self.store.path))
+                self._cut_short(*write_problem(err, self.store.path))
                 sample = events.GpuSample.of(snapshot)
             for process in (p for g in snapshot.gpus for p in g.processes):
                 if process.experiment and process.used_memory:
@@ -338,7 +338,7 @@ class Supervisor(EventHub):
             return self._drain_once()
         except BaseException as err:  # noqa: BLE001 - SystemExit too: nothing may end this thread
             log.error("the supervisor's event thread failed", exc_info=err)
-            self._cut_short(f"the supervisor failed: {type(err).__name__}: {err}".strip())
+            self._cut_short(f"the supervisor failed: {type(err).__name__}: {err}".strip(), "supervisor failed")
             self._backend.wake()
             threading.Event().wait(TICK_S)  # never a busy loop over a fault that repeats
             return False
@@ -412,7 +412,7 @@ class Supervisor(EventHub):
         try:
             write(*args, **kwargs)
         except OSError as err:
-            self._cut_short(write_problem(err, self.store.path))
+            self._cut_short(*write_problem(err, self.store.path))
 
     def _deliver(self, pending: list[Event]) -> None:
         with self._lock:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, NoReturn, Optional
@@ -44,6 +45,17 @@ def _supervisor_or_exit(make):
         return make()
     except (LaunchError, RunStoreError, SupervisorError) as err:
         fail(str(err))
+
+
+def _say(line: str) -> None:
+    """A line of a command that runs experiments: a closed output (`| head`, a reader
+    gone) silences it, and the run goes on without it."""
+    from sa2va_tui.headless import silence_stdout
+
+    try:
+        typer.echo(line)
+    except OSError:
+        silence_stdout(sys.stdout)
 
 
 def _show(source: "EventHub", start: Optional[Callable[[], None]] = None) -> NoReturn:
@@ -89,7 +101,7 @@ def _run_supervisor(supervisor, names: list[str] | None, headless: bool) -> NoRe
 
     from sa2va_tui.supervisor import SupervisorError
 
-    typer.echo(f"run {supervisor.store.run_id}: {supervisor.run_dir}")
+    _say(f"run {supervisor.store.run_id}: {supervisor.run_dir}")
     # What the tool warns of stays in the run folder, whatever becomes of the terminal.
     logging.getLogger("sa2va_tui").addHandler(supervisor.store.problem_log())
     if supervisor.config.run.on_event:
@@ -145,8 +157,8 @@ def launch(
 
     store = RunStore.create(cfg)
     if cfg.run.backend == "ray":  # a few seconds before anything else shows
-        typer.echo("ray: starting a private instance on 127.0.0.1" if cfg.ray.address == "local" else
-                   f"ray: connecting to the cluster at {cfg.ray.address}")
+        _say("ray: starting a private instance on 127.0.0.1" if cfg.ray.address == "local" else
+             f"ray: connecting to the cluster at {cfg.ray.address}")
     _run_supervisor(_supervisor_or_exit(lambda: Supervisor(cfg, store)), list(only) or None, headless)
 
 

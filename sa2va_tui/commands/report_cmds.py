@@ -89,13 +89,13 @@ def evaluate(
 
     Train learns, val chooses, test reports. Prints the table and keeps it in the run
     folder (evaluation.json) for the report and `runs`."""
-    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from sa2va_contract.config import SPLITS
     from sa2va_contract.evaluation import BREAKDOWNS
     from sa2va_contract.layout import EVALUATION_FILE
     from sa2va_tui import engine
+    from sa2va_tui.headless import QuietConsole
     from sa2va_tui.runstore import RunStoreError, load_run, load_run_config
     from sa2va_tui.text import breakdown_table, evaluation_table, print_table, seeds_table, warning_text
 
@@ -112,7 +112,9 @@ def evaluate(
     if not finished:
         states = ", ".join(f"{name} {s.state}" for name, s in snapshot.experiments.items())
         fail(f"{snapshot.run_id}: no experiment has finished yet ({states})")
-    console = Console()
+    # `evaluate | head`: a reader that goes away silences the table, not the evaluation
+    # (it is kept in the run folder all the same).
+    console = QuietConsole()
     for name, s in snapshot.experiments.items():
         if s.state != "finished":
             console.print(f"note: {name} has not finished ({s.state}); a model it saved so far is evaluated if any",

@@ -103,25 +103,30 @@ def _run_supervisor(supervisor, names: list[str] | None, headless: bool) -> NoRe
 
     _say(f"run {supervisor.store.run_id}: {supervisor.run_dir}")
     # What the tool warns of stays in the run folder, whatever becomes of the terminal.
-    logging.getLogger("sa2va_tui").addHandler(supervisor.store.problem_log())
-    if supervisor.config.run.on_event:
-        from sa2va_tui.notify import Notifier
+    problems, tool_log = supervisor.store.problem_log(), logging.getLogger("sa2va_tui")
+    tool_log.addHandler(problems)
+    try:
+        if supervisor.config.run.on_event:
+            from sa2va_tui.notify import Notifier
 
-        supervisor.subscribe(Notifier(supervisor.config.run.on_event, supervisor.store.run_id, supervisor.run_dir,
-                                      supervisor.states))
-    if not headless:
-        from sa2va_tui.app import AppSource
+            supervisor.subscribe(Notifier(supervisor.config.run.on_event, supervisor.store.run_id,
+                                          supervisor.run_dir, supervisor.states))
+        if not headless:
+            from sa2va_tui.app import AppSource
 
-        _show_app(AppSource.of_supervisor(supervisor, names))
+            _show_app(AppSource.of_supervisor(supervisor, names))
 
-    def start() -> None:
-        try:
-            supervisor.start(names)
-        except SupervisorError as err:
-            supervisor.shutdown(0.0)
-            fail(str(err))
+        def start() -> None:
+            try:
+                supervisor.start(names)
+            except SupervisorError as err:
+                supervisor.shutdown(0.0)
+                fail(str(err))
 
-    _show(supervisor, start)
+        _show(supervisor, start)
+    finally:
+        tool_log.removeHandler(problems)
+        problems.close()
 
 
 @app.command()

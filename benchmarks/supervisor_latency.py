@@ -4,7 +4,12 @@ dead supervisor (the issue's limits: pause within 1 s, no orphan after 10 s).
 Workers run a stand-in experiment that steps every 10 ms, so the figures measure the
 control path (pipes, threads, step points, process exit), not an experiment's step
 length; a real experiment adds up to one of its steps, and its checkpoint's save time
-to a stop.
+to a stop. The last figure is the pause a user sees: the real prompt_rl of
+configs/quick.yaml (as the issue that found a 1.1 s pause ran it), paused at random
+moments of its training, so that a request may land in a PPO update, a checkpoint or an
+evaluation, where no step point comes. (Not measured: a pause asked between the
+"training" phase and the first step, while PPO builds its model and environments: no
+step point comes there either.)
 """
 
 from __future__ import annotations
@@ -75,6 +80,45 @@ def _control_latencies(root: Path, repeats: int) -> dict[str, list[float]]:
     return found
 
 
+def _real_pause_latencies(root: Path, repeats: int, *overrides: str) -> list[float]:
+    """Seconds from `pause` to the Paused event of the real prompt_rl (quick config,
+    `overrides` applied), each request at a random moment of its training."""
+    import random
+    import threading
+
+    from sa2va_contract.config import load_config
+    from sa2va_contract.events import Paused, Progress, Resumed
+    from sa2va_tui.runstore import RunStore
+    from sa2va_tui.supervisor import Supervisor
+
+    repo = Path(__file__).resolve().parent.parent
+    config = load_config(repo / "configs" / "quick.yaml", [
+        f"run.logs_dir={root}", "postprocess_rl.enabled=false", "reward_net.enabled=false",
+        "prompt_rl.total_timesteps=1000000000", *overrides])
+    supervisor = Supervisor(config, RunStore.create(config))
+    arrived = {Paused: threading.Event(), Resumed: threading.Event(), Progress: threading.Event()}
+    supervisor.subscribe(lambda e: type(e) in arrived and (not isinstance(e, Progress) or e.timesteps > 0)
+                         and arrived[type(e)].set())
+    supervisor.start()
+    found: list[float] = []
+    try:
+        arrived[Progress].wait(600)  # training has taken its first steps
+        chance = random.Random(0)
+        for _ in range(repeats):
+            time.sleep(chance.uniform(0.2, 2.0))
+            arrived[Paused].clear()
+            t0 = time.perf_counter()
+            supervisor.pause("prompt_rl")
+            arrived[Paused].wait(30)
+            found.append(time.perf_counter() - t0)
+            arrived[Resumed].clear()
+            supervisor.resume("prompt_rl")
+            arrived[Resumed].wait(30)
+    finally:
+        supervisor.shutdown(0.0)
+    return found
+
+
 ORPHAN_SCRIPT = """
 import json, sys, time
 from sa2va_contract.config import load_config
@@ -119,6 +163,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         latencies = _control_latencies(Path(tmp) / "control", repeats=20)
         orphans = [_orphan_exit(Path(tmp) / f"orphan{i}") for i in range(3)]
+        real_pauses = _real_pause_latencies(Path(tmp) / "real", repeats=20)
     print(f"{'measure':<42} {'median ms':>10} {'max ms':>10}")
     for action, values in latencies.items():
         ms = [v * 1000 for v in values]
@@ -126,6 +171,8 @@ def main() -> None:
               f"{statistics.median(ms):>10.1f} {max(ms):>10.1f}")
     flat = [v * 1000 for run in orphans for v in run]
     print(f"{'supervisor SIGKILL -> worker exit (x6)':<42} {statistics.median(flat):>10.1f} {max(flat):>10.1f}")
+    ms = [v * 1000 for v in real_pauses]
+    print(f"{'pause -> event, real prompt_rl (x20)':<42} {statistics.median(ms):>10.1f} {max(ms):>10.1f}")
 
 
 if __name__ == "__main__":

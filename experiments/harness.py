@@ -27,9 +27,9 @@ from typing import Any, Callable, Protocol
 
 from sa2va_contract import events
 from sa2va_contract.config import Config, ExperimentConfig
-from sa2va_contract.files import LOG_TAIL_LINES, read_log_tail
+from sa2va_contract.files import LOG_TAIL_LINES, disk_full_message, read_log_tail
 from sa2va_contract.kinds import kind_of, resolve_entry
-from sa2va_contract.recovery import classify_exception
+from sa2va_contract.recovery import DISK_FULL, OOM, classify_exception
 from sa2va_contract.worker import load_function
 
 log = logging.getLogger(__name__)
@@ -226,13 +226,17 @@ def run_experiment(ctx: WorkerContext, entry: str, log_path: Path | None = None)
         log.info("stopped at step %d: %s", ctx.last_step, stop.reason)
         return events.Stopped(ctx.name, step=ctx.last_step, reason=stop.reason)
     except Exception as err:  # noqa: BLE001 - every failure is reported, none escapes
+        kind = classify_exception(err, ctx.training_started)
         clear = isinstance(err, ClearError)
-        message = str(err) if clear else f"{type(err).__name__}: {err}".strip()
+        # No room says all in one line, whatever library wrapped it on the way.
+        if kind == DISK_FULL:
+            message = disk_full_message(err, ctx.exp_dir)
+        else:
+            message = str(err) if clear else f"{type(err).__name__}: {err}".strip()
         log.error("failed at step %d%s", ctx.last_step, f": {message}" if clear else "",
                   exc_info=None if clear else err)
-        kind = classify_exception(err, ctx.training_started)
         tail: list[str] = []
-        if kind != "oom" and not clear:  # these say all in their message
+        if kind not in (OOM, DISK_FULL) and not clear:  # these say all in their message
             tail = read_log_tail(log_path) if log_path else traceback.format_exception(err)[-LOG_TAIL_LINES:]
         return events.Failed(ctx.name, kind=kind, message=message, step=ctx.last_step, batch_size=ctx.batch_size,
                              gpu=ctx.gpu, log_tail=[line.rstrip("\n") for line in tail])

@@ -176,6 +176,10 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
 
     control = Control()
     signal.signal(signal.SIGTERM, lambda *_: control.stop("terminated"))
+    # A closing terminal hangs up its whole process group: save and stop, as on SIGTERM
+    # (under nohup it stays ignored).
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, lambda *_: control.stop("hung up"))
     lifeline = Lifeline(control)
     sink = PipeSink(conn, on_lost=lifeline.lost)
     threading.Thread(target=read_control, args=(conn, control, lifeline), name="control", daemon=True).start()

@@ -6,11 +6,15 @@ disk fills mid-write. The data goes to a temporary file beside the target (a hid
 name, so listings skip it), is flushed (and, for what cannot be recomputed, synced
 to disk), then renamed over the target; on any failure the temporary file is removed.
 
+A write that fails for want of room (a full disk, a quota, a file-size limit) is a
+`DiskFull` naming the file, whoever wrapped the error on the way (torch.save does).
+
 Log tails: logs grow to gigabytes, so their end is read from the end.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections import deque
@@ -26,6 +30,57 @@ LOG_TAIL_BYTES = 64 * 1024
 # user creates. The mask is read once, here, because reading it means setting it.
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
+
+
+#: No room: a full file system, a full quota, a file-size limit (RLIMIT_FSIZE). The
+#: three end a write alike, so they are told to the user alike.
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+class DiskFull(OSError):
+    """A write that found no room; `str()` is the one line to show: `disk full: PATH`."""
+
+    def __init__(self, path: Path | str, error_number: int = errno.ENOSPC) -> None:
+        super().__init__(error_number, os.strerror(error_number), str(path))
+
+    def __str__(self) -> str:
+        return f"disk full: {self.filename}"
+
+
+def disk_full_cause(error: BaseException | None) -> OSError | None:
+    """The out-of-room OSError behind `error`, itself or one it was raised from or
+    during (torch.save reports one as "enforce fail at inline_container.cc"), or None."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def disk_full_message(error: BaseException, fallback: Path | str) -> str | None:
+    """`disk full: PATH` for an error that `disk_full_cause` finds, PATH the file it was
+    writing where known (else `fallback`); None for any other error."""
+    cause = disk_full_cause(error)
+    if cause is None:
+        return None
+    return str(cause) if isinstance(cause, DiskFull) else f"disk full: {cause.filename or fallback}"
+
+
+@contextmanager
+def naming_disk_full(path: Path | str) -> Iterator[None]:
+    """Writes to `path` in this block that find no room raise `DiskFull(path)` (a write
+    to an open file says no file name of its own)."""
+    try:
+        yield
+    except DiskFull:
+        raise
+    except BaseException as err:
+        cause = disk_full_cause(err)
+        if cause is None:
+            raise
+        raise DiskFull(path, cause.errno or errno.ENOSPC) from err
 
 
 @contextmanager
@@ -46,7 +101,8 @@ def atomic_writer(path: Path, durable: bool = True) -> Iterator[BinaryIO]:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
-        raise
+        with naming_disk_full(path):
+            raise
 
 
 def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:

@@ -28,6 +28,8 @@ from pathlib import Path
 CONFIG_FILE = "config.yaml"
 RUN_FILE = "run.json"
 EVENTS_FILE = "events.jsonl"
+#: The supervisor's own warnings and faults (a worker killed, a full disk).
+SUPERVISOR_LOG = "supervisor.log"
 GPUS_FILE = "gpus.jsonl"
 EVALUATION_FILE = "evaluation.json"
 #: What the run keeps of itself at the top of its folder: nothing else may write over them.

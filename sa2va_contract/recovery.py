@@ -15,13 +15,14 @@ from dataclasses import dataclass
 
 from sa2va_contract.config import ExperimentConfig, RecoveryConfig
 from sa2va_contract.events import Change, RestartChanges
+from sa2va_contract.files import disk_full_cause
 from sa2va_contract.kinds import kind_of
 
 #: Out of memory; failed before the first training step (import error, missing
 #: checkpoint, bad data found at load: a retry would fail the same way); any other
-#: crash; killed by a signal.
-OOM, STARTUP, ERROR, KILLED = "oom", "startup", "error", "killed"
-FAILURE_KINDS = (OOM, STARTUP, ERROR, KILLED)
+#: crash; killed by a signal; no room left to write (a retry would find none either).
+OOM, STARTUP, ERROR, KILLED, DISK_FULL = "oom", "startup", "error", "killed", "disk_full"
+FAILURE_KINDS = (OOM, STARTUP, ERROR, KILLED, DISK_FULL)
 #: Why an attempt starts: the first of a run, automatically after an out-of-memory
 #: failure or a crash, because a person asked, or because a run is resumed.
 START, RESTART_REASONS = "start", ("oom", "error", "manual", "resume")
@@ -47,6 +48,8 @@ def is_out_of_memory(error: BaseException) -> bool:
 def classify_exception(error: BaseException, training_started: bool = True) -> str:
     """The failure kind of an exception an experiment raised, before its first
     training step or after."""
+    if disk_full_cause(error) is not None:
+        return DISK_FULL
     if is_out_of_memory(error):
         return OOM
     return ERROR if training_started else STARTUP
@@ -117,6 +120,8 @@ def automatic_restart(experiment: ExperimentConfig, kind: str, failed_batch: int
         return AutomaticRestart("oom", smaller), ""
     if kind == STARTUP:
         return None, "failed at start-up: not retried (it would fail the same way); fix it, then restart"
+    if kind == DISK_FULL:
+        return None, "disk full: not retried; free some space, then resume"
     if killed_by_us:
         return None, "killed after it did not stop in time: not retried"
     if error_restarts >= recovery.retry_errors:

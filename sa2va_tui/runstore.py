@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
 import socket
@@ -23,13 +24,14 @@ from typing_extensions import TypedDict  # pydantic reads typing's TypedDict onl
 
 from sa2va_contract.config import Config, ConfigError, dump_config, load_config
 from sa2va_contract.events import Event, GpuSample, event_from_dict
-from sa2va_contract.files import atomic_write_text
+from sa2va_contract.files import atomic_write_text, naming_disk_full
 from sa2va_contract.layout import (
     CONFIG_FILE,
     EVENTS_FILE,
     GPUS_FILE,
     LOG_FILE,
     RUN_FILE,
+    SUPERVISOR_LOG,
     TENSORBOARD_DIR,
     TFEVENTS_GLOB,
     OutsideError,
@@ -123,16 +125,18 @@ class RunStore:
         return self.exp_dir(name) / LOG_FILE
 
     def append_event(self, event: Event) -> None:
+        """One line of events.jsonl; no room for it is a `DiskFull` naming the file."""
         if not event.persist:
             return
-        if self._events is None:
-            self._events = open_for_append(self.path / EVENTS_FILE, buffering=1)
-        self._events.write(event.to_json() + "\n")
+        with naming_disk_full(self.path / EVENTS_FILE):
+            if self._events is None:
+                self._events = open_for_append(self.path / EVENTS_FILE, buffering=1)
+            self._events.write(event.to_json() + "\n")
 
     def append_gpu_sample(self, sample: GpuSample) -> None:
         """Keep one GPU sample: events.jsonl does not (they come every second), but the
         report needs the GPUs' recent history from the folder alone."""
-        with open_for_append(self.path / GPUS_FILE) as f:
+        with naming_disk_full(self.path / GPUS_FILE), open_for_append(self.path / GPUS_FILE) as f:
             f.write(sample.to_json() + "\n")
 
     def write_state(self, states: dict[str, ExperimentState], finish_time: float | None, active: bool = True) -> None:
@@ -149,8 +153,29 @@ class RunStore:
 
     def close(self) -> None:
         if self._events is not None:
-            self._events.close()
-            self._events = None
+            events, self._events = self._events, None
+            try:
+                events.close()
+            except OSError:
+                pass  # its last line met a full disk: what was written stays, the supervisor said why
+
+    def problem_log(self) -> logging.Handler:
+        """A handler that keeps the tool's warnings and errors in the run folder
+        (`supervisor.log`), whatever the terminal shows of them."""
+        return _ProblemLog(self.path / SUPERVISOR_LOG)
+
+
+class _ProblemLog(logging.FileHandler):
+    """`supervisor.log`, opened at its first line; a line the disk has no room for is
+    lost silently (the run's fault says so once), never a traceback on the terminal."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, encoding="utf-8", delay=True)
+        self.setLevel(logging.WARNING)
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
 
 
 class StateWriter:

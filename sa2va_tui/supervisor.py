@@ -15,14 +15,16 @@ from __future__ import annotations
 import atexit
 import logging
 import threading
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from sa2va_contract import events
 from sa2va_contract.config import Config, ExperimentConfig
 from sa2va_contract.events import Event
 from sa2va_contract.gpus import GpuSnapshot
 from sa2va_contract.recovery import RestartPlan, automatic_restart, batch_size_problem
+from sa2va_tui.drain import call_subscribers, write_problem
 from sa2va_tui.gpus import GpuSampler, GpuWatch
 from sa2va_tui.launching import Attempt, Launcher, Owed
 from sa2va_tui.placement import Exit, PlacementBackend, backend_for
@@ -76,6 +78,8 @@ class Supervisor(EventHub):
         self._drain = threading.Thread(target=self._drain_loop, name="supervisor-drain", daemon=True)
         self._sampler: GpuSampler | None = None
         self._started = self._closing = self._finished = False
+        #: The one line that cut the run short from the supervisor's side (a full disk).
+        self._fault: str | None = None
         self._state_writer = StateWriter(store, STATE_WRITE_INTERVAL_S)
 
     @classmethod
@@ -181,9 +185,20 @@ class Supervisor(EventHub):
 
     @property
     def done(self) -> bool:
-        """No worker runs, none waits and none is owed: every experiment has ended, for now."""
+        """No worker runs, none waits and none is owed: every experiment has ended, for now.
+        Also true when the drain thread is gone (nothing more can happen by itself):
+        `shutdown` then reaps the workers on the caller's thread."""
         with self._lock:
+            if self._started and not self._finished and not self._drain.is_alive():
+                return True
             return self._started and not self._attempts and not self._owed and not self._launcher.line
+
+    @property
+    def fault(self) -> str | None:
+        """Why the supervisor cut the run short by itself, in one line (`disk full:
+        PATH`); None when it did not."""
+        with self._lock:
+            return self._fault
 
     def shutdown(self, grace_s: float = 10.0) -> None:
         """Stop every worker gracefully (each saves a checkpoint), kill those still
@@ -191,30 +206,52 @@ class Supervisor(EventHub):
         with self._lock:
             if self._finished:
                 return
-            self._closing = True
-            self._owed.clear()
-            for waiting in list(self._launcher.line):
-                self._launcher.withdraw(waiting.name)
-                self._dispatch(events.Stopped(waiting.name, step=self._book.states[waiting.name].timesteps,
-                                              reason="shutdown"))
-            for attempt in self._attempts.values():
-                self._ask_stop(attempt, "shutdown", grace_s)
-        if self._started:
+            self._close_down("shutdown", grace_s)
+        if self._started and self._drain.is_alive():
             with self._changed:
                 # The drain thread kills at the deadline; give it a moment past that.
                 self._changed.wait_for(lambda: not self._attempts, grace_s + 5.0)
+        elif self._started:
+            self._drain_here(grace_s + 5.0)
         if self._sampler is not None:
             self._sampler.stop()
         with self._lock:
+            if self._finished:
+                return  # a concurrent call (a forced stop) closed it meanwhile
             self._finished = True
             self._backend.wake()
-        if self._drain.is_alive():
+        if self._drain.is_alive() and threading.current_thread() is not self._drain:
             self._drain.join(timeout=5.0)
         with self._lock:
             self._write_state(force=True, active=False)
             self.store.close()
             self._backend.close()
         atexit.unregister(self.shutdown)
+
+    def _close_down(self, reason: str, grace_s: float) -> None:
+        """Nothing new starts; what waits leaves the line; every worker is asked to save
+        and stop within `grace_s` (a second call only shortens the grace). Lock held."""
+        self._closing = True
+        self._owed.clear()
+        for waiting in list(self._launcher.line):
+            self._launcher.withdraw(waiting.name)
+            self._dispatch(events.Stopped(waiting.name, step=self._book.states[waiting.name].timesteps,
+                                          reason=reason))
+        for attempt in self._attempts.values():
+            self._ask_stop(attempt, reason, grace_s)
+
+    def _cut_short(self, problem: str, reason: str) -> None:
+        """A fault of the supervisor's own (the run folder cannot be written): said once,
+        in one line; every worker saves if it can and stops (for `reason`); the rest
+        is the caller's `shutdown`."""
+        with self._lock:
+            if self._fault is not None:
+                return
+            self._fault = problem
+            log.error("%s: stopping every experiment", problem)
+            if not self._finished:
+                self._close_down(reason, self._stop_grace_s)
+            self._changed.notify_all()
 
     # --- helpers -------------------------------------------------------------------
 
@@ -244,7 +281,7 @@ class Supervisor(EventHub):
             if isinstance(event, (events.Failed, events.Finished, events.Stopped)) and event.experiment in self._owed:
                 # This end is the first half of a restart already decided.
                 self._book.mark_restarting(event.experiment)
-            self.store.append_event(event)
+            self._record(self.store.append_event, event)
             self._outbox.append(event)
             self._state_writer.dirty = True
             self._changed.notify_all()
@@ -274,7 +311,11 @@ class Supervisor(EventHub):
 
     def _on_gpus(self, snapshot: GpuSnapshot) -> None:
         with self._lock:
-            sample = self._gpus.record(snapshot)
+            try:
+                sample = self._gpus.record(snapshot)
+            except OSError as err:
+                self._cut_short(*write_problem(err, self.store.path))
+                sample = events.GpuSample.of(snapshot)
             for process in (p for g in snapshot.gpus for p in g.processes):
                 if process.experiment and process.used_memory:
                     self._book.gpu_memory_seen(process.experiment, process.used_memory)
@@ -283,25 +324,55 @@ class Supervisor(EventHub):
     # --- the drain thread ------------------------------------------------------------
 
     def _drain_loop(self) -> None:
-        while True:
+        try:
+            while not self._drain_guarded():
+                pass
+        finally:
+            with self._changed:
+                self._changed.notify_all()  # a waiter sees `done` (the loop's end) at once
+
+    def _drain_guarded(self) -> bool:
+        """One round of the drain; whatever it raises is a fault of the run, never the
+        end of the thread that reaps the workers. True when the supervisor finished."""
+        try:
+            return self._drain_once()
+        except BaseException as err:  # noqa: BLE001 - SystemExit too: nothing may end this thread
+            log.error("the supervisor's event thread failed", exc_info=err)
+            self._cut_short(f"the supervisor failed: {type(err).__name__}: {err}".strip(), "supervisor failed")
+            self._backend.wake()
+            threading.Event().wait(TICK_S)  # never a busy loop over a fault that repeats
+            return False
+
+    def _drain_here(self, timeout: float) -> None:
+        """The drain's work on this thread, until every worker has been reaped (or
+        `timeout`): for a shutdown that finds the drain thread gone."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
             with self._lock:
-                if self._finished:
-                    self._deliver_outbox()
+                if not self._attempts:
                     return
-                attempts = list(self._attempts.values())
-            by_handle = {id(a.handle): a for a in attempts}
-            for handle, arrival in self._backend.wait([a.handle for a in attempts], timeout=TICK_S):
-                attempt = by_handle[id(handle)]
-                if isinstance(arrival, Exit):
-                    self._on_exit(attempt, arrival)
-                else:
-                    self._on_worker_event(attempt, arrival)
-            with self._lock:
-                self._enforce_deadlines()
-                if not self._closing:
-                    self._launcher.schedule()
-                self._write_state()
-            self._deliver_outbox()
+            self._drain_guarded()
+
+    def _drain_once(self) -> bool:
+        with self._lock:
+            if self._finished:
+                self._deliver_outbox()
+                return True
+            attempts = list(self._attempts.values())
+        by_handle = {id(a.handle): a for a in attempts}
+        for handle, arrival in self._backend.wait([a.handle for a in attempts], timeout=TICK_S):
+            attempt = by_handle[id(handle)]
+            if isinstance(arrival, Exit):
+                self._on_exit(attempt, arrival)
+            else:
+                self._on_worker_event(attempt, arrival)
+        with self._lock:
+            self._enforce_deadlines()
+            if not self._closing:
+                self._launcher.schedule()
+            self._write_state()
+        self._deliver_outbox()
+        return False
 
     def _enforce_deadlines(self) -> None:
         """Kill the workers that were asked to stop and did not within their grace."""
@@ -332,7 +403,23 @@ class Supervisor(EventHub):
         self._deliver(pending)
 
     def _write_state(self, force: bool = False, active: bool = True) -> None:
-        self._state_writer.write(self._book.states, self._book.finish_time, force=force, active=active)
+        self._record(self._state_writer.write, self._book.states, self._book.finish_time, force=force,
+                     active=active)
+
+    def _record(self, write: Callable[..., None], *args: Any, **kwargs: Any) -> None:
+        """A write to the run folder; one that fails cuts the run short (its file as
+        it was before: run.json is written whole or not at all)."""
+        try:
+            write(*args, **kwargs)
+        except OSError as err:
+            self._cut_short(*write_problem(err, self.store.path))
+
+    def _deliver(self, pending: list[Event]) -> None:
+        with self._lock:
+            subscribers = list(self._subscribers)
+        broken = call_subscribers(subscribers, pending)
+        with self._lock:
+            self._subscribers = [s for s in self._subscribers if s not in broken]
 
 
 def restart_refusal(name: str, state: ExperimentState, experiment: ExperimentConfig, closing: bool,

@@ -104,13 +104,13 @@ def evaluate(
 
     Train learns, val chooses, test reports. Prints the table and keeps it in the run
     folder (evaluation.json) for the report and `runs`."""
-    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from sa2va_contract.config import SPLITS
     from sa2va_contract.evaluation import BREAKDOWNS
     from sa2va_contract.layout import EVALUATION_FILE
     from sa2va_tui import engine
+    from sa2va_tui.headless import QuietConsole
     from sa2va_tui.runstore import RunStoreError, load_run, load_run_config
     from sa2va_tui.text import breakdown_table, evaluation_table, print_table, seeds_table, warning_text
 
@@ -127,7 +127,9 @@ def evaluate(
     if not finished:
         states = ", ".join(f"{name} {s.state}" for name, s in snapshot.experiments.items())
         fail(f"{snapshot.run_id}: no experiment has finished yet ({states})")
-    console = Console()
+    # `evaluate | head`: a reader that goes away silences the table, not the evaluation
+    # (it is kept in the run folder all the same).
+    console = QuietConsole()
     for name, s in snapshot.experiments.items():
         if s.state != "finished":
             console.print(f"note: {name} has not finished ({s.state}); a model it saved so far is evaluated if any",
@@ -162,8 +164,9 @@ def tensorboard(
 ) -> None:
     """One TensorBoard over every experiment of a run, on 127.0.0.1 only.
 
-    Each experiment is its own named run, on one port; Ctrl+C stops it."""
+    Each experiment is its own named run, on one port; Ctrl+C (or SIGTERM, SIGHUP) stops it."""
     from sa2va_tui.runstore import tensorboard_dir
+    from sa2va_tui.signals import StopRequests
 
     snapshot = load_run_or_exit(run, logs_dir)
     run_dir = snapshot.path
@@ -176,22 +179,30 @@ def tensorboard(
             fail(f"{folder}: TensorBoard's --logdir_spec cannot name a run or folder with ':' or ','")
     _check_port_free(port)
     log = Path(tempfile.mkstemp(prefix="sa2va-tensorboard-", suffix=".log")[1])
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "tensorboard.main", "--logdir_spec",
-             ",".join(f"{name}:{folder}" for name, folder in spec.items()), "--host", LOCALHOST, "--port", str(port)],
-            stdout=out, stderr=subprocess.STDOUT)
-    try:
-        _wait_until_serving(process, port, log)
-        missing = [name for name, folder in folders.items() if folder is None]
-        typer.echo(f"TensorBoard at http://{LOCALHOST}:{port}/ with runs {', '.join(spec)}"
-                   + (f" (no TensorBoard files yet: {', '.join(missing)})" if missing else "")
-                   + f"; its log: {log}; Ctrl+C stops it")
-        code = process.wait()
-    except KeyboardInterrupt:
-        code = 0
-    finally:
-        _stop(process)
+    # Whatever ends this command ends TensorBoard too: a stop signal only takes note,
+    # and the child is stopped on the way out. Stopped as asked is a success (exit 0).
+    with StopRequests() as requests:
+        with open(log, "wb") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "tensorboard.main", "--logdir_spec",
+                 ",".join(f"{name}:{folder}" for name, folder in spec.items()), "--host", LOCALHOST, "--port",
+                 str(port)], stdout=out, stderr=subprocess.STDOUT)
+        try:
+            _wait_until_serving(process, port, log, requests)
+            missing = [name for name, folder in folders.items() if folder is None]
+            typer.echo(f"TensorBoard at http://{LOCALHOST}:{port}/ with runs {', '.join(spec)}"
+                       + (f" (no TensorBoard files yet: {', '.join(missing)})" if missing else "")
+                       + f"; its log: {log}; Ctrl+C stops it")
+            code = None
+            while code is None and not requests.stop.is_set():
+                try:
+                    code = process.wait(timeout=0.2)
+                except subprocess.TimeoutExpired:
+                    pass
+        except KeyboardInterrupt:
+            code = None
+        finally:
+            _stop(process)
     if code:
         fail(f"tensorboard exited with code {code}: {_last_line(log)}")
     log.unlink(missing_ok=True)  # kept only when something went wrong
@@ -206,10 +217,11 @@ def _check_port_free(port: int) -> None:
             fail(f"port {port} on {LOCALHOST} is in use; choose another with --port")
 
 
-def _wait_until_serving(process: subprocess.Popen, port: int, log: Path) -> None:
-    """Return once TensorBoard accepts connections; fail if it exits or takes too long."""
+def _wait_until_serving(process: subprocess.Popen, port: int, log: Path, requests) -> None:
+    """Return once TensorBoard accepts connections (or a stop signal came); fail if it
+    exits or takes too long."""
     deadline = time.monotonic() + TENSORBOARD_START_S
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not requests.stop.is_set():
         if process.poll() is not None:
             fail(f"tensorboard exited with code {process.returncode}: {_last_line(log)}")
         try:
@@ -217,6 +229,8 @@ def _wait_until_serving(process: subprocess.Popen, port: int, log: Path) -> None
                 return
         except OSError:
             time.sleep(0.2)
+    if requests.stop.is_set():
+        return
     _stop(process)
     fail(f"tensorboard did not answer on port {port} within {TENSORBOARD_START_S:g} s; its log: {log}")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, NoReturn, Optional
@@ -47,6 +48,17 @@ def _supervisor_or_exit(make):
         fail(str(err))
 
 
+def _say(line: str) -> None:
+    """A line of a command that runs experiments: a closed output (`| head`, a reader
+    gone) silences it, and the run goes on without it."""
+    from sa2va_tui.headless import silence_stdout
+
+    try:
+        typer.echo(line)
+    except OSError:
+        silence_stdout(sys.stdout)
+
+
 def _show(source: "EventHub", start: Optional[Callable[[], None]] = None) -> NoReturn:
     from sa2va_tui.headless import run_headless
 
@@ -54,34 +66,68 @@ def _show(source: "EventHub", start: Optional[Callable[[], None]] = None) -> NoR
 
 
 def _show_app(source: "AppSource") -> NoReturn:
-    """The Textual app over a source it starts itself, once it listens."""
-    from sa2va_tui.app import run_app
+    """The Textual app over a source it starts itself, once it listens. A stop signal
+    (`sa2va_tui.signals`) stops every experiment gracefully, then ends the app."""
+    import _thread
+    import threading
 
-    raise typer.Exit(run_app(source))
+    from sa2va_tui.app import run_app
+    from sa2va_tui.signals import StopRequests
+
+    def stop_then_leave() -> None:
+        source.hub.shutdown(source.stop_grace_s)
+        leaving.set()
+        _thread.interrupt_main()  # the app's loop ends as after Ctrl+C outside it
+
+    def on_signal() -> None:
+        if leaving.is_set():
+            raise KeyboardInterrupt
+        if requests.force.is_set():
+            threading.Thread(target=source.hub.shutdown, args=(0.0,), daemon=True).start()
+        elif not stopping.is_set():
+            stopping.set()
+            threading.Thread(target=stop_then_leave, name="graceful-stop", daemon=True).start()
+
+    leaving, stopping = threading.Event(), threading.Event()
+    with StopRequests(on_signal) as requests:
+        try:
+            code = run_app(source)
+        except KeyboardInterrupt:
+            code = requests.exit_code or 130
+    raise typer.Exit(code)
 
 
 def _run_supervisor(supervisor, names: list[str] | None, headless: bool) -> NoReturn:
+    import logging
+
     from sa2va_tui.supervisor import SupervisorError
 
-    typer.echo(f"run {supervisor.store.run_id}: {supervisor.run_dir}")
-    if supervisor.config.run.on_event:
-        from sa2va_tui.notify import Notifier
+    _say(f"run {supervisor.store.run_id}: {supervisor.run_dir}")
+    # What the tool warns of stays in the run folder, whatever becomes of the terminal.
+    problems, tool_log = supervisor.store.problem_log(), logging.getLogger("sa2va_tui")
+    tool_log.addHandler(problems)
+    try:
+        if supervisor.config.run.on_event:
+            from sa2va_tui.notify import Notifier
 
-        supervisor.subscribe(Notifier(supervisor.config.run.on_event, supervisor.store.run_id, supervisor.run_dir,
-                                      supervisor.states))
-    if not headless:
-        from sa2va_tui.app import AppSource
+            supervisor.subscribe(Notifier(supervisor.config.run.on_event, supervisor.store.run_id,
+                                          supervisor.run_dir, supervisor.states))
+        if not headless:
+            from sa2va_tui.app import AppSource
 
-        _show_app(AppSource.of_supervisor(supervisor, names))
+            _show_app(AppSource.of_supervisor(supervisor, names))
 
-    def start() -> None:
-        try:
-            supervisor.start(names)
-        except SupervisorError as err:
-            supervisor.shutdown(0.0)
-            fail(str(err))
+        def start() -> None:
+            try:
+                supervisor.start(names)
+            except SupervisorError as err:
+                supervisor.shutdown(0.0)
+                fail(str(err))
 
-    _show(supervisor, start)
+        _show(supervisor, start)
+    finally:
+        tool_log.removeHandler(problems)
+        problems.close()
 
 
 @app.command()
@@ -122,8 +168,8 @@ def launch(
 
     store = RunStore.create(cfg)
     if cfg.run.backend == "ray":  # a few seconds before anything else shows
-        typer.echo("ray: starting a private instance on 127.0.0.1" if cfg.ray.address == "local" else
-                   f"ray: connecting to the cluster at {cfg.ray.address}")
+        _say("ray: starting a private instance on 127.0.0.1" if cfg.ray.address == "local" else
+             f"ray: connecting to the cluster at {cfg.ray.address}")
     _run_supervisor(_supervisor_or_exit(lambda: Supervisor(cfg, store)), list(only) or None, headless)
 
 
@@ -153,6 +199,7 @@ def status(
     """The state of a run, from its folder alone: works from any terminal, during or after the run."""
     from rich.table import Table
 
+    from sa2va_tui.report.facts import shown_state
     from sa2va_tui.runstate import StateBook
     from sa2va_tui.runstore import pid_alive
     from sa2va_tui.text import format_clock, format_duration, output_console
@@ -168,7 +215,7 @@ def status(
         table.add_column(column, justify="right" if column in ("pid", "GPU", "reward") else "left", no_wrap=True)
     cut_short = [name for name, s in snapshot.experiments.items() if not live and not s.terminal]
     for name, s in snapshot.experiments.items():
-        state = f"{s.state}*" if name in cut_short else s.state
+        state = shown_state(s, live)  # the word `runs` and `report` use
         if s.state == "queued" and s.queue_position:
             state += f" #{s.queue_position}"
         waited = s.waited_s(now if live else snapshot.updated_at)
@@ -192,8 +239,8 @@ def status(
                   highlight=False, soft_wrap=True)
     console.print(table)
     if cut_short:
-        console.print(f"* cut short: its supervisor is gone; `sa2va-tui resume {snapshot.run_id}` continues it",
-                      highlight=False, soft_wrap=True)
+        console.print(f"interrupted: its supervisor went away before it ended; `sa2va-tui resume {snapshot.run_id}` "
+                      "continues it", highlight=False, soft_wrap=True)
     if live:
         finish = StateBook(snapshot.experiments).finish_time(now)
         line = f"overall finish: {format_clock(finish)} (in {format_duration(finish - now)})" if finish else \

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Callable, Sequence, TypeVar
@@ -128,10 +129,17 @@ def newest_loadable(
 
 
 def keep_previous(path: Path, previous: Path) -> None:
-    """Before `path` is replaced: its current version becomes `previous`, by a rename
-    (atomic), so that one damaged checkpoint never leaves none."""
+    """Before `path` is replaced: `previous` becomes its current version, so that one
+    damaged checkpoint never leaves none. A hard link under a temporary name, renamed
+    over `previous`: `path` itself never disappears, so a new version that fails to be
+    written (a full disk) leaves the old one where the run's records point."""
     path, previous = Path(path), Path(previous)
+    if not path.exists():
+        return
+    staged = previous.with_name(f".{previous.name}.link")
+    staged.unlink(missing_ok=True)
     try:
-        os.replace(path, previous)
-    except FileNotFoundError:
-        pass
+        os.link(path, staged)
+    except OSError:  # a filesystem without hard links: a copy
+        shutil.copyfile(path, staged)
+    os.replace(staged, previous)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import shutil
 import zipfile
 from pathlib import Path
@@ -43,9 +44,10 @@ def damage_reason(error: BaseException) -> str:
     if isinstance(error, (zipfile.BadZipFile, EOFError)):
         return f"truncated or not a zip ({error})"
     if isinstance(error, pickle.UnpicklingError):
-        # torch's weights_only refusal: the file holds objects that would run code.
-        first = str(error).strip().splitlines()[0] if str(error).strip() else "refused"
-        return f"holds pickled objects other than tensors, not loaded ({first})"
+        # torch's weights_only refusal: the file holds objects that would run code. Its
+        # message explains how to load it anyway; what the user needs is what was refused.
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+        return f"holds pickled objects other than tensors, not loaded ({found.group(1) if found else 'refused'})"
     if isinstance(error, RuntimeError) and "PytorchStreamReader" in str(error):
         return "truncated (not a whole PyTorch file)"
     text = str(error).strip().splitlines()[0] if str(error).strip() else ""

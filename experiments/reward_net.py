@@ -220,6 +220,7 @@ def run(ctx: WorkerContext) -> dict[str, Any]:
         "images": {job: len(samples) for job, samples in images.items()},
         "finetune": tuned,
         "batch_size": batch_size,
+        "cache_damaged": segmenter.damaged,
         **({"peak_gpu_memory_gib": peaks} if peaks else {}),
     }
 

@@ -32,7 +32,7 @@ from experiments.harness import ListSink, WorkerContext, run_experiment
 from experiments.reward.rows import evaluation_rows
 from sa2va_contract.evaluation import load_evaluation
 from sa2va_contract.config import load_config
-from sa2va_contract.events import Failed, Notice, Progress
+from sa2va_contract.events import Failed, Notice, Progress, event_from_dict
 from sa2va_contract.layout import (
     BEST_MODEL,
     BEST_RECORD,
@@ -46,6 +46,8 @@ from sa2va_contract.layout import (
     REWARD_NET_PREVIOUS,
     ppo_checkpoint_name,
 )
+
+from sa2va_tui.text import describe
 
 from conftest import QUICK_CONFIG, SMALL_RUN
 
@@ -141,6 +143,12 @@ def test_a_truncated_newest_checkpoint_is_skipped_for_the_next_older(prompt_copy
     assert notices[1] == f"resuming from {_checkpoint(exp_dir, 192)}"
     assert notices[2].startswith(f"ignored {exp_dir / BEST_RECORD}: JSONDecodeError")
     assert "garbage" not in (exp_dir / PROGRESS_CSV).read_text()
+
+
+def test_a_notice_is_one_line_of_the_views_and_of_events_jsonl():
+    notice = Notice("prompt_rl", message="skipped checkpoint [x]/ckpt_000000256.zip: truncated or not a zip")
+    assert event_from_dict(json.loads(notice.to_json())) == notice
+    assert describe(notice) == ("skipped checkpoint \\[x]/ckpt_000000256.zip: truncated or not a zip", "yellow")
 
 
 def test_no_loadable_checkpoint_fails_in_one_line_and_deletes_nothing(prompt_copy):

@@ -6,7 +6,6 @@ launched it.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -15,15 +14,11 @@ import socket
 import struct
 import time
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator
-
-from pydantic import TypeAdapter, ValidationError
-from typing_extensions import TypedDict  # pydantic reads typing's TypedDict only from Python 3.12
+from typing import IO, Callable, Iterator
 
 from sa2va_contract.config import Config, ConfigError, dump_config, load_config
-from sa2va_contract.events import Event, GpuSample, event_from_dict
+from sa2va_contract.events import Event, GpuSample
 from sa2va_contract.files import atomic_write_text, naming_disk_full
 from sa2va_contract.layout import (
     CONFIG_FILE,
@@ -36,9 +31,9 @@ from sa2va_contract.layout import (
     TFEVENTS_GLOB,
     OutsideError,
     experiment_dir,
-    is_plain_name,
     is_run_id,
 )
+from sa2va_tui.run_shapes import ShapeError, checked_event, checked_run_file
 from sa2va_tui.runstate import ExperimentState
 from sa2va_tui.text import format_bytes
 
@@ -222,24 +217,6 @@ class RunSnapshot:
         return pid_alive(self.supervisor_pid)
 
 
-class _RunFile(TypedDict, total=False):
-    """The shape of run.json, as `RunStore.write_state` writes it."""
-
-    run_id: str
-    created_at: float
-    updated_at: float
-    supervisor_pid: int | None
-    host: str
-    active: bool
-    finish_time: float | None
-    experiments: dict[str, ExperimentState]
-
-
-@cache
-def _run_file_shape() -> TypeAdapter:
-    return TypeAdapter(_RunFile)
-
-
 def load_run(run_dir: Path) -> RunSnapshot:
     """The run as its run.json tells it; a file that cannot be read, or of another shape
     than the one written (null, a list, a string where a number belongs), is a
@@ -252,7 +229,10 @@ def load_run(run_dir: Path) -> RunSnapshot:
         raise RunStoreError(f"{run_dir}: not a run folder (no {RUN_FILE})") from None
     except (OSError, ValueError) as err:
         raise UnreadableRun(path, str(err)) from None
-    data = _run_file_of(raw, path)
+    try:
+        data = checked_run_file(raw)
+    except ShapeError as err:
+        raise UnreadableRun(path, str(err)) from None
     return RunSnapshot(
         path=run_dir,
         run_id=data.get("run_id", run_dir.name),
@@ -264,32 +244,6 @@ def load_run(run_dir: Path) -> RunSnapshot:
         finish_time=data.get("finish_time"),
         experiments=data.get("experiments", {}),
     )
-
-
-def _run_file_of(raw: Any, path: Path) -> _RunFile:
-    """run.json's content checked against its shape; a RunStoreError in one line if not."""
-    if not isinstance(raw, dict):
-        raise UnreadableRun(path, f"a JSON object expected, found {_json_kind(raw)}")
-    try:
-        data: _RunFile = _run_file_shape().validate_python(raw)
-    except ValidationError as err:
-        error = err.errors()[0]
-        where = ".".join(str(part) for part in error["loc"])
-        raise UnreadableRun(path, f"{where}: {error['msg'].lower()}, found {_json_kind(error.get('input'))}") from None
-    for name in data.get("experiments", {}):
-        if not is_plain_name(name):
-            raise UnreadableRun(path, f"experiments: {name!r} is not a plain experiment name")
-    return data
-
-
-def _json_kind(value: Any) -> str:
-    """How a JSON value reads in an error: `null`, `a list`, `"abc"`, `12`."""
-    if value is None:
-        return "null"
-    if isinstance(value, (list, dict)):
-        return "a list" if isinstance(value, list) else "an object"
-    text = json.dumps(value, default=str)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def load_run_config(run_dir: Path) -> Config:
@@ -318,21 +272,9 @@ def _read_event_lines(path: Path) -> Iterator[Event]:
     with f:
         for line in f:
             try:
-                yield _event_of(json.loads(line))
+                yield checked_event(json.loads(line))
             except (ValueError, KeyError, TypeError, AttributeError):
                 continue  # torn by a crash mid-write, or not an event of this version's shape
-
-
-@cache
-def _event_shape(cls: type[Event]) -> TypeAdapter:
-    return TypeAdapter(cls)
-
-
-def _event_of(data: Any) -> Event:
-    """An event from its JSON form, its fields of the types its class declares (a
-    ValueError, pydantic's, otherwise: a reader would fail on a list where numbers belong)."""
-    event = event_from_dict(data)
-    return _event_shape(type(event)).validate_python(dataclasses.asdict(event))
 
 
 @dataclass(frozen=True)

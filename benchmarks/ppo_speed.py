@@ -69,7 +69,8 @@ class SpeedResult:
 def time_ppo(make_env: Callable[[], gym.Env], ppo_config, timesteps: int, seed: int = 0) -> tuple[SpeedResult, list]:
     """Steps per second of `learn(timesteps)` with the experiment's PPO settings;
     also the environments, for their counters."""
-    from experiments.ppo_common import build_ppo, make_vec_env
+    from experiments.ppo_common import make_vec_env
+    from experiments.ppo_model import build_ppo
 
     env = make_vec_env(make_env, ppo_config.n_envs)
     model = build_ppo(ppo_config, env, seed, "cpu")

@@ -9,7 +9,7 @@ is read tolerantly: absolute, relative to the run folder, relative to the workin
 directory it was recorded from, or only its file name inside the experiment's folder.
 
 Loading never runs code from the folder: every loader given here reads tensors with
-`weights_only=True` and plain JSON (see `experiments.ppo_common.load_ppo`).
+`weights_only=True` and plain JSON (see `experiments.ppo_model.load_ppo`).
 """
 
 from __future__ import annotations

@@ -172,7 +172,7 @@ def _methods(ev: _Evaluation, report_table) -> list[_Fold]:
     from experiments import postprocess_rl, prompt_rl
     from experiments.checkpoints import DamagedFile
     from experiments.envs import build_postprocess_table
-    from experiments.ppo_common import load_policy
+    from experiments.ppo_model import load_policy
     from experiments.reward.rows import evaluation_rows as reward_net_rows
 
     backend = ev.config.backend

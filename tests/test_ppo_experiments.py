@@ -10,7 +10,7 @@ import pytest
 from stable_baselines3 import PPO
 
 from experiments.harness import ListSink, StopRequested, WorkerContext
-from experiments.ppo_common import latest_checkpoint
+from experiments.ppo_model import latest_checkpoint
 from sa2va_contract.config import load_config
 from sa2va_contract.events import Checkpoint, Metrics, Phase, Progress
 

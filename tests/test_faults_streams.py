@@ -281,7 +281,7 @@ def test_an_atomic_write_on_a_full_disk_keeps_the_old_file_and_no_temp(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "run.json", "write.py"]
 
 
-@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGHUP])
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
 def test_tensorboard_ends_its_server_on_sigterm_and_sighup(closed_reader_run, stop_signal):
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "sa2va_tui.cli", "tensorboard", str(closed_reader_run["dir"]),

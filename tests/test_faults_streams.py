@@ -231,7 +231,7 @@ def test_a_full_disk_under_reward_nets_checkpoint_is_one_line_and_not_retried(re
     checkpoint = run_dir / "reward_net" / "checkpoints" / "last.pt"
     assert "Traceback" not in out + err and err == "", out + err
     assert proc.returncode == 1
-    assert f"FAILED (disk_full) at step" in out and f"disk full: {checkpoint}" in out, out
+    assert "FAILED (disk_full) at step" in out and f"disk full: {checkpoint}" in out, out
     assert "enforce fail" not in out and "inline_container" not in out
     state = load_run(run_dir).experiments["reward_net"]
     assert state.state == "failed" and state.failure.kind == "disk_full" and state.attempts == 1
@@ -300,3 +300,18 @@ def test_tensorboard_ends_its_server_on_sigterm_and_sighup(closed_reader_run, st
             proc.kill()
     assert proc.returncode == 0, proc.stderr.read()
     assert not pid_alive(server) and not _listening_addresses(port)
+
+
+def test_a_subscriber_that_raises_anything_is_dropped_and_the_others_get_every_event(caplog):
+    from sa2va_tui.drain import call_subscribers
+
+    got: list[events.Event] = []
+
+    def closed_terminal(event: events.Event) -> None:
+        raise SystemExit(1)  # what rich raises on a broken pipe
+
+    pending = [events.Phase("prompt_rl", phase="training"), events.Progress("prompt_rl", timesteps=3, total=9)]
+    with caplog.at_level("ERROR", logger="sa2va_tui.drain"):
+        broken = call_subscribers([closed_terminal, got.append], pending)
+    assert broken == [closed_terminal] and got == pending
+    assert len(caplog.records) == 1 and "gets no more events" in caplog.records[0].getMessage()

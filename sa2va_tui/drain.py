@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 from sa2va_contract.events import Event
 from sa2va_contract.files import disk_full_message
+from sa2va_tui.runstate import Subscriber
 
 log = logging.getLogger(__name__)
-
-Subscriber = Callable[[Event], None]
 
 
 def call_subscribers(subscribers: Sequence[Subscriber], pending: Iterable[Event]) -> list[Subscriber]:

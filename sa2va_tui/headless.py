@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import threading
 import time
 from typing import Callable
@@ -39,10 +38,11 @@ class QuietConsole(Console):
 
 
 def silence_stdout(file: object) -> None:
-    """Point standard output at /dev/null when `file` is it, so that nothing written
-    later (a line, the interpreter's last flush) meets the closed pipe again."""
+    """Point standard output (file descriptor 1) at /dev/null when `file` writes to it,
+    so that nothing written later (a line, the interpreter's last flush) meets the
+    closed pipe again."""
     try:
-        if file is sys.stdout or getattr(file, "fileno", lambda: -1)() == 1:
+        if getattr(file, "fileno", lambda: -1)() == 1:
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, 1)
             os.close(devnull)

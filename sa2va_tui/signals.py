@@ -8,8 +8,9 @@ and a closing terminal may send SIGHUP after Ctrl+C. Only a second SIGINT at lea
 again, not a tool repeating itself. A signal the command was started with ignored
 (`nohup` ignores SIGHUP; a script's background job SIGINT) stays ignored.
 
-The handlers only take note; the main thread acts, outside any lock, at its next look
-(`StopRequests.stop`, `.force`).
+The handlers only take note (and may hand the stop to a thread): a stop runs outside
+the handler, never interrupting the main thread inside a lock; the main thread looks
+at `StopRequests.stop` and `.force`.
 """
 
 from __future__ import annotations

@@ -334,6 +334,9 @@ def train(ctx: WorkerContext, task: PPOTask) -> TrainingResult:
     model.set_logger(log.logger)
     best = read_best_record(ctx.exp_dir / BEST_RECORD, ctx.notice) if resume_step is not None else {}
     callback = TrainingCallback(ctx, task, total, best)
+    # Building the model and its environments takes seconds: a pause or stop asked for
+    # meanwhile is answered here, not only at the first training step.
+    ctx.control_point()
     start_steps = model.num_timesteps
     if checkpoint is not None:
         log.write_line(f"resumed from {checkpoint} at {start_steps} timesteps, batch size {model.batch_size}")

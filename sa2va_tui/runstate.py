@@ -339,5 +339,5 @@ class EventHub:
             for callback in subscribers:
                 try:
                     callback(event)
-                except Exception:  # noqa: BLE001 - a broken view must not stop the source
+                except BaseException:  # noqa: BLE001 - a broken view (even a SystemExit from a closed pipe) must not stop the source
                     log.exception("subscriber %r failed on %s", callback, event.type)

@@ -118,6 +118,7 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "failure.error": ("error", "错误"),
     "failure.startup": ("failed at start-up", "启动失败"),
     "failure.killed": ("killed", "被终止"),
+    "failure.disk_full": ("disk full", "磁盘已满"),
     "restart.oom": ("automatically after running out of memory", "因显存不足自动重启"),
     "restart.manual": ("by hand", "手动重启"),
     "restart.error": ("automatically after a crash (`recovery.retry_errors`)", "崩溃后自动重启（`recovery.retry_errors`）"),

@@ -15,7 +15,7 @@ import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Callable, Iterator
+from typing import IO, Any, Callable, Iterator
 
 from sa2va_contract.config import Config, ConfigError, dump_config, load_config
 from sa2va_contract.events import Event, GpuSample
@@ -143,8 +143,19 @@ class RunStore:
             "host": socket.gethostname(),
             "active": active,
             "finish_time": finish_time,
-            "experiments": {name: s.to_dict() for name, s in states.items()},
+            "experiments": {name: self._on_disk(s.to_dict()) for name, s in states.items()},
         }, indent=1, default=str, allow_nan=False))
+
+    def _on_disk(self, state: dict[str, Any]) -> dict[str, Any]:
+        """A state as run.json keeps it: its checkpoint relative to the run folder, so
+        that the folder may be resumed from any working directory, or moved."""
+        path = state.get("last_checkpoint")
+        if path:
+            try:
+                state["last_checkpoint"] = str(Path(path).resolve().relative_to(self.path.resolve()))
+            except ValueError:
+                pass  # outside the run folder (given by hand to `run_one`): kept as given
+        return state
 
     def close(self) -> None:
         if self._events is not None:
@@ -242,8 +253,21 @@ def load_run(run_dir: Path) -> RunSnapshot:
         host=data.get("host", ""),
         active=data.get("active", False),
         finish_time=data.get("finish_time"),
-        experiments=data.get("experiments", {}),
+        experiments={name: _checkpoint_from_run_dir(state, run_dir)
+                     for name, state in data.get("experiments", {}).items()},
     )
+
+
+def _checkpoint_from_run_dir(state: ExperimentState, run_dir: Path) -> ExperimentState:
+    """The recorded checkpoint as a path from here: run.json keeps it relative to the run
+    folder (older run folders, relative to where they were launched, or absolute)."""
+    path = state.last_checkpoint
+    if path and not Path(path).is_absolute():
+        from_run_dir = run_dir / path
+        # An older folder's path from where it was launched stands while it still leads somewhere.
+        if from_run_dir.exists() or not Path(path).exists():
+            state.last_checkpoint = str(from_run_dir)
+    return state
 
 
 def load_run_config(run_dir: Path) -> Config:

@@ -227,3 +227,22 @@ def test_resume_has_nothing_to_do_for_a_finished_run_and_refuses_a_live_one(conf
     live = CliRunner().invoke(app, ["resume", store.run_id, "--logs-dir", logs])
     assert live.exit_code == 2
     assert live.output.strip() == f"error: {store.run_id} is still supervised by pid {os.getpid()}"
+
+
+def test_run_json_keeps_checkpoints_relative_to_the_run_folder(config, tmp_path, monkeypatch):
+    store = RunStore.create(config)
+    checkpoint = store.exp_dir("prompt_rl") / "checkpoints" / "ckpt_000000128.zip"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"a checkpoint")
+    state = ExperimentState("prompt_rl", kind="prompt_rl", state="stopped")
+    state.last_checkpoint, state.checkpoint_step = str(checkpoint), 128
+    store.write_state({"prompt_rl": state}, finish_time=None, active=False)
+    on_disk = json.loads((store.path / RUN_FILE).read_text())["experiments"]["prompt_rl"]["last_checkpoint"]
+    assert on_disk == "prompt_rl/checkpoints/ckpt_000000128.zip"
+
+    moved = tmp_path / "elsewhere" / store.path.name
+    moved.parent.mkdir()
+    store.path.rename(moved)  # the folder moved, read from another working directory
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    restored = load_run(moved).experiments["prompt_rl"].last_checkpoint
+    assert restored == str(moved / on_disk) and open(restored, "rb").read() == b"a checkpoint"

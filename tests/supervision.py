@@ -4,13 +4,14 @@ supervisor run to its end."""
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Callable
 
 from conftest import QUICK_CONFIG
 from sa2va_contract.config import EXPERIMENT_KINDS, Config, load_config
-from sa2va_contract.events import Event
-from sa2va_tui.runstore import RunStore
+from sa2va_contract.events import Event, Progress
+from sa2va_tui.runstore import RunStore, read_events
 from sa2va_tui.supervisor import Supervisor
 
 HERE = Path(__file__).resolve().parent
@@ -87,3 +88,13 @@ def log_of(supervisor: Supervisor, name: str) -> str:
 
 
 # --- policy ----------------------------------------------------------------------------
+
+
+def wait_for_steps(logs: Path, experiments: int, alive: Callable[[], bool], timeout: float = 90) -> None:
+    """Until `experiments` experiments of the run under `logs` have made training steps
+    (so that each has steps a graceful stop must save), read from its events.jsonl."""
+    deadline = time.monotonic() + timeout
+    while len({e.experiment for run_dir in logs.glob("*") for e in read_events(run_dir)
+                if isinstance(e, Progress) and e.timesteps > 0}) < experiments:
+        assert alive() and time.monotonic() < deadline, "no training steps"
+        time.sleep(0.1)

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ENDLESS, QUICK_CONFIG, ROOT
+from supervision import wait_for_steps
 from sa2va_contract import events
 from sa2va_contract.config import EXPERIMENT_KINDS, load_config
 from sa2va_tui.runstate import ExperimentState
@@ -156,7 +157,7 @@ def test_timeout_two_sigterms_and_a_hang_up_are_one_graceful_stop(real_run):
         while not lines or "phase: training" not in lines[-1]:
             lines.append(reader.readline())
             assert lines[-1], "".join(lines) + proc.stderr.read()
-    time.sleep(0.5)
+    wait_for_steps(logs, 1, alive=lambda: proc.poll() is None)
     # What `timeout` does when its time is up (or it is itself signalled): SIGTERM to the
     # command, then SIGTERM to the group, the workers included.
     os.kill(proc.pid, signal.SIGTERM)

@@ -40,7 +40,7 @@ from sa2va_contract.events import (
 )
 from sa2va_tui.runstore import load_run, pid_alive, read_events
 from sa2va_tui.supervisor import Supervisor, SupervisorError
-from supervision import HERE, Recorder, log_of, make_config, supervise
+from supervision import HERE, Recorder, log_of, make_config, supervise, wait_for_steps
 
 
 def test_launch_runs_three_experiments_and_a_variant_to_the_end(real_run, tmp_path):
@@ -301,12 +301,6 @@ def test_the_ui_side_imports_nothing_heavy():
     assert out.strip() == "[]"
 
 
-def _training(logs: Path) -> set[str]:
-    """The experiments of the run under `logs` that have made training steps."""
-    return {e.experiment for run_dir in logs.glob("*") for e in read_events(run_dir)
-            if isinstance(e, Progress) and e.timesteps > 0}
-
-
 def test_ctrl_c_stops_every_worker_gracefully(real_run, tmp_path):
     logs = tmp_path / "logs"
     args = ["launch", "--headless", "-c", str(QUICK_CONFIG), "--set", "reward_net.enabled=false"]
@@ -327,10 +321,7 @@ def test_ctrl_c_stops_every_worker_gracefully(real_run, tmp_path):
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)  # never a full pipe
     reader.start()
     try:
-        deadline = time.monotonic() + 90
-        while len(_training(logs)) < 2:  # both past their first steps: each has steps to save
-            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)
-            time.sleep(0.1)
+        wait_for_steps(logs, 2, alive=lambda: proc.poll() is None)
         os.killpg(proc.pid, signal.SIGINT)
         try:
             proc.wait(timeout=60)

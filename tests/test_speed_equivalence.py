@@ -8,14 +8,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from experiments.backends import make_cached_segmenter
 from experiments.backends.embedded import load_embedded, to_batch
 from experiments.datasets import load_split, render_prompt
 from experiments.envs import build_prompt_table
 from experiments.envs.prompt import PromptSelectEnv
-from experiments.reward.network import RewardNet, images_to_tensor, resize_maps
+from experiments.reward.network import RewardNet
+from experiments.reward_net import finetune_loss
 from sa2va_contract.config import load_config
 
 from conftest import QUICK_CONFIG, ROOT, run_cli
@@ -75,24 +75,29 @@ def test_folded_network_gives_the_unfolded_masks(prompt_inputs):
         assert np.all(np.abs(prob[flipped] - 0.5) < 1e-4)
 
 
+class _Unfolded:
+    """The trainable form as it was before folding: the module's own forward."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def mask_logits(self, images, prompts):
+        return self.model.net.eval()(to_batch(images, "cpu")[0], list(prompts))
+
+
 def _finetune_loss(model, samples, folded: bool) -> torch.Tensor:
-    """The loss of `reward_net.finetune`'s step (reward network score, anchor penalty),
-    through the folded network (`mask_logits`, what fine-tuning runs) or through the
-    unfolded module (what it ran before)."""
+    """`reward_net.finetune`'s step loss through the folded network (what fine-tuning
+    runs) or through the unfolded module (what it ran before)."""
     torch.manual_seed(0)
     reward_net = RewardNet(width=8).eval()
     for parameter in reward_net.parameters():
         parameter.requires_grad_(False)
-    prompts = [render_prompt("the {target}", s) for s in samples]
-    consensus = torch.rand(len(samples), 1, *samples[0].image.shape[:2], generator=torch.Generator().manual_seed(1))
-    if folded:
-        logits = model.mask_logits([s.image for s in samples], prompts)
-    else:
-        logits = model.net.eval()(to_batch([s.image for s in samples], "cpu")[0], prompts)
-    soft = torch.sigmoid(logits).unsqueeze(1)
-    images = resize_maps(images_to_tensor([s.image for s in samples]), 32)
-    reward = reward_net(images, resize_maps(soft, 32), resize_maps(consensus, 32), prompts).mean()
-    return -reward + F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, 0.25))
+    generator = torch.Generator().manual_seed(1)
+    consensus = {s.id: torch.rand(1, *s.image.shape[:2], generator=generator) for s in samples}
+    anchors = {s.id: torch.full(s.image.shape[:2], 0.25) for s in samples}
+    loss, _, _ = finetune_loss(model if folded else _Unfolded(model), reward_net, samples, "the {target}", consensus,
+                               anchors, 32, 1.0, "cpu")
+    return loss
 
 
 def test_finetuning_step_through_the_folded_network_has_the_unfolded_loss_and_gradients(prompt_inputs):

@@ -30,10 +30,10 @@ from sa2va_contract.files import atomic_write_bytes
 CODE_VERSION = "embedded-1"
 #: The U-Net downsamples twice: inputs are padded to a multiple of this.
 _STRIDE = 4
-#: Torch threads per process on a CPU: the fewest core-milliseconds per image in the
-#: grid of `python -m benchmarks backend`, so a pool of one-thread workers, one per core,
-#: segments the most images per second (a second thread in one process adds
-#: synchronisation, not speed, on this small network).
+#: Torch threads per process on a CPU: the fewest CPU milliseconds per image in the
+#: grid of `python -m benchmarks backend` (a second thread in one process costs more
+#: CPU time per image than it saves on this small network), so one-thread workers, one
+#: per core, segment the most images per second.
 CPU_THREADS = 1
 
 
@@ -131,6 +131,8 @@ def folded_forward(net: FiLMUNet, images: torch.Tensor, prompts: Sequence[str]) 
     activations outgrow the caches). The fold is recomputed from the parameters at
     every call (they are small) and is part of the autograd graph, so fine-tuning
     through it gets the gradients of the unfolded network."""
+    if net.training:
+        raise ValueError("folded_forward needs the network in evaluation mode (batch norm's running statistics)")
     t = net.text(prompts)
     x = (images - 0.5) / 0.25
     e1 = _folded_block(net.enc1, x, t)
@@ -153,6 +155,7 @@ def _folded_block(block: FiLMBlock, x: torch.Tensor, text: torch.Tensor) -> torc
     gamma, beta = block.film(text)[:, :, None, None].chunk(2, dim=1)
     return torch.addcmul(beta, x, 1 + gamma).relu_()
 
+
 def _up(x: torch.Tensor) -> torch.Tensor:
     return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
 
@@ -173,8 +176,9 @@ class EmbeddedSegmenter:
     """The Segmenter and TrainableSegmenter forms of a FiLMUNet.
 
     Both run `folded_forward` (batch norm folded into the convolutions). `segment`
-    runs in inference mode, in batches of `batch_size` images of one size. `mask_logits` is the same function with gradients (batch norm
-    keeps its running statistics, so fine-tuning on small batches stays stable and
+    runs in inference mode, in batches of `batch_size` images of one size.
+    `mask_logits` is the same function with gradients (batch norm keeps its running
+    statistics, so fine-tuning on small batches stays stable and
     the fine-tuned model is the one `segment` then runs).
     """
 

@@ -30,6 +30,8 @@ from experiments.envs.features import (
 from experiments.metrics import dice
 
 ProgressCallback = Callable[[int, int], None]
+#: Describers `MaskFeatures` keeps (each holds an image's grey levels and default mask).
+DESCRIBERS_KEPT = 64
 
 
 def _context(sample: Sample) -> np.ndarray:
@@ -51,8 +53,10 @@ class MaskFeatures:
         self.shape = (len(self.samples), len(self.templates), MASK_FEATURES)
         self._values = np.zeros(self.shape, np.float32)
         self._described = np.zeros(self.shape[:2], bool)
-        # The describer of the last sample read: an observation reads two masks of one image.
-        self._describer: tuple[int, MaskDescriber] | None = None
+        #: Describers of the samples read last: the episodes of several environments
+        #: interleave, and building one (grey image, default mask decoded) costs about
+        #: as much as a description.
+        self._describers: OrderedDict[int, MaskDescriber] = OrderedDict()
 
     def __getitem__(self, index):
         if isinstance(index, tuple):
@@ -81,11 +85,17 @@ class MaskFeatures:
         return self._values[sample, prompt]
 
     def _describer_of(self, sample: int) -> MaskDescriber:
-        if self._describer is None or self._describer[0] != sample:
+        describer = self._describers.get(sample)
+        if describer is None:
             default = self._prediction(sample, self.default_prompt)
-            image = self.samples[sample].image
-            self._describer = (sample, MaskDescriber(grey(image), default.prob, default.mask, self.min_component_area))
-        return self._describer[1]
+            describer = MaskDescriber(grey(self.samples[sample].image), default.prob, default.mask,
+                                      self.min_component_area)
+            self._describers[sample] = describer
+            if len(self._describers) > DESCRIBERS_KEPT:
+                self._describers.popitem(last=False)
+        else:
+            self._describers.move_to_end(sample)
+        return describer
 
     def _prediction(self, sample: int, prompt: int):
         return self.segmenter.predict(self.samples[sample], self.templates[prompt])

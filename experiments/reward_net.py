@@ -285,13 +285,8 @@ def finetune(
             save_finetune_checkpoint(step)  # stop saves first; a reward-net epoch is too short to need that
             raise
         batch = [train[i] for i in rng.choice(len(train), size=min(batch_size, len(train)), replace=False)]
-        logits = model.mask_logits([s.image for s in batch], [render_prompt(template, s) for s in batch])
-        soft = torch.sigmoid(logits).unsqueeze(1)
-        images = resize_maps(images_to_tensor([s.image for s in batch], device), size)
-        agreed = resize_maps(torch.stack([consensus[s.id] for s in batch]).to(device), size)
-        reward = reward_net(images, resize_maps(soft, size), agreed, [render_prompt(template, s) for s in batch]).mean()
-        anchor = F.binary_cross_entropy_with_logits(logits, torch.stack([anchors[s.id] for s in batch]))
-        loss = -reward + cfg.anchor_weight * anchor
+        loss, reward, anchor = finetune_loss(model, reward_net, batch, template, consensus, anchors, size,
+                                             cfg.anchor_weight, device)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
@@ -323,6 +318,22 @@ def finetune(
     }
     ctx.metrics(progress.step, {"finetune/dice_before": float(before.mean()), "finetune/dice_after": float(after.mean())})
     return summary
+
+
+def finetune_loss(model, reward_net: RewardNet, batch: Sequence[Sample], template: str,
+                  consensus: dict[str, torch.Tensor], anchors: dict[str, torch.Tensor], size: int,
+                  anchor_weight: float, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One fine-tuning step's loss (minus the reward network's mean score of the soft
+    masks, plus the anchor penalty) with its two parts. Nearly all of a step's cost is
+    the segmenter's forward and backward pass (`python -m benchmarks backend`)."""
+    prompts = [render_prompt(template, s) for s in batch]
+    logits = model.mask_logits([s.image for s in batch], prompts)
+    soft = torch.sigmoid(logits).unsqueeze(1)
+    images = resize_maps(images_to_tensor([s.image for s in batch], device), size)
+    agreed = resize_maps(torch.stack([consensus[s.id] for s in batch]).to(device), size)
+    reward = reward_net(images, resize_maps(soft, size), agreed, prompts).mean()
+    anchor = F.binary_cross_entropy_with_logits(logits, torch.stack([anchors[s.id] for s in batch]))
+    return -reward + anchor_weight * anchor, reward, anchor
 
 
 def _dice_per_image(model, samples: Sequence[Sample], template: str) -> np.ndarray:

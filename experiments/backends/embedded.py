@@ -30,6 +30,11 @@ from sa2va_contract.files import atomic_write_bytes
 CODE_VERSION = "embedded-1"
 #: The U-Net downsamples twice: inputs are padded to a multiple of this.
 _STRIDE = 4
+#: Torch threads per process on a CPU: the fewest CPU milliseconds per image in the
+#: grid of `python -m benchmarks backend` (a second thread in one process costs more
+#: CPU time per image than it saves on this small network), so one-thread workers, one
+#: per core, segment the most images per second.
+CPU_THREADS = 1
 
 
 @lru_cache(maxsize=4096)
@@ -118,6 +123,39 @@ class FiLMUNet(nn.Module):
         return self.head(d1)[:, 0]
 
 
+def folded_forward(net: FiLMUNet, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+    """`net(images, prompts)` with batch norm in evaluation mode, each batch norm folded
+    into the convolution before it and each FiLM modulation one fused multiply-add:
+    the same function (up to float rounding) with four fewer passes over every
+    activation, and those passes are what makes a large batch slow on a CPU (its
+    activations outgrow the caches). The fold is recomputed from the parameters at
+    every call (they are small) and is part of the autograd graph, so fine-tuning
+    through it gets the gradients of the unfolded network."""
+    if net.training:
+        raise ValueError("folded_forward needs the network in evaluation mode (batch norm's running statistics)")
+    t = net.text(prompts)
+    x = (images - 0.5) / 0.25
+    e1 = _folded_block(net.enc1, x, t)
+    e2 = _folded_block(net.enc2, F.max_pool2d(e1, 2), t)
+    b = _folded_block(net.bottom, F.max_pool2d(e2, 2), t)
+    d2 = _folded_block(net.dec2, torch.cat([_up(b), e2], 1), t)
+    d1 = _folded_block(net.dec1, torch.cat([_up(d2), e1], 1), t)
+    return net.head(d1)[:, 0]
+
+
+def _folded_block(block: FiLMBlock, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    layers = list(block.body)
+    convs = [(conv, norm) for conv, norm in zip(layers, layers[1:]) if isinstance(conv, nn.Conv2d)]
+    for i, (conv, norm) in enumerate(convs):
+        assert isinstance(norm, nn.BatchNorm2d), "every convolution of a FiLMBlock is followed by batch norm"
+        scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+        x = F.conv2d(x, conv.weight * scale[:, None, None, None], norm.bias - norm.running_mean * scale, padding=1)
+        if i < len(convs) - 1:
+            x = x.relu_()
+    gamma, beta = block.film(text)[:, :, None, None].chunk(2, dim=1)
+    return torch.addcmul(beta, x, 1 + gamma).relu_()
+
+
 def _up(x: torch.Tensor) -> torch.Tensor:
     return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
 
@@ -137,9 +175,10 @@ def to_batch(images: Sequence[np.ndarray], device: torch.device | str) -> tuple[
 class EmbeddedSegmenter:
     """The Segmenter and TrainableSegmenter forms of a FiLMUNet.
 
-    `segment` runs in evaluation mode without gradients, in batches of `batch_size`
-    images of one size. `mask_logits` is the same function with gradients (batch norm
-    keeps its running statistics, so fine-tuning on small batches stays stable and
+    Both run `folded_forward` (batch norm folded into the convolutions). `segment`
+    runs in inference mode, in batches of `batch_size` images of one size.
+    `mask_logits` is the same function with gradients (batch norm keeps its running
+    statistics, so fine-tuning on small batches stays stable and
     the fine-tuned model is the one `segment` then runs).
     """
 
@@ -169,12 +208,13 @@ class EmbeddedSegmenter:
             raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
         out: list[Prediction | None] = [None] * len(images)
         self.net.eval()
-        with torch.no_grad():
+        with torch.inference_mode():
             for indices in self._batches(images):
-                probs = torch.sigmoid(self._logits([images[i] for i in indices], [prompts[i] for i in indices]))
-                for i, prob in zip(indices, probs.cpu().numpy()):
-                    prob = np.ascontiguousarray(prob, dtype=np.float32)
-                    out[i] = Prediction(mask=prob > self.threshold, prob=prob)
+                probs = torch.sigmoid(self._logits([images[i] for i in indices], [prompts[i] for i in indices])).cpu()
+                # One threshold and one conversion per batch; per image only views.
+                masks, probs = (probs > self.threshold).numpy(), probs.contiguous().numpy()
+                for row, i in enumerate(indices):
+                    out[i] = Prediction(mask=masks[row], prob=probs[row])
         return out  # type: ignore[return-value]
 
     def mask_logits(self, images: Sequence[np.ndarray], prompts: Sequence[str]) -> torch.Tensor:
@@ -198,7 +238,7 @@ class EmbeddedSegmenter:
 
     def _logits(self, images: Sequence[np.ndarray], prompts: Sequence[str]) -> torch.Tensor:
         batch, (h, w) = to_batch(images, self.device)
-        return self.net(batch, list(prompts))[:, :h, :w]
+        return folded_forward(self.net, batch, list(prompts))[:, :h, :w]
 
     def _batches(self, images: Sequence[np.ndarray]) -> list[list[int]]:
         """Indices grouped by image size, in order, at most batch_size per group."""

@@ -1,9 +1,9 @@
 """Everything an episode needs, computed once per split in the "caching masks" phase.
 
 Model outputs come from the `CachedSegmenter`, so a run calls the model at most once
-per distinct (image, prompt); the features of every candidate mask are computed here
-too, so that a prompt-choice step is a table lookup and a post-processing step costs
-one mask operation and one mask description.
+per distinct (image, prompt). A candidate mask is described the first time an episode
+looks at it (`MaskFeatures`) and remembered, so that a prompt-choice step is a table
+lookup and a post-processing step costs one mask operation and one mask description.
 
 Ground truth is kept beside the features, used by the environments for the reward
 only: the feature functions never receive it.
@@ -20,6 +20,7 @@ import numpy as np
 from experiments.backends.cache import CachedSegmenter
 from experiments.datasets.base import Sample, render_prompt
 from experiments.envs.features import (
+    MASK_FEATURES,
     MaskDescriber,
     grey,
     image_features,
@@ -29,22 +30,101 @@ from experiments.envs.features import (
 from experiments.metrics import dice
 
 ProgressCallback = Callable[[int, int], None]
+#: Describers `MaskFeatures` keeps (each holds an image's grey levels and default mask).
+DESCRIBERS_KEPT = 64
 
 
 def _context(sample: Sample) -> np.ndarray:
     return np.concatenate([image_features(sample.image), target_features(sample.target)])
 
 
+class MaskFeatures:
+    """The description of every candidate mask of a split, (N, K, MASK_FEATURES),
+    each computed the first time it is read and then kept: `features[i][k]` or
+    `features[i, k]`. Episodes look at a fraction of the candidate masks (the default
+    prompt's and those the policy tries), so most are never described; the masks
+    themselves come from the segmenter's in-memory cache. `describe_all` computes
+    every one up front instead; the values are the same either way."""
+
+    def __init__(self, samples: Sequence[Sample], segmenter: CachedSegmenter, templates: Sequence[str],
+                 default_prompt: int, min_component_area: int = 12) -> None:
+        self.samples, self.segmenter, self.templates = list(samples), segmenter, list(templates)
+        self.default_prompt, self.min_component_area = default_prompt, min_component_area
+        self.shape = (len(self.samples), len(self.templates), MASK_FEATURES)
+        self._values = np.zeros(self.shape, np.float32)
+        self._described = np.zeros(self.shape[:2], bool)
+        #: Describers of the samples read last: the episodes of several environments
+        #: interleave, and building one (grey image, default mask decoded) costs about
+        #: as much as a description.
+        self._describers: OrderedDict[int, MaskDescriber] = OrderedDict()
+
+    def __getitem__(self, index):
+        if isinstance(index, tuple):
+            sample, prompt = index
+            return self._read(int(sample), int(prompt))
+        return _SampleFeatures(self, int(index))
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        self.describe_all()
+        return self._values.astype(dtype) if dtype is not None else self._values.copy()
+
+    @property
+    def described(self) -> int:
+        """How many masks were described so far."""
+        return int(self._described.sum())
+
+    def describe_all(self) -> None:
+        for sample in range(self.shape[0]):
+            for prompt in range(self.shape[1]):
+                self._read(sample, prompt)
+
+    def _read(self, sample: int, prompt: int) -> np.ndarray:
+        if not self._described[sample, prompt]:
+            self._values[sample, prompt] = self._describer_of(sample).describe(self._prediction(sample, prompt).mask)
+            self._described[sample, prompt] = True
+        return self._values[sample, prompt]
+
+    def _describer_of(self, sample: int) -> MaskDescriber:
+        describer = self._describers.get(sample)
+        if describer is None:
+            default = self._prediction(sample, self.default_prompt)
+            describer = MaskDescriber(grey(self.samples[sample].image), default.prob, default.mask,
+                                      self.min_component_area)
+            self._describers[sample] = describer
+            if len(self._describers) > DESCRIBERS_KEPT:
+                self._describers.popitem(last=False)
+        else:
+            self._describers.move_to_end(sample)
+        return describer
+
+    def _prediction(self, sample: int, prompt: int):
+        return self.segmenter.predict(self.samples[sample], self.templates[prompt])
+
+
+class _SampleFeatures:
+    """One sample's row of `MaskFeatures`: `row[k]` describes on first read."""
+
+    def __init__(self, table: MaskFeatures, sample: int) -> None:
+        self.table, self.sample = table, sample
+
+    def __getitem__(self, prompt: int) -> np.ndarray:
+        return self.table[self.sample, prompt]
+
+    def __len__(self) -> int:
+        return self.table.shape[1]
+
+
 @dataclass(frozen=True)
 class PromptTable:
     """Per sample: image context, the description of every candidate prompt's mask
-    (against the default prompt's mask), and, for rewards only, each mask's Dice."""
+    (against the default prompt's mask, on first read), and, for rewards only, each
+    mask's Dice."""
 
     ids: list[str]
     templates: list[str]
     default_prompt: int
     context: np.ndarray  # (N, C) float32
-    mask_features: np.ndarray  # (N, K, F) float32
+    mask_features: MaskFeatures  # (N, K, F) float32, described on first read
     dice: np.ndarray  # (N, K) float64, against the labels: reward and evaluation only
 
     def __len__(self) -> int:
@@ -62,28 +142,29 @@ def build_prompt_table(
     default_prompt: int,
     min_component_area: int = 12,
     on_progress: ProgressCallback | None = None,
+    describe_all: bool = False,
 ) -> PromptTable:
-    """Every candidate mask of every sample through the cache, then described.
-    Progress counts (sample, prompt) pairs twice: once fetched, once described."""
+    """Every candidate mask of every sample through the cache and scored; described
+    when an episode first looks at it, or all now with `describe_all`. Progress counts
+    (sample, prompt) pairs twice: once fetched, once scored."""
     pairs = len(samples) * len(templates)
     segmenter.warm(samples, templates, on_progress=(lambda done, _t: on_progress(done, 2 * pairs)) if on_progress else None)
-    context, features, scores = [], [], []
+    context, scores = [], []
     for i, sample in enumerate(samples):
-        predictions = [segmenter.predict(sample, t) for t in templates]
-        reference = predictions[default_prompt].mask
-        describer = MaskDescriber(grey(sample.image), predictions[default_prompt].prob, reference, min_component_area)
         context.append(_context(sample))
-        features.append([describer.describe(p.mask) for p in predictions])
-        scores.append([dice(p.mask, sample.mask) for p in predictions])
+        scores.append([dice(segmenter.predict(sample, t).mask, sample.mask) for t in templates])
         if on_progress:
             on_progress(pairs + (i + 1) * len(templates), 2 * pairs)
+    features = MaskFeatures(samples, segmenter, templates, default_prompt, min_component_area)
+    if describe_all:
+        features.describe_all()
     k = len(templates)
     return PromptTable(
         ids=[s.id for s in samples],
         templates=list(templates),
         default_prompt=default_prompt,
         context=np.asarray(context, np.float32),
-        mask_features=np.asarray(features, np.float32).reshape(len(samples), k, -1),
+        mask_features=features,
         dice=np.asarray(scores, np.float64).reshape(len(samples), k),
     )
 

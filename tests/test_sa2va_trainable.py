@@ -59,6 +59,21 @@ def test_the_image_encoder_runs_once_per_image_and_prompt():
     assert len(runs) == 2 and model.generate_calls == 2
 
 
+def test_every_fine_tuning_image_is_recorded_once_across_steps(tmp_path):
+    from experiments.backends import make_trainable
+    from sa2va_contract.config import load_config
+
+    config = load_config(None, ["backend.kind=sa2va", f"backend.model_path={tmp_path}", "reward_net.finetune.samples=12"])
+    segmenter = Sa2VASegmenter(StandInSa2VA(dtype=torch.float32).eval(), StandInTokenizer(), fingerprint="standin")
+    decoder = make_trainable(config, base=segmenter)
+    pics = images(12)
+    for _ in range(3):  # three epochs of two-image steps over the fine-tuning set
+        for start in range(0, 12, 2):
+            decoder.mask_logits(pics[start:start + 2], PROMPTS[:2])
+    # More images than the memo's old 8: each predict_forward (generation included) ran once.
+    assert segmenter.model.generate_calls == 12
+
+
 def test_a_backward_reaches_text_hidden_fcs_and_the_mask_decoder():
     decoder = trainable()
     decoder.mask_logits(images(), PROMPTS).sigmoid().mean().backward()

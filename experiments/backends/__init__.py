@@ -54,7 +54,10 @@ def make_trainable(config: Config, device: str = "cpu", finetuned: Path | None =
 
     if isinstance(base, CachedSegmenter):
         base = base.segmenter
-    trainable = Sa2VAMaskDecoder(base if base is not None else make_segmenter(config, device))
+    # Every fine-tuning image's frozen inputs stay in the memo: a smaller one would
+    # re-run the whole predict_forward (generation included) for most steps.
+    trainable = Sa2VAMaskDecoder(base if base is not None else make_segmenter(config, device),
+                                 memo_size=config.reward_net.finetune.samples)
     if finetuned is not None:
         trainable.load(finetuned)
     return trainable

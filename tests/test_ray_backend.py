@@ -44,7 +44,7 @@ from sa2va_tui.cli import app
 from sa2va_tui.report import read_report, render_markdown
 from sa2va_tui.runstore import load_run, pid_alive, read_events
 from sa2va_tui.supervisor import SupervisorError
-from supervision import HERE, log_of, make_config, run_to_end, supervise
+from supervision import HERE, log_of, make_config, run_to_end, supervise, wait_for_steps
 
 ALL = ("prompt_rl", "postprocess_rl", "reward_net")
 PROBES = {name: "sv_workload:probe" for name in ALL}
@@ -217,7 +217,10 @@ def test_placement_queued_infeasible_and_pinned(ray_cluster, tmp_path):
     supervisor, rec = run_to_end(config, 90, entry_points=PROBES)
     assert [s.state for s in supervisor.states().values()] == ["finished"] * 3
     order = [(e.type, e.experiment) for e in rec.events if isinstance(e, (Started, Finished))]
-    assert [kind for kind, _ in order[:2]] == ["started", "started"] and order[2][0] == "finished"
+    running = [0]
+    for kind, _ in order:  # never more at once than the two nodes' GPUs hold (both at once when starts are quick)
+        running.append(running[-1] + (1 if kind == "started" else -1))
+    assert max(running) <= 2 and running[-1] == 0
     assert {e.host for e in rec.of(Started)} <= GPU_HOSTS
     # Ray's GPUs are the attempt's CUDA devices, numbered as NVML numbers them.
     assert {e.summary["cuda_visible_devices"] for e in rec.of(Finished)} == {"0,1"}
@@ -331,10 +334,7 @@ def test_ctrl_c_stops_every_actor_gracefully(ray_cluster, real_run, tmp_path):
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()
     try:
-        deadline = time.monotonic() + 120
-        while sum("phase: training" in line for line in list(lines)) < 2:
-            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)
-            time.sleep(0.05)
+        wait_for_steps(tmp_path / "logs", 2, alive=lambda: proc.poll() is None, timeout=120)
         os.killpg(proc.pid, signal.SIGINT)
         proc.wait(timeout=60)
     finally:

@@ -71,6 +71,8 @@ class Control:
         self._paused = threading.Event()
         self._stop = threading.Event()
         self.stop_reason = "stop"
+        #: Set when the run's mask stage has ended (`events.MasksDone`).
+        self.masks_done = threading.Event()
 
     def pause(self) -> None:
         self._paused.set()
@@ -113,6 +115,9 @@ class WorkerContext:
     #: Batch size forced by the supervisor (OOM recovery), applied to `experiment`;
     #: None keeps the config's.
     batch_size_override: int | None = None
+    #: Whether the run's mask stage is filling the cache for this attempt: it waits for
+    #: its pairs (see `experiments.mask_stage.await_pairs`) instead of computing them.
+    wait_for_masks: bool = False
     _last_step: int = field(default=0, init=False)
     #: Whether a training step was reached: a failure before it is a start-up failure.
     training_started: bool = field(default=False, init=False)

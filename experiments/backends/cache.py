@@ -12,6 +12,7 @@ several worker processes can fill one cache at once and none ever reads a torn f
 from __future__ import annotations
 
 import hashlib
+import threading
 import weakref
 from pathlib import Path
 from typing import Callable, Sequence
@@ -23,6 +24,43 @@ from experiments.datasets.base import Sample, render_prompt
 from sa2va_contract.files import atomic_writer
 
 ProgressCallback = Callable[[int, int], None]
+
+#: Held while a cache file is being written: a worker that must end at once (a stop
+#: while it loads) takes it first, so that no temporary file is left behind.
+WRITE_LOCK = threading.Lock()
+
+
+class LazySegmenter:
+    """A segmenter loaded on its first use: a worker whose masks are all cached never
+    loads the model (on Sa2VA: no GPU copy, no minute of loading). Its fingerprint and
+    whether it gives probabilities are known without loading it."""
+
+    def __init__(self, fingerprint: str, gives_probabilities: bool, load: Callable[[], Segmenter]) -> None:
+        self.fingerprint = fingerprint
+        self.gives_probabilities = gives_probabilities
+        self._load = load
+        self._loaded: Segmenter | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def loaded(self) -> bool:
+        return self._loaded is not None
+
+    def resolve(self) -> Segmenter:
+        """The model itself, loaded now if it was not yet."""
+        with self._lock:
+            if self._loaded is None:
+                self._loaded = self._load()
+            return self._loaded
+
+    def segment(self, images: Sequence[np.ndarray], prompts: Sequence[str]) -> list[Prediction]:
+        return self.resolve().segment(images, prompts)
+
+    def __getattr__(self, name: str):
+        # What else a caller reads of the model (the trainable wrapper its weights).
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.resolve(), name)
 
 
 def _encode(prediction: Prediction) -> tuple[np.ndarray, np.ndarray | None, tuple[int, int]]:
@@ -116,7 +154,7 @@ class CachedSegmenter:
         if prob is not None:
             arrays["prob"] = prob
         # Not synced to disk: an entry lost to a crash is computed again.
-        with atomic_writer(self._path(key), durable=False) as handle:
+        with WRITE_LOCK, atomic_writer(self._path(key), durable=False) as handle:
             np.savez(handle, **arrays)
 
     def segment(
@@ -164,6 +202,51 @@ class CachedSegmenter:
         images = [s.image for s in samples for _ in templates]
         prompts = [render_prompt(t, s) for s in samples for t in templates]
         self.segment(images, prompts, batch_size=batch_size, on_progress=on_progress)
+
+
+    # --- the mask stage's side ------------------------------------------------------
+
+    @property
+    def cache_hits(self) -> int:
+        """Pairs read from the disk cache instead of the model."""
+        return self.disk_hits
+
+    def on_disk(self, image: np.ndarray, prompt: str) -> bool:
+        """Whether the pair's entry is in the cache, in memory or on disk (not read)."""
+        key = self._key(image, prompt)
+        return key in self._memory or (self.folder is not None and self._path(key).is_file())
+
+    def missing(self, images: Sequence[np.ndarray], prompts: Sequence[str]) -> list[int]:
+        """Indices of the first occurrence of each distinct pair not in the cache."""
+        seen: set[str] = set()
+        todo = []
+        for i, (image, prompt) in enumerate(zip(images, prompts)):
+            key = self._key(image, prompt)
+            if key in seen:
+                continue
+            seen.add(key)
+            if key not in self._memory and (self.folder is None or not self._path(key).is_file()):
+                todo.append(i)
+        return todo
+
+    def fill(self, images: Sequence[np.ndarray], prompts: Sequence[str],
+             segmenter: Segmenter | None = None) -> int:
+        """Compute the given pairs with `segmenter` (default: this cache's) and write
+        them to disk only, not to memory (the stage holds none of the run's masks).
+        Returns the pairs computed."""
+        if self.folder is None:
+            raise ValueError("a cache without a folder cannot be filled for other processes")
+        predictions = (segmenter or self.segmenter).segment(list(images), list(prompts))
+        for image, prompt, prediction in zip(images, prompts, predictions):
+            bits, prob, shape = _encode(prediction)
+            arrays = {"bits": bits, "shape": np.asarray(shape)}
+            if prob is not None:
+                arrays["prob"] = prob
+            with WRITE_LOCK, atomic_writer(self._path(self._key(image, prompt)), durable=False) as handle:
+                np.savez(handle, **arrays)
+        with WRITE_LOCK:
+            self.model_calls += len(predictions)
+        return len(predictions)
 
 
 def _safe(fingerprint: str) -> str:

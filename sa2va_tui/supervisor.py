@@ -67,6 +67,7 @@ class Supervisor(EventHub):
         self._experiments = config.experiments()
         self._gpu_interval = gpu_interval
         self._stop_grace_s = stop_grace_s
+        self._entry_points = entry_points
         self._gpus = GpuWatch(backend.read_gpus, store.append_gpu_sample, gpu_record_interval)
         self._attempts: dict[str, Attempt] = {}
         self._owed: dict[str, Owed] = {}
@@ -130,8 +131,8 @@ class Supervisor(EventHub):
     def _start_stage(self, names: list[str]) -> None:
         """The mask stage for the pairs of `names`, unless this run cannot have one (it
         then fills the cache per experiment, as each experiment does alone)."""
-        if not names:
-            return
+        if not names or self._entry_points is not None:
+            return  # workloads of a test's own read no masks
         snapshot = self._gpus.snapshot
         if self.config.backend.kind == "sa2va" and not snapshot.gpus:
             snapshot = self._backend.read_gpus({})

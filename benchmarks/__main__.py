@@ -16,6 +16,7 @@ BENCHMARKS = {
     "ui": "benchmarks.ui_speed",
     "supervisor": "benchmarks.supervisor_latency",
     "ray": "benchmarks.ray_speed",
+    "run": "benchmarks.run_speed",
 }
 
 

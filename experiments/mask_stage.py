@@ -211,9 +211,10 @@ def run(ctx: WorkerContext) -> dict[str, Any]:
     ready = _Readiness(ctx, work)
     ready.announce()
     devices: list[str] = []
-    fastest = None
+    fastest, replica_count = None, 0
     if total:
         replicas, devices = replicas_for(config, ctx, min(stage_cores(), max(1, -(-total // 32))))
+        replica_count = len(replicas)
         pool = ReplicaPool(cache, replicas, work, config.backend.batch_size, ctx.control)
         pool.start()
         ctx.emit(events.MaskWork(ctx.name, model_calls=0, cache_hits=work.cached,
@@ -239,7 +240,7 @@ def run(ctx: WorkerContext) -> dict[str, Any]:
     ctx.emit(events.MaskWork(ctx.name, model_calls=cache.model_calls, cache_hits=work.cached,
                              distinct_pairs=work.distinct_pairs, devices=devices))
     return {"model_calls": cache.model_calls, "distinct_pairs": work.distinct_pairs, "cache_hits": work.cached,
-            "order": work.order, "devices": devices, "pairs_by_experiment": work.sizes,
+            "order": work.order, "devices": devices, "replicas": replica_count, "pairs_by_experiment": work.sizes,
             **({"fastest_s_per_pair": fastest} if fastest is not None else {})}
 
 

@@ -14,6 +14,7 @@ from conftest import SMALL_RUN
 from sa2va_contract import events
 from sa2va_contract.layout import RUN_FILE
 from supervision import make_config, run_to_end, supervise
+from test_app import T0, RecordedHub, run_async, until
 
 #: Smaller than SMALL_RUN's images, so a cold cache fills in seconds.
 COLD = ("dataset.limit=6", "dataset.image_size=64")
@@ -90,3 +91,36 @@ def test_stop_during_the_stage_leaves_only_whole_cache_files(cold_run, tmp_path)
     assert supervisor.states()["prompt_rl"].state == "finished"
     # Every pair computed once: by the stage before the stop, by the experiment after.
     assert figures["model_calls"] == figures["distinct_pairs"] == len(files)
+
+
+@run_async
+async def test_the_app_shows_the_stage_as_a_card_of_its_own():
+    """Its pairs done of those to compute, rate, devices and who is ready, after the
+    experiments' cards (whose numbers stay theirs); restart is not offered for it."""
+    from sa2va_tui.app import AppSource, Sa2vaApp
+    from sa2va_tui.app.widgets import ExperimentCard
+
+    hub = RecordedHub()
+    app = Sa2vaApp(AppSource(hub=hub, title="stage", log_path=lambda name: None), clock=lambda: T0 + 30)
+    stage = events.MASK_STAGE
+    async with app.run_test(size=(100, 30)) as pilot:
+        hub.feed([
+            events.Started("prompt_rl", pid=5001, gpu=None, batch_size=32, time=T0),
+            events.Started(stage, pid=5000, gpu=None, batch_size=8, time=T0),
+            events.Phase(stage, phase="caching_masks", done=0, total=1200, time=T0 + 1),
+            events.MaskWork(stage, model_calls=0, cache_hits=40, distinct_pairs=1240, devices=["cpu ×2"], time=T0 + 1),
+            events.Progress(stage, timesteps=0, total=1200, time=T0 + 1),
+            events.Progress(stage, timesteps=600, total=1200, time=T0 + 11),
+            events.PairsReady(stage, ready_for="postprocess_rl", pairs=240, time=T0 + 11),
+        ])
+        await until(pilot, lambda: len(app.query(ExperimentCard)) == 2, "two cards")
+        cards = {c.experiment: c for c in app.query(ExperimentCard)}
+        await until(pilot, lambda: cards[stage].view is not None and cards[stage].size.width > 0, "its card drawn")
+        await pilot.pause(0.1)
+        text = str(cards[stage].render())
+        assert "2 mask stage" in text and "600/1,200 pairs" in text and "50%" in text
+        assert "60 pairs/s" in text and "ready: postprocess_rl" in text and "cpu ×2" in text
+        await pilot.press("2")
+        await pilot.pause(0.2)
+        assert app.dashboard.selected == stage
+        assert app.dashboard.check_action("restart", ()) is not True

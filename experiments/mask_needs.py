@@ -117,3 +117,49 @@ def pairs_of(config: Config, name: str, splits: Callable[[str], list[Sample]] | 
 def all_pairs(parts: dict[str, Pairs]) -> Pairs:
     """The parts of one experiment joined, in order."""
     return Pairs([s for p in parts.values() for s in p.samples], [q for p in parts.values() for q in p.prompts])
+
+
+#: Seconds one Sa2VA mask takes on one GPU, when `check --deep` has not measured it:
+#: a round figure for a 4B checkpoint in bf16 (the README says so); the deep check
+#: measures the real one on the configured checkpoint.
+SA2VA_SECONDS_PER_PAIR = 1.0
+
+
+def distinct_pair_count(config: Config, names: Sequence[str] | None = None) -> int:
+    """Distinct (sample, prompt) pairs the experiments `names` (default: every enabled
+    one) read: what the mask stage computes on a cold cache."""
+    splits = Splits(config)
+    seen: set[tuple[str, str]] = set()
+    for name in names or list(config.experiments()):
+        pairs = all_pairs(pairs_of(config, name, splits))
+        seen.update((s.id, p) for s, p in zip(pairs.samples, pairs.prompts))
+    return len(seen)
+
+
+def stage_replicas(config: Config, gpus: int, cores: int) -> int:
+    """Segmenter replicas the mask stage runs: one per core for the embedded model;
+    one Sa2VA on the stage's GPU (the model loads on the device its process sees)."""
+    if config.backend.kind == "embedded":
+        return max(1, cores)
+    return 1 if gpus else 0
+
+
+def fill_estimate(config: Config, seconds_per_pair: float, gpus: int, measured: bool) -> str:
+    """The mask stage's fill time on a cold cache, in one line."""
+    pairs = distinct_pair_count(config)
+    replicas = stage_replicas(config, gpus, 1)
+    if not replicas:
+        return f"mask stage: {pairs:,} distinct pairs, but no GPU to compute them on"
+    seconds = pairs * seconds_per_pair / replicas
+    source = "measured by check --deep" if measured else "an assumed figure; check --deep measures it"
+    return (f"mask stage: {pairs:,} distinct pairs for {', '.join(config.experiments())}, about {_duration(seconds)} "
+            f"on {replicas} GPU replica{'s' if replicas > 1 else ''} of {gpus} GPU{'s' if gpus != 1 else ''} "
+            f"({seconds_per_pair:.2f} s per pair, {source}; pairs already cached are not redone)")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -124,3 +124,29 @@ async def test_the_app_shows_the_stage_as_a_card_of_its_own():
         await pilot.pause(0.2)
         assert app.dashboard.selected == stage
         assert app.dashboard.check_action("restart", ()) is not True
+
+
+def test_check_estimates_the_fill_time_on_sa2va(tmp_path, monkeypatch):
+    """`check` on a Sa2VA config: the run's distinct pairs, the time at the documented
+    figure per pair, over the GPU replicas the stage runs (none here: no GPU)."""
+    from typer.testing import CliRunner
+
+    from experiments.backends.sa2va_families import LOADER_ENV
+    from experiments.mask_needs import SA2VA_SECONDS_PER_PAIR, fill_estimate
+    from sa2va_contract.config import load_config
+    from sa2va_standin import write_checkpoint
+    from sa2va_tui.cli import app
+
+    from conftest import QUICK_CONFIG
+
+    monkeypatch.setenv(LOADER_ENV, "sa2va_standin:load_standin")
+    checkpoint = write_checkpoint(tmp_path / "ckpt", "internvl2_5")
+    settings = ["backend.kind=sa2va", f"backend.model_path={checkpoint}", "dataset.limit=5",
+                "reward_net.reward.samples=2"]
+    result = CliRunner().invoke(app, ["check", "-c", str(QUICK_CONFIG), *(a for s in settings for a in ("--set", s))])
+    assert result.exit_code == 0, result.output
+    assert "mask stage: 110 distinct pairs, but no GPU to compute them on" in result.output
+    config = load_config(QUICK_CONFIG, settings)
+    line = fill_estimate(config, SA2VA_SECONDS_PER_PAIR, gpus=4, measured=False)
+    assert "about 2 min on 1 GPU replica of 4 GPUs (1.00 s per pair" in line  # 110 pairs x 1 s
+    assert "an assumed figure; check --deep measures it" in line

@@ -52,12 +52,13 @@ class Splits:
         return self._loaded[split]
 
 
-def reward_image_sets(config: Config, experiment, splits: Callable[[str], list[Sample]] | None = None
-                      ) -> dict[str, list[Sample]]:
+def reward_image_sets(config: Config, experiment, splits: Callable[[str], list[Sample]] | None = None,
+                      with_report: bool = True) -> dict[str, list[Sample]]:
     """The reward-network experiment's images, one job each, disjoint: `reward` (the
     reward network learns on them), `choice` (its best epoch is chosen on them),
     `finetune` (fine-tuning draws from them, labels unread) and `report` (the
-    before/after figure)."""
+    before/after figure; left out without `with_report`: the mask stage needs no
+    test images, which take time to load)."""
     splits = splits or Splits(config)
     split, _ = reported_split(config.dataset)
     train = splits("train")
@@ -74,7 +75,8 @@ def reward_image_sets(config: Config, experiment, splits: Callable[[str], list[S
         reward, choice = reward[:-held], reward[-held:]
     else:
         choice = splits("val")[: max(8, held)]
-    return {"reward": list(reward), "choice": list(choice), "finetune": list(finetune), "report": splits(split)}
+    sets = {"reward": list(reward), "choice": list(choice), "finetune": list(finetune)}
+    return {**sets, "report": splits(split)} if with_report else sets
 
 
 def reward_net_samples(image_sets: dict[str, list[Sample]]) -> list[Sample]:
@@ -96,8 +98,8 @@ def postprocess_rl_pairs(config: Config, experiment, splits) -> dict[str, Pairs]
 
 def reward_net_pairs(config: Config, experiment, splits) -> dict[str, Pairs]:
     """Every candidate mask of the reward, choice and fine-tuning images."""
-    return {"candidates": every_prompt(reward_net_samples(reward_image_sets(config, experiment, splits)),
-                                       config.backend.prompts)}
+    sets = reward_image_sets(config, experiment, splits, with_report=False)
+    return {"candidates": every_prompt(reward_net_samples(sets), config.backend.prompts)}
 
 
 #: Per kind: (config, its experiment's config, splits) -> the pairs it reads, by part.

@@ -34,6 +34,8 @@ ENTRY = "experiments.mask_stage:run"
 TICK_S = 0.1
 #: How often a waiting experiment looks for its pairs on disk.
 POLL_S = 0.25
+#: How often the stage reports its model calls so far (each report is recorded).
+WORK_REPORT_S = 5.0
 
 
 @dataclass
@@ -219,11 +221,16 @@ def run(ctx: WorkerContext) -> dict[str, Any]:
         pool.start()
         ctx.emit(events.MaskWork(ctx.name, model_calls=0, cache_hits=work.cached,
                                  distinct_pairs=work.distinct_pairs, devices=devices))
+        told = time.monotonic()
         try:
             while pool.alive:
                 ctx.control_point()
                 time.sleep(TICK_S)
                 ready.update(pool.done_keys)
+                if time.monotonic() - told >= WORK_REPORT_S:  # run.json's counts keep up
+                    told = time.monotonic()
+                    ctx.emit(events.MaskWork(ctx.name, model_calls=cache.model_calls, cache_hits=work.cached,
+                                             distinct_pairs=work.distinct_pairs, devices=devices))
         except StopRequested:
             pool.join()  # each replica ends its batch: every file it began is whole
             ready.update(pool.done_keys)

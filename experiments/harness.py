@@ -121,6 +121,8 @@ class WorkerContext:
     _last_step: int = field(default=0, init=False)
     #: Whether a training step was reached: a failure before it is a start-up failure.
     training_started: bool = field(default=False, init=False)
+    #: The phase it last reported (None before the first).
+    current_phase: str | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.exp_dir.mkdir(parents=True, exist_ok=True)
@@ -145,6 +147,7 @@ class WorkerContext:
         self.sink.emit(event)
 
     def phase(self, phase: str, done: int | None = None, total: int | None = None) -> None:
+        self.current_phase = phase
         self.emit(events.Phase(self.name, phase=phase, done=done, total=total))
 
     def progress(self, timesteps: int, total: int) -> None:

@@ -209,7 +209,8 @@ def run(ctx: WorkerContext) -> dict[str, Any]:
              ", ".join(names), work.cached, len(work.todo_keys), work.order)
     total = len(work.todo_keys)
     ctx.phase("caching_masks", 0, total)
-    ctx.progress(0, total)
+    if total:
+        ctx.progress(0, total)
     ready = _Readiness(ctx, work)
     ready.announce()
     devices: list[str] = []
@@ -243,7 +244,8 @@ def run(ctx: WorkerContext) -> dict[str, Any]:
         ready.update(pool.done_keys)
         fastest = pool.fastest_per_pair
     ctx.phase("caching_masks", total, total)
-    ctx.progress(total, total)
+    if total:
+        ctx.progress(total, total)
     ctx.emit(events.MaskWork(ctx.name, model_calls=cache.model_calls, cache_hits=work.cached,
                              distinct_pairs=work.distinct_pairs, devices=devices))
     return {"model_calls": cache.model_calls, "distinct_pairs": work.distinct_pairs, "cache_hits": work.cached,

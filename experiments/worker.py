@@ -40,6 +40,8 @@ WATCHDOG_INTERVAL_S = 0.5
 #: has begun (imports, the model, the splits): then nothing is saved, so the process
 #: simply ends, and a quit never waits for a model to finish loading.
 UNSTARTED_STOP_GRACE_S = 0.8
+#: Phases in which a stop saves a checkpoint first, never cut short.
+SAVING_PHASES = ("training", "evaluating", "saving")
 
 
 class PipeSink:
@@ -150,8 +152,8 @@ class EarlyStop(threading.Thread):
         deadline = time.monotonic() + UNSTARTED_STOP_GRACE_S
         while time.monotonic() < deadline:
             time.sleep(0.05)
-        if self._ctx.training_started:
-            return
+        if self._ctx.training_started or self._ctx.current_phase in SAVING_PHASES:
+            return  # it saves at its next step point, however long that takes
         from experiments.backends.cache import WRITE_LOCK
 
         WRITE_LOCK.acquire(timeout=5.0)  # never leave a cache file half-written

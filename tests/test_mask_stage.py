@@ -16,8 +16,9 @@ from sa2va_contract.layout import RUN_FILE
 from supervision import make_config, run_to_end, supervise
 from test_app import T0, RecordedHub, run_async, until
 
-#: Smaller than SMALL_RUN's images, so a cold cache fills in seconds.
-COLD = ("dataset.limit=6", "dataset.image_size=64")
+#: Smaller than SMALL_RUN's images, so a cold cache fills in seconds, and one rollout
+#: of training: what is tested here ends before training begins.
+COLD = ("dataset.limit=6", "dataset.image_size=64", "prompt_rl.total_timesteps=32", "postprocess_rl.total_timesteps=32")
 
 
 @pytest.fixture

@@ -50,11 +50,12 @@ def test_two_experiments_cost_one_call_per_pair_and_a_warm_run_none(cold_run, tm
     files = cache_files(tmp_path / "cache")
     assert len(files) == figures["distinct_pairs"] and all(f.suffix == ".npz" for f in files)
 
-    warm, rec = run_to_end(config, timeout=150)
+    # Warm: one experiment is enough to show that nothing is computed again.
+    warm, rec = run_to_end(make_config(cold_run, experiments=("postprocess_rl",)), timeout=150)
     again = json.loads((warm.run_dir / RUN_FILE).read_text())
-    assert again["model_calls"] == 0
-    assert again["cache_hits"] >= again["distinct_pairs"] == figures["distinct_pairs"]
-    assert rec.of(events.PairsReady)  # every experiment ready at once
+    assert again["model_calls"] == 0 and again["distinct_pairs"] == 2 * 6
+    assert again["cache_hits"] >= again["distinct_pairs"]
+    assert [e.ready_for for e in rec.of(events.PairsReady)] == ["postprocess_rl"]  # ready at once
     assert len(cache_files(tmp_path / "cache")) == len(files)
 
 

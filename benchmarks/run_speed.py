@@ -111,9 +111,9 @@ def _alive(pid: int) -> bool:
     return fields is not None and fields[0] != "Z"
 
 
-def quit_in(phase: str, root: Path, cache: Path, extra: list[str], timeout: float = 300.0) -> float | None:
+def quit_in(phase: str, root: Path, cache: Path, extra: list[str], timeout: float = 300.0) -> float | str:
     """Seconds from SIGINT to the supervisor to no worker left, once some worker of a
-    fresh run has reached `phase` (None: no worker reached it in time)."""
+    fresh run has reached `phase`; or why there is no figure."""
     process = _launch(root, cache, extra)
     deadline = time.time() + timeout
     try:
@@ -124,16 +124,16 @@ def quit_in(phase: str, root: Path, cache: Path, extra: list[str], timeout: floa
                                            for e in _events(run_dir)):
                 break
             if process.poll() is not None:
-                return None
+                return f"the run ended (exit {process.returncode}) before any worker reached {phase}"
             time.sleep(0.05)
         else:
-            return None
+            return f"no worker reached {phase} within {timeout:.0f} s"
         workers = _children(process.pid) | _worker_pids(run_dir)
         asked = time.monotonic()
         process.send_signal(signal.SIGINT)
         while any(_alive(p) for p in workers) or process.poll() is None:
             if time.monotonic() - asked > 60:
-                return None
+                return "workers still alive 60 s after the quit"
             if process.poll() is None:
                 workers |= _children(process.pid)
             time.sleep(0.01)
@@ -218,6 +218,6 @@ def main() -> None:
             # A fresh cache for the first two phases, the warm one for training.
             cache = tmp / f"cache-{phase}" if phase != "training" else tmp / "cache"
             took = quit_in(phase, tmp / f"quit-{phase}", cache, extra)
-            print(f"quit while {phase}: " + (f"{took:.2f} s to no worker left (target <= 2 s)" if took is not None
-                                              else "no worker reached the phase"))
+            print(f"quit while {phase}: " + (f"{took:.2f} s to no worker left (target <= 2 s)"
+                                              if isinstance(took, float) else took))
         print(f"load average at the end: {_load()}")

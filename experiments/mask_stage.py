@@ -200,7 +200,12 @@ def run(ctx: WorkerContext) -> dict[str, Any]:
     names = list(getattr(ctx, "needs_of", ()) or config.experiments())  # alone: every enabled one
     ctx.phase("loading_model")
     splits = Splits(config)
-    needs = {name: all_pairs(pairs_of(config, name, splits)) for name in names}
+    needs = {}
+    for name in names:
+        try:
+            needs[name] = all_pairs(pairs_of(config, name, splits))
+        except ValueError as err:  # the experiment fails on it in its own worker, in its own words
+            log.warning("no pairs for %s: %s", name, err)
     cache = make_cached_segmenter(config, "cpu") if config.backend.kind == "embedded" else None
     if cache is None:
         cache = make_cached_segmenter(config, ctx.device)  # lazy: loads only if a pair is missing

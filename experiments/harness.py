@@ -76,6 +76,8 @@ class Control:
         self._paused = threading.Event()
         self._stop = threading.Event()
         self.stop_reason = "stop"
+        #: Set when the run's mask stage has ended (`events.MasksDone`).
+        self.masks_done = threading.Event()
 
     def pause(self) -> None:
         self._paused.set()
@@ -118,9 +120,14 @@ class WorkerContext:
     #: Batch size forced by the supervisor (OOM recovery), applied to `experiment`;
     #: None keeps the config's.
     batch_size_override: int | None = None
+    #: Whether the run's mask stage is filling the cache for this attempt: it waits for
+    #: its pairs (see `experiments.mask_stage.await_pairs`) instead of computing them.
+    wait_for_masks: bool = False
     _last_step: int = field(default=0, init=False)
     #: Whether a training step was reached: a failure before it is a start-up failure.
     training_started: bool = field(default=False, init=False)
+    #: The phase it last reported (None before the first).
+    current_phase: str | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.exp_dir.mkdir(parents=True, exist_ok=True)
@@ -145,6 +152,7 @@ class WorkerContext:
         self.sink.emit(event)
 
     def phase(self, phase: str, done: int | None = None, total: int | None = None) -> None:
+        self.current_phase = phase
         self.emit(events.Phase(self.name, phase=phase, done=done, total=total))
 
     def progress(self, timesteps: int, total: int) -> None:

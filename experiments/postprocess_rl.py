@@ -22,6 +22,7 @@ from experiments.envs import (
     prefill_first_operations,
 )
 from experiments.harness import WorkerContext
+from experiments.mask_stage import await_pairs, report_mask_work
 from experiments.intervals import delta_interval
 from experiments.postprocess import OpSettings
 from experiments.ppo_common import EpisodeOutcome, PhaseReporter, run_episodes, run_ppo_experiment
@@ -63,6 +64,7 @@ def build_tables(ctx: WorkerContext, segmenter, splits: dict[str, Sequence]) -> 
     backend = ctx.config.backend
     cfg: PostprocessRLConfig = ctx.experiment
     total = sum(3 * len(samples) for samples in splits.values())
+    await_pairs(ctx, segmenter, splits=splits.__getitem__)
     report = PhaseReporter(ctx, "caching_masks")
     tables, offset = {}, 0
     for split, samples in splits.items():
@@ -74,6 +76,7 @@ def build_tables(ctx: WorkerContext, segmenter, splits: dict[str, Sequence]) -> 
         offset += len(samples)
         tables[split] = table
     report(total, total)
+    report_mask_work(ctx, segmenter)
     return tables
 
 

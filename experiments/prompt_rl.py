@@ -14,6 +14,7 @@ from stable_baselines3 import PPO
 
 from experiments.envs import PROMPT_ENV_ID, PromptSelectEnv, PromptTable, build_prompt_table
 from experiments.harness import WorkerContext
+from experiments.mask_stage import await_pairs, report_mask_work
 from experiments.intervals import delta_interval
 from experiments.ppo_common import PhaseReporter, run_episodes, run_ppo_experiment
 from sa2va_contract.config import PromptRLConfig
@@ -51,12 +52,14 @@ def build_tables(ctx: WorkerContext, segmenter, splits: dict[str, Sequence]) -> 
     backend = ctx.config.backend
     k = len(backend.prompts)
     total = sum(2 * k * len(samples) for samples in splits.values())
+    await_pairs(ctx, segmenter, splits=splits.__getitem__)
     report = PhaseReporter(ctx, "caching_masks")
     tables, offset = {}, 0
     for split, samples in splits.items():
         tables[split] = build_prompt_table(samples, segmenter, backend.prompts, backend.default_prompt,
                                            on_progress=report.part(offset, total))
         offset += 2 * k * len(samples)
+    report_mask_work(ctx, segmenter)
     return tables
 
 

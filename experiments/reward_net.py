@@ -28,9 +28,11 @@ import torch.nn.functional as F
 
 from experiments.backends import make_cached_segmenter
 from experiments.checkpoints import DamagedFile, damage_reason, keep_previous, newest_loadable
-from experiments.datasets import Sample, load_split, render_prompt, reported_split
+from experiments.datasets import Sample, render_prompt, reported_split
 from experiments.harness import StopRequested, WorkerContext
 from experiments.intervals import delta_interval
+from experiments.mask_needs import every_prompt, reward_image_sets, reward_net_samples
+from experiments.mask_stage import await_pairs, report_mask_work
 from experiments.metrics import dice
 from experiments.reward.network import (
     RewardNet,
@@ -59,26 +61,9 @@ FINETUNE_CHECKPOINT_EVERY = 50
 
 
 def image_sets(config, experiment) -> dict[str, list[Sample]]:
-    """The images of each job, disjoint: `reward` (the reward network learns on them),
-    `choice` (its best epoch is chosen on them), `finetune` (fine-tuning draws from
-    them, labels unread) and `report` (the before/after figure)."""
-    split, _ = reported_split(config.dataset)
-    train = load_split(config.dataset, "train")
-    wanted, tuned = experiment.reward.samples, experiment.finetune.samples
-    reward, finetune = train[:wanted], train[wanted:wanted + tuned]
-    if not finetune:
-        raise ValueError(f"reward_net.reward.samples: {wanted} leaves no train image for fine-tuning "
-                         f"(the train split has {len(train)}; fine-tuning must not use the reward network's images)")
-    held = max(2, len(reward) // 4)
-    if split == "val":
-        # Val reports, so it cannot choose too: hold out part of the reward images.
-        if len(reward) <= held:
-            raise ValueError(f"reward_net.reward.samples: {wanted} is too few to hold {held} out for choosing the epoch")
-        reward, choice = reward[:-held], reward[-held:]
-    else:
-        choice = load_split(config.dataset, "val")[: max(8, held)]
-    return {"reward": list(reward), "choice": list(choice), "finetune": list(finetune),
-            "report": load_split(config.dataset, split)}
+    """The images of each job, disjoint (`experiments.mask_needs.reward_image_sets`,
+    which the mask stage reads too)."""
+    return reward_image_sets(config, experiment)
 
 
 def _candidate_masks(ctx: WorkerContext, segmenter, samples: Sequence[Sample]) -> dict[str, list]:
@@ -88,7 +73,10 @@ def _candidate_masks(ctx: WorkerContext, segmenter, samples: Sequence[Sample]) -
         ctx.control_point()
         ctx.phase("caching_masks", done, total)
 
-    segmenter.warm(samples, templates, on_progress=report)
+    wanted = every_prompt(samples, templates)
+    await_pairs(ctx, segmenter, wanted)
+    segmenter.segment(wanted.images, wanted.prompts, on_progress=report)
+    report_mask_work(ctx, segmenter)
     return {s.id: [segmenter.predict(s, t).mask for t in templates] for s in samples}
 
 
@@ -145,7 +133,7 @@ def run(ctx: WorkerContext) -> dict[str, Any]:
     images = image_sets(config, exp)
     train, val = images["reward"], images["choice"]
 
-    train_masks = _candidate_masks(ctx, segmenter, train + val + images["finetune"])
+    train_masks = _candidate_masks(ctx, segmenter, reward_net_samples(images))
     peaks: dict[str, float] = {}
     record_peak_gpu_memory(peaks, "model_and_masks")
     rng_seed = exp.seed

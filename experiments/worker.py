@@ -36,6 +36,12 @@ SUPERVISOR_LOST = "supervisor lost"
 ORPHAN_GRACE_S = 30.0
 #: How often the watchdog looks at the parent process.
 WATCHDOG_INTERVAL_S = 0.5
+#: How long a stop may wait for the experiment's next control point before training
+#: has begun (imports, the model, the splits): then nothing is saved, so the process
+#: simply ends, and a quit never waits for a model to finish loading.
+UNSTARTED_STOP_GRACE_S = 0.5
+#: Phases in which a stop saves a checkpoint first, never cut short.
+SAVING_PHASES = ("training", "evaluating", "saving")
 
 
 class PipeSink:
@@ -129,6 +135,36 @@ class Watchdog(threading.Thread):
             time.sleep(WATCHDOG_INTERVAL_S)
 
 
+class EarlyStop(threading.Thread):
+    """Ends the process soon after a stop that arrives before training began, where
+    there is no checkpoint to save, so quit and stop never wait for a model to load or
+    for a dataset to be generated. A stop during training goes the usual way: the
+    experiment saves at its next step point."""
+
+    def __init__(self, ctx: WorkerContext, sink: PipeSink) -> None:
+        super().__init__(name="early-stop", daemon=True)
+        self._ctx, self._sink = ctx, sink
+
+    def run(self) -> None:
+        control = self._ctx.control
+        while not control.stopping:
+            time.sleep(0.05)
+        deadline = time.monotonic() + UNSTARTED_STOP_GRACE_S
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self._ctx.training_started or self._ctx.current_phase in SAVING_PHASES:
+            return  # it saves at its next step point, however long that takes
+        from experiments.backends.cache import WRITE_LOCK
+
+        WRITE_LOCK.acquire(timeout=5.0)  # never leave a cache file half-written
+        log.info("stopped before training began (%s): nothing to save", control.stop_reason)
+        # No step: the experiment's count stays where its last checkpoint left it.
+        self._sink.emit(events.Stopped(self._ctx.name, step=None, reason=control.stop_reason))
+        self._sink.flush()
+        logging.shutdown()
+        os._exit(0)
+
+
 def read_control(conn: Connection, control: Control, lifeline: Lifeline) -> None:
     """The control channel: `events.Pause`, `Resume`, `Stop`. End of file means the
     supervisor's end closed, i.e. the supervisor died."""
@@ -144,6 +180,8 @@ def read_control(conn: Connection, control: Control, lifeline: Lifeline) -> None
             control.resume()
         elif isinstance(message, events.Stop):
             control.stop(message.reason)
+        elif isinstance(message, events.MasksDone):
+            control.masks_done.set()
         else:
             log.warning("unknown control message %r", message)
 
@@ -187,20 +225,34 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
 
     log.info("attempt %d of %s: pid %d, gpu %s, batch size override %s, resume from %s",
              spec.attempt, spec.name, os.getpid(), spec.gpu, spec.batch_size_override, spec.resume_from)
-    try:
-        experiment = spec.config.experiments()[spec.name]
-    except KeyError:
-        sink.emit(events.Failed(spec.name, kind="error",
-                                message=f"{spec.name!r} is not an enabled experiment of the config"))
-        sys.exit(1)
-    ctx = WorkerContext(
-        name=spec.name, config=spec.config, experiment=experiment, exp_dir=spec.exp_dir, sink=sink,
-        control=control, gpu=spec.gpu, resume_from=spec.resume_from, batch_size_override=spec.batch_size_override,
-    )
+    if spec.name == events.MASK_STAGE:
+        from experiments.mask_stage import stage_context
+
+        ctx: WorkerContext = stage_context(spec.config, exp_dir=spec.exp_dir, sink=sink, control=control,
+                                           gpu=spec.gpu, needs_of=spec.needs_of)
+        EarlyStop(ctx, sink).start()
+    else:
+        try:
+            experiment = spec.config.experiments()[spec.name]
+        except KeyError:
+            sink.emit(events.Failed(spec.name, kind="error",
+                                    message=f"{spec.name!r} is not an enabled experiment of the config"))
+            sys.exit(1)
+        ctx = WorkerContext(
+            name=spec.name, config=spec.config, experiment=experiment, exp_dir=spec.exp_dir, sink=sink,
+            control=control, gpu=spec.gpu, resume_from=spec.resume_from, batch_size_override=spec.batch_size_override,
+            wait_for_masks=spec.wait_for_masks,
+        )
+        EarlyStop(ctx, sink).start()
     sink.emit(events.Started(spec.name, pid=os.getpid(), gpu=spec.gpu, batch_size=ctx.batch_size,
                              attempt=spec.attempt, resumed_from=str(spec.resume_from) if spec.resume_from else None,
                              host=socket.gethostname()))
     outcome = run_experiment(ctx, spec.entry, spec.log_path)
     sink.emit(outcome)
     sink.flush()
+    if isinstance(outcome, events.Stopped) and not ctx.training_started and ctx.current_phase not in SAVING_PHASES:
+        # Nothing was saved, so nothing is lost by skipping the interpreter's slow
+        # teardown of torch: a quit before training ends this process at once.
+        logging.shutdown()
+        os._exit(0)
     sys.exit(1 if isinstance(outcome, events.Failed) else 0)

@@ -224,10 +224,37 @@ class GpuSample(Event):
         return cls(**{**fields, "gpus": [GpuInfo.from_dict(g) for g in fields.get("gpus", [])]})
 
 
+#: The name the run's mask stage goes by in events, run.json and the views.
+MASK_STAGE = "mask_stage"
+
+
+@dataclass
+class MaskWork(Event):
+    """What a worker's reads of the mask cache cost: (image, prompt) pairs the model
+    was asked for, and pairs found in the cache instead, since the attempt began. The
+    mask stage adds `distinct_pairs`, the union of the pairs the run needs, and the
+    devices its replicas ran on."""
+
+    model_calls: int
+    cache_hits: int
+    distinct_pairs: int | None = None
+    devices: list[str] = field(default_factory=list)
+    type: ClassVar[str] = "mask_work"
+
+
+@dataclass
+class PairsReady(Event):
+    """From the mask stage: every pair `ready_for` reads is in the cache."""
+
+    ready_for: str
+    pairs: int
+    type: ClassVar[str] = "pairs_ready"
+
+
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.type: cls
     for cls in (Started, Queued, Phase, Progress, Metrics, Checkpoint, Failed, Finished, Paused, Resumed, Stopped,
-                Notice, Restarting, GpuSample)
+                Notice, Restarting, GpuSample, MaskWork, PairsReady)
 }
 
 
@@ -256,4 +283,10 @@ class Stop:
     reason: str = "stop"
 
 
-ControlMessage = Pause | Resume | Stop
+@dataclass(frozen=True)
+class MasksDone:
+    """The run's mask stage has ended (done, stopped or failed): stop waiting for it,
+    and compute whatever is still missing from the cache yourself."""
+
+
+ControlMessage = Pause | Resume | Stop | MasksDone

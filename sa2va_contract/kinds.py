@@ -65,6 +65,12 @@ KINDS: dict[str, ExperimentKind] = {kind.name: kind for kind in (
 assert tuple(KINDS) == EXPERIMENT_KINDS, "every kind of the config schema has one entry here"
 
 
+#: "module:function" of the run's mask stage (`events.MASK_STAGE`): the worker that
+#: computes every distinct (image, prompt) pair of the run once, before and beside the
+#: experiments. Not an experiment kind: it trains nothing and has no rows.
+MASK_STAGE_ENTRY = "experiments.mask_stage:run"
+
+
 def kind_of(experiment: ExperimentConfig) -> ExperimentKind:
     return KINDS[experiment.kind]
 

@@ -37,6 +37,11 @@ class WorkerSpec:
     batch_size_override: int | None = None
     #: Further GPUs the worker holds besides `gpu` (a model split over several).
     extra_gpus: tuple[int, ...] = ()
+    #: Whether the run's mask stage fills the cache for this attempt (it then waits for
+    #: its pairs instead of computing them, until the stage ends).
+    wait_for_masks: bool = False
+    #: The mask stage's worker only: the experiments whose pairs it computes.
+    needs_of: tuple[str, ...] = ()
 
     @property
     def visible_gpus(self) -> str:

@@ -45,6 +45,13 @@ def print_headroom(config: "Config", split: str, train_images: int) -> None:
     headroom(config, split, train_images)
 
 
+def mask_fill_estimate(config: "Config", gpus: int) -> str:
+    """`check` on Sa2VA: how long the run's mask stage takes on a cold cache."""
+    from experiments.mask_needs import SA2VA_SECONDS_PER_PAIR, fill_estimate
+
+    return fill_estimate(config, SA2VA_SECONDS_PER_PAIR, gpus, measured=False)
+
+
 def deep_check(config: "Config", echo: Callable[[str], None]) -> str | None:
     """`check --deep` on the configured Sa2VA checkpoint: the one line of its failure,
     None when every step passed."""

@@ -22,7 +22,7 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn
 from sa2va_contract import events
 from sa2va_tui.runstate import EventHub
 from sa2va_tui.signals import FORCE_AFTER_S, StopRequests
-from sa2va_tui.text import describe, progress_detail
+from sa2va_tui.text import describe, mask_counts_text, progress_detail, stage_detail
 
 #: How often the main thread looks at the stop signals while it waits.
 SIGNAL_POLL_S = 0.2
@@ -107,15 +107,29 @@ class HeadlessPrinter:
             self._phases[event.experiment] = event.phase
         if isinstance(event, (events.Progress, events.Finished)):
             self._show_progress(event.experiment)
+        if event.experiment == events.MASK_STAGE and self._stage_line(event):
+            return
         found = describe(event)
         if found:
             self.line(event.experiment, *found)
 
+    def _stage_line(self, event: events.Event) -> bool:
+        """The mask stage's own lines; False for an event it shares with experiments."""
+        if isinstance(event, events.PairsReady):
+            self.line(event.experiment, f"pairs ready for {escape(event.ready_for)} ({event.pairs})", "green")
+            return True
+        if isinstance(event, events.MaskWork):
+            if event.devices and event.model_calls == 0 and event.distinct_pairs:
+                self.line(event.experiment, f"{event.distinct_pairs} distinct pairs, {event.cache_hits} cached; "
+                                            f"computing the rest on {escape(', '.join(event.devices))}", "dim")
+            return True
+        return False
+
     def _show_progress(self, name: str) -> None:
-        state = self.source.states().get(name)
+        state = self.source.stage() if name == events.MASK_STAGE else self.source.states().get(name)
         if state is None:
             return
-        detail = progress_detail(state)
+        detail = stage_detail(state) if name == events.MASK_STAGE else progress_detail(state)
         if self._bars is not None:
             if name not in self._tasks:
                 self._tasks[name] = self._bars.add_task(name, total=None, detail="")
@@ -132,9 +146,16 @@ class HeadlessPrinter:
 
     def summary(self) -> None:
         now = time.time()
+        stage = self.source.stage()
+        if stage is not None:
+            self.line(stage.name, f"{stage.state}: {stage_detail(stage, now)}",
+                      {"finished": "green", "failed": "bold red"}.get(stage.state, "yellow"))
         for name, state in self.source.states().items():
             style = {"finished": "green", "failed": "bold red"}.get(state.state, "yellow")
             self.line(name, f"{state.state}: {progress_detail(state, now)}", style)
+        counts = self.source.mask_counts()
+        if counts.get("distinct_pairs") is not None or counts.get("model_calls"):
+            self.line("masks", mask_counts_text(counts), "dim")
 
 
 class PrinterLog(logging.Handler):

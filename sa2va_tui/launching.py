@@ -23,7 +23,8 @@ from sa2va_contract.config import Config, ExperimentConfig
 from sa2va_contract.events import Event
 from sa2va_contract.files import read_log_tail
 from sa2va_contract.gpus import GpuInfo, GpuSnapshot, choose_gpu
-from sa2va_contract.kinds import kind_of, resolve_entry
+from sa2va_contract.events import MASK_STAGE
+from sa2va_contract.kinds import MASK_STAGE_ENTRY, kind_of, resolve_entry
 from sa2va_contract.recovery import START, RestartPlan, classify_exit, plan_restart
 from sa2va_contract.worker import WorkerSpec
 from sa2va_tui.gpus import GpuWatch
@@ -172,8 +173,12 @@ class Launcher:
 
     def __init__(self, config: Config, store: RunStore, backend: PlacementBackend, book: StateBook, gpus: GpuWatch,
                  attempts: dict[str, Attempt], dispatch: Callable[[Event], None],
-                 entry_points: dict[str, str] | None = None, cores: int | None = None) -> None:
+                 entry_points: dict[str, str] | None = None, cores: int | None = None,
+                 masks_pending: Callable[[], bool] = lambda: False) -> None:
+        """`masks_pending`: whether the run's mask stage is still filling the cache (an
+        attempt started then waits for its pairs rather than computing them)."""
         self.config = config
+        self._masks_pending = masks_pending
         self.experiments = config.experiments()
         self._store, self._backend, self._book, self._gpus = store, backend, book, gpus
         self._attempts, self._dispatch, self._entry_points = attempts, dispatch, entry_points
@@ -281,7 +286,8 @@ class Launcher:
         try:
             handle = self._backend.launch(worker_spec(name, experiment, plan, self.config, self._store,
                                                       resolve_entry(experiment.kind, self._entry_points),
-                                                      extra_gpus=held[1:] if plan.gpu == gpu else ()))
+                                                      extra_gpus=held[1:] if plan.gpu == gpu else (),
+                                                      wait_for_masks=self._masks_pending()))
         except LaunchError as err:
             self._dispatch(events.Failed(name, kind="error", message=str(err)))
             return False
@@ -291,7 +297,7 @@ class Launcher:
 
 
 def worker_spec(name: str, experiment: ExperimentConfig, plan: RestartPlan, config: Config, store: RunStore,
-                entry: str, extra_gpus: tuple[int, ...] = ()) -> WorkerSpec:
+                entry: str, extra_gpus: tuple[int, ...] = (), wait_for_masks: bool = False) -> WorkerSpec:
     """What the worker of an attempt carried out as `plan` needs (on `extra_gpus` too)."""
     configured = kind_of(experiment).batch_size(experiment)
     return WorkerSpec(
@@ -299,4 +305,23 @@ def worker_spec(name: str, experiment: ExperimentConfig, plan: RestartPlan, conf
         gpu=plan.gpu, supervisor_pid=os.getpid(), attempt=plan.attempt,
         resume_from=Path(plan.resume_from) if plan.resume_from else None,
         batch_size_override=plan.batch_size if plan.batch_size != configured else None, extra_gpus=extra_gpus,
+        wait_for_masks=wait_for_masks,
     )
+
+
+def stage_spec(config: Config, store: RunStore, needs_of: list[str], gpu: int | None) -> WorkerSpec:
+    """The worker of the run's mask stage: the pairs of `needs_of`, on `gpu` (None: the
+    CPU cores, for the embedded model)."""
+    return WorkerSpec(name=MASK_STAGE, entry=MASK_STAGE_ENTRY, config=config, exp_dir=store.exp_dir(MASK_STAGE),
+                      log_path=store.log_path(MASK_STAGE), gpu=gpu, supervisor_pid=os.getpid(),
+                      needs_of=tuple(needs_of))
+
+
+def stage_refusal(config: Config, gpus: GpuSnapshot) -> str | None:
+    """Why this run fills the cache per experiment instead of in a mask stage, or None.
+    On Ray each node has its own disk: the stage's masks would not reach the others."""
+    if config.run.backend == "ray":
+        return "the ray backend: each experiment fills the mask cache on its own node"
+    if config.backend.kind == "sa2va" and not (gpus.available and gpus.gpus):
+        return f"Sa2VA needs a GPU for the mask stage, but {gpus.message or 'none is visible'}"
+    return None

@@ -29,7 +29,10 @@ FINISHED, FAILED, OOM_RESTART = "finished", "failed", "oom_restart"
 
 def notification_of(event: events.Event, state: ExperimentState | None) -> str | None:
     """Which notification an event is, if any: a failure only when no restart follows
-    (the state, folded after recovery decided, says so)."""
+    (the state, folded after recovery decided, says so). The mask stage is no
+    experiment: it notifies of nothing."""
+    if event.experiment == events.MASK_STAGE:
+        return None
     if isinstance(event, events.Finished):
         return FINISHED
     if isinstance(event, events.Failed) and state is not None and state.state == "failed":

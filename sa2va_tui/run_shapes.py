@@ -34,6 +34,11 @@ class RunFile(TypedDict, total=False):
     active: bool
     finish_time: float | None
     experiments: dict[str, ExperimentState]
+    #: The run's mask stage and its counts (`sa2va_tui.runstore.MASK_COUNT_KEYS`).
+    mask_stage: ExperimentState | None
+    model_calls: int | None
+    distinct_pairs: int | None
+    cache_hits: int | None
 
 
 @cache

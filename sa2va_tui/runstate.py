@@ -82,6 +82,17 @@ class ExperimentState:
     failure: FailureRecord | None = None
     summary: dict[str, Any] = field(default_factory=dict)
     updated_at: float = field(default_factory=time.time)
+    #: Mask-cache reads, all attempts together: pairs the model computed, pairs found
+    #: cached (`events.MaskWork`); the attempt in progress's own share beside them.
+    model_calls: int = 0
+    cache_hits: int = 0
+    attempt_model_calls: int = 0
+    attempt_cache_hits: int = 0
+    #: The mask stage only: the run's distinct pairs, its devices, and the experiments
+    #: whose pairs are all in the cache, in the order they became ready.
+    distinct_pairs: int | None = None
+    devices: list[str] = field(default_factory=list)
+    pairs_ready: list[str] = field(default_factory=list)
 
     @property
     def terminal(self) -> bool:
@@ -160,6 +171,26 @@ class StateBook:
     def __init__(self, states: dict[str, ExperimentState] | None = None) -> None:
         self.states: dict[str, ExperimentState] = dict(states or {})
         self._rates: dict[str, RateEstimator] = {}
+        #: The run's mask stage (`events.MASK_STAGE`), kept apart from the experiments.
+        self.stage: ExperimentState | None = None
+
+    def state_of(self, name: str) -> ExperimentState:
+        """The state of an experiment, or of the mask stage, made on first use."""
+        if name == events.MASK_STAGE:
+            if self.stage is None:
+                self.stage = ExperimentState(name=name, kind=events.MASK_STAGE)
+            return self.stage
+        return self.add(name)
+
+    def mask_counts(self) -> dict[str, int | None]:
+        """The run's `model_calls`, `distinct_pairs` and `cache_hits` (run.json's keys):
+        every worker's together; distinct pairs as the mask stage counted them (None
+        without a stage). Cache hits: pairs the stage found cached, and pairs each
+        experiment read from the cache rather than the model."""
+        workers = [*self.states.values(), *([self.stage] if self.stage else [])]
+        return {"model_calls": sum(s.model_calls for s in workers),
+                "distinct_pairs": self.stage.distinct_pairs if self.stage else None,
+                "cache_hits": sum(s.cache_hits for s in workers)}
 
     def add(self, name: str, kind: str = "") -> ExperimentState:
         state = self.states.get(name)
@@ -170,7 +201,7 @@ class StateBook:
     def apply(self, event: Event) -> ExperimentState | None:
         if not event.experiment:
             return None
-        s = self.add(event.experiment)
+        s = self.state_of(event.experiment)
         rate = self._rates.setdefault(event.experiment, RateEstimator())
         now = event.time
         if isinstance(event, events.Queued):
@@ -182,6 +213,7 @@ class StateBook:
             self.dequeued(event.experiment, now)  # a cluster's wait ends here
             s.started_at = s.started_at or now
             s.ended_at = None
+            s.attempt_model_calls = s.attempt_cache_hits = 0
             rate.restart_clock()
         elif isinstance(event, events.Phase):
             s.phase, s.phase_done, s.phase_total = event.phase, event.done, event.total
@@ -214,6 +246,18 @@ class StateBook:
                 s.batch_size = event.changes.batch_size.new
             if event.changes.gpu is not None:
                 s.gpu = event.changes.gpu.new
+        elif isinstance(event, events.MaskWork):
+            # Each report is the attempt's total so far: earlier attempts' stay counted.
+            s.model_calls += event.model_calls - s.attempt_model_calls
+            s.cache_hits += event.cache_hits - s.attempt_cache_hits
+            s.attempt_model_calls, s.attempt_cache_hits = event.model_calls, event.cache_hits
+            if event.distinct_pairs is not None:
+                s.distinct_pairs = event.distinct_pairs
+            if event.devices:
+                s.devices = list(event.devices)
+        elif isinstance(event, events.PairsReady):
+            if event.ready_for not in s.pairs_ready:
+                s.pairs_ready.append(event.ready_for)
         elif isinstance(event, (events.Failed, events.Finished, events.Stopped)):
             self._end(s, event, now)
         s.updated_at = now
@@ -240,7 +284,7 @@ class StateBook:
 
     def dequeued(self, name: str, now: float) -> None:
         """`name` leaves the line (to start, or because it was stopped)."""
-        state = self.states[name]
+        state = self.state_of(name)
         if state.queued_at is not None:
             state.queued_s += max(0.0, now - state.queued_at)
             state.queued_at = None
@@ -255,7 +299,7 @@ class StateBook:
 
     def stalled(self, name: str) -> None:
         """A watched log has been silent too long; its next report makes it running again."""
-        state = self.states[name]
+        state = self.state_of(name)
         if state.state == "running":
             state.state, state.eta_s = "stalled", None
 
@@ -316,6 +360,16 @@ class EventHub:
     def finish_time(self) -> float | None:
         with self._lock:
             return self._book.finish_time()
+
+    def stage(self) -> ExperimentState | None:
+        """A copy of the mask stage's state; None when the run has none."""
+        with self._lock:
+            stage = self._book.stage
+            return None if stage is None else ExperimentState.from_dict(stage.to_dict())
+
+    def mask_counts(self) -> dict[str, int | None]:
+        with self._lock:
+            return self._book.mask_counts()
 
     @property
     def done(self) -> bool:

@@ -13,7 +13,7 @@ import re
 import socket
 import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
@@ -37,6 +37,8 @@ from sa2va_tui.run_shapes import ShapeError, checked_event, checked_run_file
 from sa2va_tui.runstate import ExperimentState
 from sa2va_tui.text import format_bytes
 
+#: run.json's counts of the run's mask work (`StateBook.mask_counts`).
+MASK_COUNT_KEYS = ("model_calls", "distinct_pairs", "cache_hits")
 #: Entries shown per folder in the file tree; the rest are counted.
 TREE_ENTRIES = 12
 
@@ -134,8 +136,11 @@ class RunStore:
         with naming_disk_full(self.path / GPUS_FILE), open_for_append(self.path / GPUS_FILE) as f:
             f.write(sample.to_json() + "\n")
 
-    def write_state(self, states: dict[str, ExperimentState], finish_time: float | None, active: bool = True) -> None:
+    def write_state(self, states: dict[str, ExperimentState], finish_time: float | None, active: bool = True,
+                    extra: dict[str, Any] | None = None) -> None:
+        """run.json; `extra` adds top-level keys (the mask stage and the run's counts)."""
         atomic_write_text(self.path / RUN_FILE, json.dumps({
+            **(extra or {}),
             "run_id": self.run_id,
             "created_at": self.created_at,
             "updated_at": time.time(),
@@ -196,10 +201,10 @@ class StateWriter:
         self.dirty = False
 
     def write(self, states: dict[str, ExperimentState], finish_time: Callable[[], float | None], force: bool = False,
-              active: bool = True) -> None:
+              active: bool = True, extra: Callable[[], dict[str, Any]] | None = None) -> None:
         now = time.monotonic()
         if force or (self.dirty and now - self._last >= self._interval):
-            self._store.write_state(states, finish_time(), active=active)
+            self._store.write_state(states, finish_time(), active=active, extra=extra() if extra else None)
             self.dirty = False
             self._last = now
 
@@ -217,6 +222,10 @@ class RunSnapshot:
     active: bool
     finish_time: float | None
     experiments: dict[str, ExperimentState]
+    #: The run's mask stage, if it had one.
+    mask_stage: ExperimentState | None = None
+    #: run.json's `model_calls`, `distinct_pairs` and `cache_hits` (None: not recorded).
+    mask_counts: dict[str, int | None] = field(default_factory=dict)
 
     @property
     def supervised(self) -> bool:
@@ -255,6 +264,8 @@ def load_run(run_dir: Path) -> RunSnapshot:
         finish_time=data.get("finish_time"),
         experiments={name: _checkpoint_from_run_dir(state, run_dir)
                      for name, state in data.get("experiments", {}).items()},
+        mask_stage=data.get("mask_stage"),
+        mask_counts={key: data[key] for key in MASK_COUNT_KEYS if key in data},
     )
 
 

@@ -26,8 +26,8 @@ from sa2va_contract.gpus import GpuSnapshot
 from sa2va_contract.recovery import RestartPlan, automatic_restart, batch_size_problem
 from sa2va_tui.drain import call_subscribers, write_problem
 from sa2va_tui.gpus import GpuSampler, GpuWatch
-from sa2va_tui.launching import Attempt, Launcher, Owed
-from sa2va_tui.placement import Exit, PlacementBackend, backend_for
+from sa2va_tui.launching import Attempt, Launcher, Owed, stage_refusal, stage_spec
+from sa2va_tui.placement import Exit, LaunchError, PlacementBackend, backend_for
 from sa2va_tui.runstate import EventHub, ExperimentState
 from sa2va_tui.runstore import RunStore, StateWriter, load_run, load_run_config
 
@@ -69,11 +69,15 @@ class Supervisor(EventHub):
         self._experiments = config.experiments()
         self._gpu_interval = gpu_interval
         self._stop_grace_s = stop_grace_s
+        self._entry_points = entry_points
         self._gpus = GpuWatch(backend.read_gpus, store.append_gpu_sample, gpu_record_interval)
         self._attempts: dict[str, Attempt] = {}
         self._owed: dict[str, Owed] = {}
+        #: The run's mask stage while its worker runs (kept apart from the experiments:
+        #: it takes no place in line and no core of theirs).
+        self._stage: Attempt | None = None
         self._launcher = Launcher(config, store, backend, self._book, self._gpus, self._attempts, self._dispatch,
-                                  entry_points, cores)
+                                  entry_points, cores, masks_pending=lambda: self._stage is not None)
         self._outbox: list[Event] = []
         self._drain = threading.Thread(target=self._drain_loop, name="supervisor-drain", daemon=True)
         self._sampler: GpuSampler | None = None
@@ -115,10 +119,11 @@ class Supervisor(EventHub):
             self._started = True
             for name in names:
                 self._book.add(name, self._experiments[name].kind)
-            for name in names:
+            pending = [name for name in names if self._book.states[name].state != "finished"]
+            self._start_stage(pending)
+            for name in pending:
                 state = self._book.states[name]
-                if state.state != "finished":
-                    self._launcher.request(name, Owed("resume") if state.attempts else None)
+                self._launcher.request(name, Owed("resume") if state.attempts else None)
             self._launcher.schedule()
             self._write_state(force=True)
         atexit.register(self.shutdown)
@@ -126,6 +131,36 @@ class Supervisor(EventHub):
         pids = lambda: {pid: name for pid, name, _ in self._launcher.occupants() if pid}  # noqa: E731
         self._sampler = GpuSampler(self._backend.read_gpus, pids, self._on_gpus, self._gpu_interval)
         self._sampler.start()
+
+    def _start_stage(self, names: list[str]) -> None:
+        """The mask stage for the pairs of `names`, unless this run cannot have one (it
+        then fills the cache per experiment, as each experiment does alone)."""
+        if not names or self._entry_points is not None:
+            return  # workloads of a test's own read no masks
+        snapshot = self._gpus.snapshot
+        if self.config.backend.kind == "sa2va" and not snapshot.gpus:
+            snapshot = self._backend.read_gpus({})
+        refusal = stage_refusal(self.config, snapshot)
+        if refusal:
+            log.info("no mask stage: %s", refusal)
+            return
+        gpu = None
+        if self.config.backend.kind == "sa2va":
+            gpu = max(snapshot.gpus, key=lambda g: g.memory_free or 0).index
+        try:
+            handle = self._backend.launch(stage_spec(self.config, self.store, names, gpu))
+        except LaunchError as err:
+            log.warning("no mask stage: %s", err)
+            return
+        self._stage = Attempt(handle=handle, batch_size=self.config.backend.batch_size)
+        self._book.state_of(events.MASK_STAGE).pid = handle.pid
+
+    def _end_stage(self) -> None:
+        """The stage is over, however it ended: experiments waiting for their pairs
+        compute what is still missing themselves."""
+        self._stage = None
+        for attempt in self._attempts.values():
+            self._backend.send(attempt.handle, events.MasksDone())
 
     def pause(self, name: str) -> None:
         """The worker blocks at its next step point (within a second)."""
@@ -141,6 +176,9 @@ class Supervisor(EventHub):
         grace); an experiment waiting in line leaves it and never starts."""
         with self._lock:
             self._known(name)
+            if name == events.MASK_STAGE:
+                self._ask_stop(self._live(name), "stop", self._stop_grace_s)
+                return
             self._owed.pop(name, None)
             if self._launcher.withdraw(name):
                 self._dispatch(events.Stopped(name, step=self._book.states[name].timesteps,
@@ -191,7 +229,8 @@ class Supervisor(EventHub):
         with self._lock:
             if self._started and not self._finished and not self._drain.is_alive():
                 return True
-            return self._started and not self._attempts and not self._owed and not self._launcher.line
+            return (self._started and not self._attempts and self._stage is None and not self._owed
+                    and not self._launcher.line)
 
     @property
     def fault(self) -> str | None:
@@ -210,7 +249,7 @@ class Supervisor(EventHub):
         if self._started and self._drain.is_alive():
             with self._changed:
                 # The drain thread kills at the deadline; give it a moment past that.
-                self._changed.wait_for(lambda: not self._attempts, grace_s + 5.0)
+                self._changed.wait_for(lambda: not self._live_attempts(), grace_s + 5.0)
         elif self._started:
             self._drain_here(grace_s + 5.0)
         if self._sampler is not None:
@@ -237,7 +276,7 @@ class Supervisor(EventHub):
             self._launcher.withdraw(waiting.name)
             self._dispatch(events.Stopped(waiting.name, step=self._book.states[waiting.name].timesteps,
                                           reason=reason))
-        for attempt in self._attempts.values():
+        for attempt in self._live_attempts():
             self._ask_stop(attempt, reason, grace_s)
 
     def _cut_short(self, problem: str, reason: str) -> None:
@@ -255,13 +294,23 @@ class Supervisor(EventHub):
 
     # --- helpers -------------------------------------------------------------------
 
+    def _live_attempts(self) -> list[Attempt]:
+        """Every worker that runs: the experiments' and the mask stage's. Lock held."""
+        return [*self._attempts.values(), *([self._stage] if self._stage else [])]
+
     def _known(self, name: str) -> None:
+        if name == events.MASK_STAGE and self._book.stage is not None:
+            return
         if name not in self._book.states:
             raise SupervisorError(f"unknown experiment {name!r} (this run has: {', '.join(self._book.states)})")
 
     def _live(self, name: str) -> Attempt:
         with self._lock:
             self._known(name)
+            if name == events.MASK_STAGE:
+                if self._stage is None:
+                    raise SupervisorError(f"the mask stage is not running ({self._book.stage.state})")
+                return self._stage
             attempt = self._attempts.get(name)
             if attempt is None:
                 raise SupervisorError(f"{name} is not running ({self._book.states[name].state})")
@@ -290,6 +339,11 @@ class Supervisor(EventHub):
 
     def _on_worker_event(self, attempt: Attempt, event: Event) -> None:
         with self._lock:
+            if attempt is self._stage or event.experiment == events.MASK_STAGE:
+                if isinstance(event, (events.Failed, events.Finished, events.Stopped)):
+                    attempt.outcome = event
+                self._dispatch(event)
+                return
             if isinstance(event, (events.Failed, events.Finished, events.Stopped)):
                 attempt.outcome = event
                 if isinstance(event, events.Failed):
@@ -349,7 +403,7 @@ class Supervisor(EventHub):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self._lock:
-                if not self._attempts:
+                if not self._live_attempts():
                     return
             self._drain_guarded()
 
@@ -358,7 +412,7 @@ class Supervisor(EventHub):
             if self._finished:
                 self._deliver_outbox()
                 return True
-            attempts = list(self._attempts.values())
+            attempts = self._live_attempts()
         by_handle = {id(a.handle): a for a in attempts}
         for handle, arrival in self._backend.wait([a.handle for a in attempts], timeout=TICK_S):
             attempt = by_handle[id(handle)]
@@ -376,13 +430,20 @@ class Supervisor(EventHub):
 
     def _enforce_deadlines(self) -> None:
         """Kill the workers that were asked to stop and did not within their grace."""
-        for attempt in [a for a in self._attempts.values() if a.overdue]:
+        for attempt in [a for a in self._live_attempts() if a.overdue]:
             log.warning("%s did not stop in time; killing pid %s", attempt.name, attempt.handle.pid)
             attempt.killed_by_us = True
             self._backend.kill(attempt.handle)
 
     def _on_exit(self, attempt: Attempt, exit: Exit) -> None:
         with self._lock:
+            if attempt.name == events.MASK_STAGE:
+                if attempt.outcome is None:
+                    self._dispatch(attempt.unreported_failure(exit.exit_code, self._book.stage.timesteps))
+                if self._stage is attempt:
+                    self._end_stage()
+                self._changed.notify_all()
+                return
             name = attempt.name
             if self._attempts.get(name) is attempt:
                 del self._attempts[name]
@@ -404,7 +465,13 @@ class Supervisor(EventHub):
 
     def _write_state(self, force: bool = False, active: bool = True) -> None:
         self._record(self._state_writer.write, self._book.states, self._book.finish_time, force=force,
-                     active=active)
+                     active=active, extra=self._run_figures)
+
+    def _run_figures(self) -> dict[str, Any]:
+        """run.json's top-level keys beside the experiments: the mask stage and the
+        run's counts of mask work (`model_calls`, `distinct_pairs`, `cache_hits`)."""
+        stage = self._book.stage
+        return {**self._book.mask_counts(), **({"mask_stage": stage.to_dict()} if stage is not None else {})}
 
     def _record(self, write: Callable[..., None], *args: Any, **kwargs: Any) -> None:
         """A write to the run folder; one that fails cuts the run short (its file as

@@ -290,3 +290,27 @@ def print_table(console: "Console", table: "Table") -> None:
         console.print(table)
     else:
         console.file.write(markdown_table(table) + "\n")
+
+
+# --- the mask stage -----------------------------------------------------------------
+
+
+def stage_detail(state, now: float | None = None) -> str:
+    """The mask stage in one line: pairs done of those to compute, rate, ETA, devices."""
+    parts = [f"{state.timesteps}/{state.total} pairs"]
+    if state.fraction is not None:
+        parts.append(f"{state.fraction:4.0%}")
+    if state.rate:
+        parts.append(f"{state.rate:.0f} pairs/s")
+    if not state.terminal and state.total:
+        parts.append(f"ETA {format_duration(state.eta_at(now or time.time()))}")
+    if state.devices:
+        parts.append("on " + ", ".join(state.devices))
+    return "  ".join(parts)
+
+
+def mask_counts_text(counts: dict) -> str:
+    """run.json's counts in words."""
+    distinct = counts.get("distinct_pairs")
+    return (f"model calls {counts.get('model_calls', 0)}, distinct pairs {distinct if distinct is not None else '?'}, "
+            f"cache hits {counts.get('cache_hits', 0)}")

@@ -127,8 +127,10 @@ async def test_every_key_acts_on_real_workers(real_run):
             await pilot.press("2")
             assert dash.selected == "postprocess_rl"
             await pilot.press("tab")
+            assert dash.selected == "mask_stage"  # the run's mask stage: its card comes last
+            await pilot.press("tab")
             assert dash.selected == "prompt_rl"
-            await pilot.press("shift+tab")
+            await pilot.press("shift+tab", "shift+tab")
             assert dash.selected == "postprocess_rl"
             await pilot.click(ExperimentCard, offset=(5, 0))  # the first card: prompt_rl
             assert dash.selected == "prompt_rl"

@@ -83,7 +83,9 @@ def test_launch_runs_three_experiments_and_a_variant_to_the_end(real_run, tmp_pa
 
     status = CliRunner().invoke(app, ["status", "--logs-dir", str(logs)])
     assert status.exit_code == 0, status.output
-    assert "no supervisor running" in status.output and status.output.count("finished") == 4
+    # Four experiments and the mask stage, which found every pair cached.
+    assert "no supervisor running" in status.output and status.output.count("finished") == 5
+    assert "mask stage: finished, 0/0 pairs" in status.output and "masks: model calls 0," in status.output
 
 
 def test_launch_refuses_unknown_experiment_in_one_line(tmp_path):
@@ -136,14 +138,14 @@ def test_pause_resume_stop_then_resume_the_run(real_run):
     again.subscribe(rec2)
     again.start()
     try:
-        second = rec2.wait_for(lambda e: isinstance(e, Started))
+        second = rec2.wait_for(lambda e: isinstance(e, Started) and e.experiment == "prompt_rl")
         rec2.wait_for(lambda e: isinstance(e, Progress) and e.timesteps > stopped.step + 64)
     finally:
         again.shutdown()
     (restart,) = rec2.of(Restarting)
     assert (restart.reason, restart.attempt, restart.changes.to_json()) == ("resume", 2, {"resume_from": last.path})
     assert (second.attempt, second.resumed_from) == (2, last.path)
-    assert min(e.timesteps for e in rec2.of(Progress)) == stopped.step  # carried on, not from zero
+    assert min(e.timesteps for e in rec2.of(Progress, "prompt_rl")) == stopped.step  # carried on, not from zero
     assert f"resumed from {last.path} at {stopped.step} timesteps" in log_of(again, "prompt_rl")
     assert rec2.of(Stopped)[-1].reason == "shutdown"
     assert load_run(supervisor.run_dir).experiments["prompt_rl"].attempts == 2

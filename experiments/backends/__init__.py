@@ -8,7 +8,7 @@ from sa2va_contract.config import Config
 from sa2va_contract.layout import MASK_CACHE_DIR
 
 from experiments.backends.base import Prediction, Segmenter, TrainableSegmenter
-from experiments.backends.cache import CachedSegmenter
+from experiments.backends.cache import CachedSegmenter, LazySegmenter
 
 __all__ = ["CachedSegmenter", "Prediction", "Segmenter", "TrainableSegmenter", "make_segmenter", "make_cached_segmenter",
            "make_trainable", "cache_dir_for"]
@@ -32,7 +32,15 @@ def cache_dir_for(config: Config) -> Path:
 
 
 def make_cached_segmenter(config: Config, device: str = "cpu") -> CachedSegmenter:
-    """The configured model behind the shared mask cache: what experiments use."""
+    """The configured model behind the shared mask cache: what experiments use. Sa2VA
+    loads on its first cache miss (its fingerprint needs no weights); the embedded
+    model's fingerprint is a hash of its weights, which load in milliseconds."""
+    if config.backend.kind == "sa2va":
+        from experiments.backends.sa2va import Sa2VASegmenter, checkpoint_fingerprint, checkpoint_folder
+
+        lazy = LazySegmenter(checkpoint_fingerprint(checkpoint_folder(str(config.backend.model_path))),
+                             Sa2VASegmenter.gives_probabilities, lambda: make_segmenter(config, device))
+        return CachedSegmenter(lazy, cache_dir_for(config))
     return CachedSegmenter(make_segmenter(config, device), cache_dir_for(config))
 
 
@@ -54,6 +62,8 @@ def make_trainable(config: Config, device: str = "cpu", finetuned: Path | None =
 
     if isinstance(base, CachedSegmenter):
         base = base.segmenter
+    if isinstance(base, LazySegmenter):
+        base = base.resolve()
     # Every fine-tuning image's frozen inputs stay in the memo: a smaller one would
     # re-run the whole predict_forward (generation included) for most steps.
     trainable = Sa2VAMaskDecoder(base if base is not None else make_segmenter(config, device),

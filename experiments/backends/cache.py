@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import weakref
 import zipfile
 from pathlib import Path
@@ -34,6 +35,44 @@ log = logging.getLogger(__name__)
 
 class DamagedEntry(ValueError):
     """A cache file that holds no mask of the shape it claims."""
+
+
+#: Held while a cache file is being written: a worker that must end at once (a stop
+#: while it loads) takes it first, so that no temporary file is left behind.
+WRITE_LOCK = threading.Lock()
+
+
+class LazySegmenter:
+    """A segmenter loaded on its first use: a worker whose masks are all cached never
+    loads the model (on Sa2VA: no GPU copy, no minute of loading). Its fingerprint and
+    whether it gives probabilities are known without loading it."""
+
+    def __init__(self, fingerprint: str, gives_probabilities: bool, load: Callable[[], Segmenter]) -> None:
+        self.fingerprint = fingerprint
+        self.gives_probabilities = gives_probabilities
+        self._load = load
+        self._loaded: Segmenter | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def loaded(self) -> bool:
+        return self._loaded is not None
+
+    def resolve(self) -> Segmenter:
+        """The model itself, loaded now if it was not yet."""
+        with self._lock:
+            if self._loaded is None:
+                self._loaded = self._load()
+            return self._loaded
+
+    def segment(self, images: Sequence[np.ndarray], prompts: Sequence[str]) -> list[Prediction]:
+        return self.resolve().segment(images, prompts)
+
+    def __getattr__(self, name: str):
+        # What else a caller reads of the model (the trainable wrapper its weights).
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.resolve(), name)
 
 
 def _encode(prediction: Prediction) -> tuple[np.ndarray, np.ndarray | None, tuple[int, int]]:
@@ -132,14 +171,16 @@ class CachedSegmenter:
 
     def _store(self, key: str, entry) -> None:
         self._memory[key] = entry
-        if self.folder is None:
-            return
+        if self.folder is not None:
+            self._write(key, entry)
+
+    def _write(self, key: str, entry) -> None:
         bits, prob, shape = entry
         arrays = {"bits": bits, "shape": np.asarray(shape)}
         if prob is not None:
             arrays["prob"] = prob
         # Not synced to disk: an entry lost to a crash is computed again.
-        with atomic_writer(self._path(key), durable=False) as handle:
+        with WRITE_LOCK, atomic_writer(self._path(key), durable=False) as handle:
             np.savez(handle, **arrays)
 
     def segment(
@@ -203,6 +244,46 @@ def _read_entry(path: Path) -> tuple[np.ndarray, np.ndarray | None, tuple[int, i
     if prob is not None and (prob.dtype != np.uint8 or prob.shape != (height, width)):
         raise DamagedEntry(f"a probability map of shape {prob.shape} for a {height}x{width} image")
     return bits, prob, (height, width)
+
+
+    # --- the mask stage's side ------------------------------------------------------
+
+    @property
+    def cache_hits(self) -> int:
+        """Pairs read from the disk cache instead of the model."""
+        return self.disk_hits
+
+    def on_disk(self, image: np.ndarray, prompt: str) -> bool:
+        """Whether the pair's entry is in the cache, in memory or on disk (not read)."""
+        key = self._key(image, prompt)
+        return key in self._memory or (self.folder is not None and self._path(key).is_file())
+
+    def missing(self, images: Sequence[np.ndarray], prompts: Sequence[str]) -> list[int]:
+        """Indices of the first occurrence of each distinct pair not in the cache."""
+        seen: set[str] = set()
+        todo = []
+        for i, (image, prompt) in enumerate(zip(images, prompts)):
+            key = self._key(image, prompt)
+            if key in seen:
+                continue
+            seen.add(key)
+            if key not in self._memory and (self.folder is None or not self._path(key).is_file()):
+                todo.append(i)
+        return todo
+
+    def fill(self, images: Sequence[np.ndarray], prompts: Sequence[str],
+             segmenter: Segmenter | None = None) -> int:
+        """Compute the given pairs with `segmenter` (default: this cache's) and write
+        them to disk only, not to memory (the stage holds none of the run's masks).
+        Returns the pairs computed."""
+        if self.folder is None:
+            raise ValueError("a cache without a folder cannot be filled for other processes")
+        predictions = (segmenter or self.segmenter).segment(list(images), list(prompts))
+        for image, prompt, prediction in zip(images, prompts, predictions):
+            self._write(self._key(image, prompt), _encode(prediction))
+        with WRITE_LOCK:
+            self.model_calls += len(predictions)
+        return len(predictions)
 
 
 def _safe(fingerprint: str) -> str:

@@ -165,29 +165,10 @@ class _Peaks:
 
 
 def _cache_estimate(config: Config, per_mask: float) -> str:
-    images = dataset_image_count(config)
-    masks = images * len(config.backend.prompts)
-    return (f"mask cache: {images} images x {len(config.backend.prompts)} prompts = {masks:,} masks, "
-            f"about {_duration(masks * per_mask)} at {per_mask:.2f} s per mask (masks already cached are not redone)")
+    """The run's mask stage on a cold cache, at the measured time per mask."""
+    import torch
 
+    from experiments.mask_needs import fill_estimate
 
-def dataset_image_count(config: Config) -> int:
-    """Images of every split the experiments may segment, with `dataset.limit` applied."""
-    dataset = config.dataset
-    if dataset.kind == "builtin":
-        counts = [dataset.sizes.train, dataset.sizes.val, dataset.sizes.test]
-    else:
-        from experiments.datasets.folder import scan_split
-
-        assert dataset.root is not None
-        counts = [len(scan_split(dataset.root, split).pairs) for split in ("train", "val", "test")
-                  if (dataset.root / split).exists()]
-    return sum(min(c, dataset.limit) if dataset.limit else c for c in counts)
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
+    # The stage runs where this check just ran the model (the stand-in: the CPU).
+    return fill_estimate(config, per_mask, max(1, torch.cuda.device_count()), measured=True)

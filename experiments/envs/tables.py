@@ -19,6 +19,7 @@ import numpy as np
 
 from experiments.backends.cache import CachedSegmenter
 from experiments.datasets.base import Sample, render_prompt
+from experiments.mask_needs import every_prompt, one_prompt
 from experiments.envs.features import (
     MASK_FEATURES,
     MaskDescriber,
@@ -147,8 +148,10 @@ def build_prompt_table(
     """Every candidate mask of every sample through the cache and scored; described
     when an episode first looks at it, or all now with `describe_all`. Progress counts
     (sample, prompt) pairs twice: once fetched, once scored."""
-    pairs = len(samples) * len(templates)
-    segmenter.warm(samples, templates, on_progress=(lambda done, _t: on_progress(done, 2 * pairs)) if on_progress else None)
+    wanted = every_prompt(samples, templates)  # the pairs `mask_needs` says this table reads
+    pairs = len(wanted)
+    segmenter.segment(wanted.images, wanted.prompts,
+                      on_progress=(lambda done, _t: on_progress(done, 2 * pairs)) if on_progress else None)
     context, scores = [], []
     for i, sample in enumerate(samples):
         context.append(_context(sample))
@@ -207,7 +210,11 @@ def build_postprocess_table(
     chosen = np.full(n, start_prompts, np.int64) if np.isscalar(start_prompts) else np.asarray(start_prompts, np.int64)
     if chosen.shape != (n,):
         raise ValueError(f"{chosen.size} start prompts for {n} samples")
-    prompts = [render_prompt(templates[int(k)], s) for s, k in zip(samples, chosen)]
+    if np.isscalar(start_prompts):
+        wanted = one_prompt(samples, templates[int(start_prompts)])  # the pairs `mask_needs` names
+        prompts = wanted.prompts
+    else:
+        prompts = [render_prompt(templates[int(k)], s) for s, k in zip(samples, chosen)]
     predictions = segmenter.segment(
         [s.image for s in samples], prompts, on_progress=(lambda done, _t: on_progress(done, 2 * n)) if on_progress else None
     )

@@ -41,7 +41,7 @@ from sa2va_tui.app.widgets import (
     TitleBar,
     event_line,
 )
-from sa2va_contract.events import Failed
+from sa2va_contract.events import MASK_STAGE, Failed, PairsReady
 from sa2va_contract.recovery import RestartPlan
 from sa2va_tui.text import describe
 from sa2va_tui.runstate import ExperimentState, StateBook
@@ -166,12 +166,18 @@ class Dashboard(Screen):
         now = self._clock()
         self._last_draw = now
         previous = self.states.get(self.selected or "")
-        self.states = states = self.source.hub.states()
-        if not self._cards.keys() >= states.keys():
-            self._add_cards([name for name in states if name not in self._cards])
+        states = self.source.hub.states()
+        stage = self.source.hub.stage()
+        # The mask stage's card comes after the experiments' (their numbers, the keys
+        # that select them, stay as they were); it is selected and steered like them.
+        self.states = {**states, **({MASK_STAGE: stage} if stage is not None else {})}
+        if not self._cards.keys() >= self.states.keys():
+            self._add_cards([name for name in self.states if name not in self._cards])
         rewards = {name: self.inbox.rewards(name) for name in states}
         for number, (name, state) in enumerate(states.items(), start=1):
             self._cards[name].show(CardView.of(number, state, rewards[name], now))
+        if stage is not None:
+            self._cards[MASK_STAGE].show(CardView.of_stage(len(states) + 1, stage, now))
         self.query_one(TitleBar).show(
             TitleBar.view_of(self.source.title, states, StateBook(states).finish_time(now), now))
         self.query_one(MetricsPanel).show(MetricsView.of(states, rewards))
@@ -207,7 +213,8 @@ class Dashboard(Screen):
         allowed = {
             "toggle_pause": state.state in ("running", "paused"),
             "stop": (state.state in ("running", "paused") and state.pid is not None) or state.state == "queued",
-            "restart": state.state not in ("finished", "restarting"),
+            # The stage is started again by `resume`, not restarted on its own.
+            "restart": state.state not in ("finished", "restarting") and state.name != MASK_STAGE,
         }[action]
         return True if allowed else None
 
@@ -334,6 +341,8 @@ class Dashboard(Screen):
     def _source_event(self, message: SourceEvent) -> None:
         event = message.event
         found = describe(event)
+        if isinstance(event, PairsReady):
+            found = f"pairs ready for {escape(event.ready_for)} ({event.pairs})", "green"
         if found is not None:
             self._log_line(event.time, event.experiment, *found)
         if isinstance(event, Failed):

@@ -100,6 +100,29 @@ class CardView:
             state += f" ({s.failure.kind})"
         return cls(index, s.name, state, tuple(details), s.fraction, progress, figures, rewards, trend, tuple(extra))
 
+    @classmethod
+    def of_stage(cls, index: int, s: ExperimentState, now: float) -> "CardView":
+        """The mask stage's card: pairs done of those to compute, rate, ETA, devices, and
+        the experiments whose pairs are all in."""
+        details = [(s.phase or "").replace("_", " ")] if s.phase and not s.terminal else []
+        details += [", ".join(s.devices)] if s.devices else []
+        if s.pid is not None:
+            details.append(f"pid {s.pid}")
+        progress = f"{s.timesteps:,}/{s.total:,} pairs" if s.total else ("no pair to compute" if s.phase_total == 0
+                                                                          else "pairs: counting")
+        if s.fraction is not None:
+            progress += f" {s.fraction:4.0%}"
+        if not s.terminal and s.total:
+            eta = s.eta_at(now)
+            progress += f"  ETA {format_duration(eta)}" if eta is not None else "  ETA ?"
+        rate = f"{s.rate:,.0f} pairs/s" if s.rate else "pairs/s -"
+        ready = f"ready: {', '.join(s.pairs_ready)}" if s.pairs_ready else "ready: none yet"
+        counts = f"{s.distinct_pairs:,} distinct, {s.cache_hits:,} cached" if s.distinct_pairs is not None else ""
+        figures = " · ".join(part for part in (rate, ready, counts) if part)
+        extra = [f"{s.failure.kind}: {s.failure.message}"] if s.state == "failed" and s.failure else []
+        state = s.state + (f" ({s.failure.kind})" if s.state == "failed" and s.failure else "")
+        return cls(index, "mask stage", state, tuple(details), s.fraction, progress, figures, (), None, tuple(extra))
+
 
 class ExperimentCard(ViewWidget):
     """One experiment at a glance; a click selects it."""

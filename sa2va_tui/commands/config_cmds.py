@@ -47,9 +47,23 @@ def check(
         fail(f"{len(report.problems)} problem(s) in {config or 'the config'}")
     for name, changes in made.items():
         typer.echo(f"ok    variant {name}: {variant_words(changes)}")
+    if cfg.backend.kind == "sa2va" and cfg.run.backend == "local":
+        _fill_estimate(cfg)
     if deep:
         _deep_check(cfg)
     typer.echo("config is ready")
+
+
+def _fill_estimate(cfg) -> None:
+    """How long the mask stage takes to fill a cold cache, over the GPUs it will use."""
+    from sa2va_tui import engine
+    from sa2va_tui.gpus import read_gpus
+
+    snapshot = read_gpus()
+    try:
+        typer.echo(f"ok    {engine.mask_fill_estimate(cfg, len(snapshot.gpus) if snapshot.available else 0)}")
+    except (OSError, ValueError) as err:  # a dataset that cannot be read is check's own problem line
+        typer.echo(f"warn  mask stage: no estimate ({err})")
 
 
 def _deep_check(cfg) -> None:

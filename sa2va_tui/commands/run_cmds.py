@@ -202,7 +202,7 @@ def status(
     from sa2va_tui.report.facts import shown_state
     from sa2va_tui.runstate import StateBook
     from sa2va_tui.runstore import pid_alive
-    from sa2va_tui.text import format_clock, format_duration, output_console
+    from sa2va_tui.text import format_clock, format_duration, mask_counts_text, output_console, stage_detail
 
     snapshot = load_run_or_exit(run, logs_dir)
     now = time.time()
@@ -238,6 +238,11 @@ def status(
     console.print(f"run {snapshot.run_id} ({supervisor}, updated {format_clock(snapshot.updated_at)})",
                   highlight=False, soft_wrap=True)
     console.print(table)
+    if snapshot.mask_stage is not None:
+        console.print(f"mask stage: {snapshot.mask_stage.state}, {stage_detail(snapshot.mask_stage, now)}",
+                      highlight=False, soft_wrap=True)
+    if snapshot.mask_counts:
+        console.print(f"masks: {mask_counts_text(snapshot.mask_counts)}", highlight=False, soft_wrap=True)
     if cut_short:
         console.print(f"interrupted: its supervisor went away before it ended; `sa2va-tui resume {snapshot.run_id}` "
                       "continues it", highlight=False, soft_wrap=True)

@@ -135,6 +135,10 @@ class ReportData:
     files: list[str]
     #: Filled in by `sa2va_tui.report.read_report` (`indicators.check_indicators`).
     indicators: list[Any] = field(default_factory=list)
+    #: The run's mask stage, if it had one, and run.json's `model_calls`,
+    #: `distinct_pairs` and `cache_hits` (empty where the run recorded none).
+    mask_stage: ExperimentState | None = None
+    mask_counts: dict[str, int] = field(default_factory=dict)
 
 
 def read_facts(run_dir: Path, now: float | None = None) -> ReportData:
@@ -168,6 +172,8 @@ def read_facts(run_dir: Path, now: float | None = None) -> ReportData:
         problems=find_problems(recorded, experiments),
         evaluation=load_evaluation(run_dir),
         files=file_tree(run_dir),
+        mask_stage=snapshot.mask_stage,
+        mask_counts=dict(snapshot.mask_counts),
     )
 
 

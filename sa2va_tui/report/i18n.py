@@ -26,6 +26,7 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "section.overview": ("Overview", "概览"),
     "section.experiment": ("Experiment {name}", "实验 {name}"),
     "section.gpus": ("GPU usage", "GPU 使用情况"),
+    "section.masks": ("Masks", "掩码"),
     "section.finish": ("Expected finish", "预计完成时间"),
     "section.comparison": ("Comparison of the experiments", "实验对比"),
     "section.problems": ("Problems and how they were resolved", "问题及处理方式"),
@@ -141,6 +142,18 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "gpu.as_of": ("Latest sample: {time}.", "最近一次采样：{time}。"),
     "gpu.history": ("mean {mean:.0f}%, spread {std:.1f} points, memory up to {peak}, over {n} samples",
                     "平均 {mean:.0f}%，波动 {std:.1f} 个百分点，显存最高 {peak}（{n} 次采样）"),
+    # masks
+    "masks.none": ("This run recorded no count of its mask work.", "此运行没有记录掩码计算的次数。"),
+    "masks.counts": ("The model was called for {calls} (image, prompt) pairs; the run's experiments need {distinct} "
+                     "distinct pairs; {hits} reads were answered by the mask cache.",
+                     "模型共计算了 {calls} 个（图像，提示）对；本次运行的实验需要 {distinct} 个不同的对；"
+                     "掩码缓存回答了 {hits} 次读取。"),
+    "masks.once": ("Each distinct pair was computed once.", "每个不同的对只计算了一次。"),
+    "masks.warm": ("Every pair was already in the cache: no model call.", "所有的对都已在缓存中：没有调用模型。"),
+    "masks.stage": ("The mask stage ({state}) computed {done} of {total} pairs on {devices}, for {order} in that "
+                    "order.", "掩码阶段（{state}）在 {devices} 上计算了 {total} 个对中的 {done} 个，依次为 {order}。"),
+    "masks.no_stage": ("This run had no mask stage: each experiment filled the cache itself.",
+                       "此运行没有掩码阶段：每个实验各自填充缓存。"),
     # finish
     "finish.done": ("The whole run finished at {time}.", "整个运行已于 {time} 完成。"),
     "finish.expected": ("The whole run should finish at {time} (in {left}).", "整个运行预计于 {time} 完成（还需 {left}）。"),

@@ -49,6 +49,10 @@ def render_json(data: ReportData, lang: str = "en", curves: dict[str, Path] | No
         "gpus": {"available": data.gpu_available, "message": data.gpu_message, "sampled_at": data.gpu_sampled_at,
                  "gpus": [dataclasses.asdict(g) for g in data.gpus]},
         "finish_at": data.finish_at,
+        "model_calls": data.mask_counts.get("model_calls"),
+        "distinct_pairs": data.mask_counts.get("distinct_pairs"),
+        "cache_hits": data.mask_counts.get("cache_hits"),
+        "mask_stage": data.mask_stage.to_dict() if data.mask_stage is not None else None,
         "problems": [{**dataclasses.asdict(p), "restart": _restart_json(p), "text": problem_text(p, tr)}
                      for p in data.problems],
         "indicators": [{**dataclasses.asdict(i), "text": indicator_text(i, tr)} for i in data.indicators],

@@ -30,6 +30,7 @@ def render_markdown(data: ReportData, lang: str = "en", curves: dict[str, Path] 
         _overview(data, tr),
         *(_experiment_section(exp, data, tr) for exp in data.experiments.values()),
         _gpu_section(data, tr),
+        _masks_section(data, tr),
         _finish_section(data, tr),
         _comparison(data, tr),
         _problems_section(data, tr),
@@ -127,6 +128,29 @@ def _gpu_section(data: ReportData, tr: Translator) -> list[str]:
     headers = [*((tr("col.host"),) if by_host else ()), "GPU", tr("col.name"), tr("col.utilisation"),
                tr("col.memory"), tr("col.experiments"), tr("col.while_ours")]
     return lines + _table(headers, rows, ("l" if by_host else "") + "rlrrll")
+
+
+def _masks_section(data: ReportData, tr: Translator) -> list[str]:
+    """What the segmenter was asked for, counted: calls, distinct pairs, cache reads."""
+    lines = [f"## {tr('section.masks')}", ""]
+    counts = data.mask_counts
+    if "model_calls" not in counts:
+        return lines + [tr("masks.none")]
+    distinct = counts.get("distinct_pairs")
+    said = [tr("masks.counts", calls=counts["model_calls"], distinct=distinct if distinct is not None else "?",
+               hits=counts.get("cache_hits", 0))]
+    if distinct is not None and counts["model_calls"] == 0 and distinct:
+        said.append(tr("masks.warm"))
+    elif distinct is not None and counts["model_calls"] == distinct:
+        said.append(tr("masks.once"))
+    stage = data.mask_stage
+    if stage is None:
+        said.append(tr("masks.no_stage"))
+    else:
+        order = ", ".join(code(n) for n in stage.summary.get("order", stage.pairs_ready)) or "-"
+        said.append(tr("masks.stage", state=tr.state(stage.state), done=stage.timesteps, total=stage.total,
+                       devices=", ".join(stage.devices) or "-", order=order))
+    return lines + [" ".join(said)]
 
 
 def _finish_section(data: ReportData, tr: Translator) -> list[str]:

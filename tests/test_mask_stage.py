@@ -1,0 +1,154 @@
+"""The run's mask stage, with the real model, real workers and a cache of the test's own:
+one model call per distinct pair however many experiments read it, none on a warm
+cache, nothing half-written after a stop, pause obeyed, and its card in the app."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from conftest import SMALL_RUN
+from sa2va_contract import events
+from sa2va_contract.layout import RUN_FILE
+from supervision import make_config, run_to_end, supervise
+from test_app import T0, RecordedHub, run_async, until
+
+#: Smaller than SMALL_RUN's images, so a cold cache fills in seconds, and one rollout
+#: of training: what is tested here ends before training begins.
+COLD = ("dataset.limit=6", "dataset.image_size=64", "prompt_rl.total_timesteps=32", "postprocess_rl.total_timesteps=32")
+
+
+@pytest.fixture
+def cold_run(tmp_path) -> list[str]:
+    """A small real run with an empty mask cache of its own."""
+    return [*SMALL_RUN, *COLD, f"backend.cache_dir={tmp_path / 'cache'}", f"run.logs_dir={tmp_path / 'logs'}"]
+
+
+def cache_files(folder):
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+def test_two_experiments_cost_one_call_per_pair_and_a_warm_run_none(cold_run, tmp_path):
+    config = make_config(cold_run, experiments=("prompt_rl", "postprocess_rl"))
+    supervisor, rec = run_to_end(config, timeout=150)
+    figures = json.loads((supervisor.run_dir / RUN_FILE).read_text())
+    # prompt_rl reads every candidate mask of train and val (6 images each, 11 prompts);
+    # postprocess_rl the default prompt's of the same images: a subset.
+    assert figures["distinct_pairs"] == 2 * 6 * len(config.backend.prompts)
+    assert figures["model_calls"] == figures["distinct_pairs"]
+    work = {e.experiment: e for e in rec.of(events.MaskWork)}
+    assert work["prompt_rl"].model_calls == 0 and work["postprocess_rl"].model_calls == 0
+    assert work["prompt_rl"].cache_hits == figures["distinct_pairs"]
+    assert {e.ready_for for e in rec.of(events.PairsReady)} == {"prompt_rl", "postprocess_rl"}
+    # The smaller need is computed first, so postprocess_rl is unblocked first.
+    assert [e.ready_for for e in rec.of(events.PairsReady)][0] == "postprocess_rl"
+    assert all(s.state == "finished" for s in supervisor.states().values())
+    assert figures["mask_stage"]["state"] == "finished"
+    files = cache_files(tmp_path / "cache")
+    assert len(files) == figures["distinct_pairs"] and all(f.suffix == ".npz" for f in files)
+
+    # Warm: one experiment is enough to show that nothing is computed again.
+    warm, rec = run_to_end(make_config(cold_run, experiments=("postprocess_rl",)), timeout=150)
+    again = json.loads((warm.run_dir / RUN_FILE).read_text())
+    assert again["model_calls"] == 0 and again["distinct_pairs"] == 2 * 6
+    assert again["cache_hits"] >= again["distinct_pairs"]
+    assert [e.ready_for for e in rec.of(events.PairsReady)] == ["postprocess_rl"]  # ready at once
+    assert len(cache_files(tmp_path / "cache")) == len(files)
+
+
+def test_stop_during_the_stage_leaves_only_whole_cache_files(cold_run, tmp_path):
+    config = make_config(cold_run, "dataset.limit=40", experiments=("prompt_rl",))
+    supervisor, rec = supervise(config)
+    supervisor.start()
+    try:
+        rec.wait_for(lambda e: isinstance(e, events.Progress) and e.experiment == events.MASK_STAGE
+                     and 0 < e.timesteps < e.total, timeout=120)
+        supervisor.pause(events.MASK_STAGE)
+        paused = rec.wait_for(lambda e: isinstance(e, events.Paused) and e.experiment == events.MASK_STAGE, 10)
+        held = len(cache_files(tmp_path / "cache"))
+        time.sleep(1.0)
+        # Paused: at most the batches in flight when it paused were written since.
+        assert len(cache_files(tmp_path / "cache")) - held <= 2 * config.backend.batch_size
+        assert supervisor.stage().state == "paused" and paused.experiment == events.MASK_STAGE
+        supervisor.resume(events.MASK_STAGE)
+        asked = time.monotonic()
+        supervisor.stop(events.MASK_STAGE)
+        rec.wait_for(lambda e: isinstance(e, events.Stopped) and e.experiment == events.MASK_STAGE, 10)
+        stopped_in = time.monotonic() - asked
+        # The experiment computes what the stage left undone itself.
+        assert supervisor.wait(150)
+    finally:
+        supervisor.shutdown()
+    assert stopped_in < 10
+    files = cache_files(tmp_path / "cache")
+    assert all(f.suffix == ".npz" for f in files), [f.name for f in files if f.suffix != ".npz"]
+    for f in files:
+        with np.load(f) as data:
+            assert {"bits", "shape"} <= set(data.files)
+    figures = json.loads((supervisor.run_dir / RUN_FILE).read_text())
+    assert figures["mask_stage"]["state"] == "stopped"
+    assert supervisor.states()["prompt_rl"].state == "finished"
+    # Every pair computed once: by the stage before the stop, by the experiment after.
+    assert figures["model_calls"] == figures["distinct_pairs"] == len(files)
+
+
+@run_async
+async def test_the_app_shows_the_stage_as_a_card_of_its_own():
+    """Its pairs done of those to compute, rate, devices and who is ready, after the
+    experiments' cards (whose numbers stay theirs); restart is not offered for it."""
+    from sa2va_tui.app import AppSource, Sa2vaApp
+    from sa2va_tui.app.widgets import ExperimentCard
+
+    hub = RecordedHub()
+    app = Sa2vaApp(AppSource(hub=hub, title="stage", log_path=lambda name: None), clock=lambda: T0 + 30)
+    stage = events.MASK_STAGE
+    async with app.run_test(size=(100, 30)) as pilot:
+        hub.feed([
+            events.Started("prompt_rl", pid=5001, gpu=None, batch_size=32, time=T0),
+            events.Started(stage, pid=5000, gpu=None, batch_size=8, time=T0),
+            events.Phase(stage, phase="caching_masks", done=0, total=1200, time=T0 + 1),
+            events.MaskWork(stage, model_calls=0, cache_hits=40, distinct_pairs=1240, devices=["cpu ×2"], time=T0 + 1),
+            events.Progress(stage, timesteps=0, total=1200, time=T0 + 1),
+            events.Progress(stage, timesteps=600, total=1200, time=T0 + 11),
+            events.PairsReady(stage, ready_for="postprocess_rl", pairs=240, time=T0 + 11),
+        ])
+        await until(pilot, lambda: len(app.query(ExperimentCard)) == 2, "two cards")
+        cards = {c.experiment: c for c in app.query(ExperimentCard)}
+        await until(pilot, lambda: cards[stage].view is not None and cards[stage].size.width > 0, "its card drawn")
+        await pilot.pause(0.1)
+        text = str(cards[stage].render())
+        assert "2 mask stage" in text and "600/1,200 pairs" in text and "50%" in text
+        assert "60 pairs/s" in text and "ready: postprocess_rl" in text and "cpu ×2" in text
+        await pilot.press("2")
+        await pilot.pause(0.2)
+        assert app.dashboard.selected == stage
+        assert app.dashboard.check_action("restart", ()) is not True
+
+
+def test_check_estimates_the_fill_time_on_sa2va(tmp_path, monkeypatch):
+    """`check` on a Sa2VA config: the run's distinct pairs, the time at the documented
+    figure per pair, over the GPU replicas the stage runs (none here: no GPU)."""
+    from typer.testing import CliRunner
+
+    from experiments.backends.sa2va_families import LOADER_ENV
+    from experiments.mask_needs import SA2VA_SECONDS_PER_PAIR, fill_estimate
+    from sa2va_contract.config import load_config
+    from sa2va_standin import write_checkpoint
+    from sa2va_tui.cli import app
+
+    from conftest import QUICK_CONFIG
+
+    monkeypatch.setenv(LOADER_ENV, "sa2va_standin:load_standin")
+    checkpoint = write_checkpoint(tmp_path / "ckpt", "internvl2_5")
+    settings = ["backend.kind=sa2va", f"backend.model_path={checkpoint}", "dataset.limit=5",
+                "reward_net.reward.samples=2"]
+    result = CliRunner().invoke(app, ["check", "-c", str(QUICK_CONFIG), *(a for s in settings for a in ("--set", s))])
+    assert result.exit_code == 0, result.output
+    assert "mask stage: 110 distinct pairs, but no GPU to compute them on" in result.output
+    config = load_config(QUICK_CONFIG, settings)
+    line = fill_estimate(config, SA2VA_SECONDS_PER_PAIR, gpus=4, measured=False)
+    assert "about 2 min on 1 GPU replica of 4 GPUs (1.00 s per pair" in line  # 110 pairs x 1 s
+    assert "an assumed figure; check --deep measures it" in line

@@ -230,22 +230,6 @@ class CachedSegmenter:
         self.segment(images, prompts, batch_size=batch_size, on_progress=on_progress)
 
 
-def _read_entry(path: Path) -> tuple[np.ndarray, np.ndarray | None, tuple[int, int]]:
-    """One cache file, checked to hold what `_encode` writes: a mask of the shape it
-    says in packed bits, and a probability map of that shape if any."""
-    with np.load(path, allow_pickle=False) as data:
-        bits, shape = data["bits"], data["shape"]
-        prob = data["prob"] if "prob" in data.files else None
-    if shape.shape != (2,) or shape.dtype.kind not in "iu" or (shape < 0).any():
-        raise DamagedEntry(f"shape {shape.tolist()} is no image size")
-    height, width = int(shape[0]), int(shape[1])
-    if bits.dtype != np.uint8 or bits.ndim != 1 or bits.size != -(-height * width // 8):
-        raise DamagedEntry(f"{bits.size} bytes of mask for a {height}x{width} image")
-    if prob is not None and (prob.dtype != np.uint8 or prob.shape != (height, width)):
-        raise DamagedEntry(f"a probability map of shape {prob.shape} for a {height}x{width} image")
-    return bits, prob, (height, width)
-
-
     # --- the mask stage's side ------------------------------------------------------
 
     @property
@@ -284,6 +268,22 @@ def _read_entry(path: Path) -> tuple[np.ndarray, np.ndarray | None, tuple[int, i
         with WRITE_LOCK:
             self.model_calls += len(predictions)
         return len(predictions)
+
+
+def _read_entry(path: Path) -> tuple[np.ndarray, np.ndarray | None, tuple[int, int]]:
+    """One cache file, checked to hold what `_encode` writes: a mask of the shape it
+    says in packed bits, and a probability map of that shape if any."""
+    with np.load(path, allow_pickle=False) as data:
+        bits, shape = data["bits"], data["shape"]
+        prob = data["prob"] if "prob" in data.files else None
+    if shape.shape != (2,) or shape.dtype.kind not in "iu" or (shape < 0).any():
+        raise DamagedEntry(f"shape {shape.tolist()} is no image size")
+    height, width = int(shape[0]), int(shape[1])
+    if bits.dtype != np.uint8 or bits.ndim != 1 or bits.size != -(-height * width // 8):
+        raise DamagedEntry(f"{bits.size} bytes of mask for a {height}x{width} image")
+    if prob is not None and (prob.dtype != np.uint8 or prob.shape != (height, width)):
+        raise DamagedEntry(f"a probability map of shape {prob.shape} for a {height}x{width} image")
+    return bits, prob, (height, width)
 
 
 def _safe(fingerprint: str) -> str:

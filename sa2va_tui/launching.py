@@ -11,6 +11,7 @@ of the line rather than over-filling a device.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections import Counter
@@ -31,6 +32,8 @@ from sa2va_tui.gpus import GpuWatch
 from sa2va_tui.placement import LaunchError, PlacementBackend, WorkerHandle
 from sa2va_tui.runstate import StateBook
 from sa2va_tui.runstore import RunStore
+
+log = logging.getLogger(__name__)
 
 GIB = 1024**3
 
@@ -325,3 +328,23 @@ def stage_refusal(config: Config, gpus: GpuSnapshot) -> str | None:
     if config.backend.kind == "sa2va" and not (gpus.available and gpus.gpus):
         return f"Sa2VA needs a GPU for the mask stage, but {gpus.message or 'none is visible'}"
     return None
+
+
+def launch_mask_stage(config: Config, store: RunStore, backend: PlacementBackend, gpus: GpuSnapshot,
+                      needs_of: list[str]) -> "Attempt | None":
+    """The run's mask stage for the pairs of `needs_of`, launched (on Sa2VA on the GPU
+    with the most free memory); None when this run cannot have one: its experiments
+    then fill the cache themselves, as each does alone."""
+    if config.backend.kind == "sa2va" and not gpus.gpus:
+        gpus = backend.read_gpus({})
+    refusal = stage_refusal(config, gpus)
+    if refusal:
+        log.info("no mask stage: %s", refusal)
+        return None
+    gpu = max(gpus.gpus, key=lambda g: g.memory_free or 0).index if config.backend.kind == "sa2va" else None
+    try:
+        handle = backend.launch(stage_spec(config, store, needs_of, gpu))
+    except LaunchError as err:
+        log.warning("no mask stage: %s", err)
+        return None
+    return Attempt(handle=handle, batch_size=config.backend.batch_size)

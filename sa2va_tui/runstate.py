@@ -192,6 +192,11 @@ class StateBook:
                 "distinct_pairs": self.stage.distinct_pairs if self.stage else None,
                 "cache_hits": sum(s.cache_hits for s in workers)}
 
+    def run_figures(self) -> dict[str, Any]:
+        """run.json's top-level keys beside the experiments: the mask stage and the
+        run's counts of mask work (`model_calls`, `distinct_pairs`, `cache_hits`)."""
+        return {**self.mask_counts(), **({"mask_stage": self.stage.to_dict()} if self.stage is not None else {})}
+
     def add(self, name: str, kind: str = "") -> ExperimentState:
         state = self.states.get(name)
         if state is None:

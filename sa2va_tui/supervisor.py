@@ -15,7 +15,6 @@ from __future__ import annotations
 import atexit
 import logging
 import threading
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,11 +22,11 @@ from sa2va_contract import events
 from sa2va_contract.config import Config, ExperimentConfig
 from sa2va_contract.events import Event
 from sa2va_contract.gpus import GpuSnapshot
-from sa2va_contract.recovery import RestartPlan, automatic_restart, batch_size_problem
-from sa2va_tui.drain import call_subscribers, write_problem
+from sa2va_contract.recovery import RestartPlan, batch_size_problem
+from sa2va_tui.drain import EventDrain, call_subscribers, write_problem
 from sa2va_tui.gpus import GpuSampler, GpuWatch
-from sa2va_tui.launching import Attempt, Launcher, Owed, stage_refusal, stage_spec
-from sa2va_tui.placement import Exit, LaunchError, PlacementBackend, backend_for
+from sa2va_tui.launching import Attempt, Launcher, Owed, launch_mask_stage
+from sa2va_tui.placement import PlacementBackend, backend_for
 from sa2va_tui.runstate import EventHub, ExperimentState
 from sa2va_tui.runstore import RunStore, StateWriter, load_run, load_run_config
 
@@ -35,8 +34,6 @@ log = logging.getLogger(__name__)
 
 #: run.json is rewritten at most this often while only progress changes.
 STATE_WRITE_INTERVAL_S = 0.5
-#: How long the drain thread waits when nothing arrives (deadlines, the line, run.json).
-TICK_S = 0.25
 #: A GPU sample is kept in the run folder at most this often (the report's history).
 GPU_RECORD_INTERVAL_S = 10.0
 
@@ -79,7 +76,7 @@ class Supervisor(EventHub):
         self._launcher = Launcher(config, store, backend, self._book, self._gpus, self._attempts, self._dispatch,
                                   entry_points, cores, masks_pending=lambda: self._stage is not None)
         self._outbox: list[Event] = []
-        self._drain = threading.Thread(target=self._drain_loop, name="supervisor-drain", daemon=True)
+        self._drain = EventDrain(self)
         self._sampler: GpuSampler | None = None
         self._started = self._closing = self._finished = False
         #: The one line that cut the run short from the supervisor's side (a full disk).
@@ -127,33 +124,17 @@ class Supervisor(EventHub):
             self._launcher.schedule()
             self._write_state(force=True)
         atexit.register(self.shutdown)
-        self._drain.start()
+        self._drain.thread.start()
         pids = lambda: {pid: name for pid, name, _ in self._launcher.occupants() if pid}  # noqa: E731
-        self._sampler = GpuSampler(self._backend.read_gpus, pids, self._on_gpus, self._gpu_interval)
+        self._sampler = GpuSampler(self._backend.read_gpus, pids, self._drain.on_gpus, self._gpu_interval)
         self._sampler.start()
 
     def _start_stage(self, names: list[str]) -> None:
-        """The mask stage for the pairs of `names`, unless this run cannot have one (it
-        then fills the cache per experiment, as each experiment does alone)."""
         if not names or self._entry_points is not None:
             return  # workloads of a test's own read no masks
-        snapshot = self._gpus.snapshot
-        if self.config.backend.kind == "sa2va" and not snapshot.gpus:
-            snapshot = self._backend.read_gpus({})
-        refusal = stage_refusal(self.config, snapshot)
-        if refusal:
-            log.info("no mask stage: %s", refusal)
-            return
-        gpu = None
-        if self.config.backend.kind == "sa2va":
-            gpu = max(snapshot.gpus, key=lambda g: g.memory_free or 0).index
-        try:
-            handle = self._backend.launch(stage_spec(self.config, self.store, names, gpu))
-        except LaunchError as err:
-            log.warning("no mask stage: %s", err)
-            return
-        self._stage = Attempt(handle=handle, batch_size=self.config.backend.batch_size)
-        self._book.state_of(events.MASK_STAGE).pid = handle.pid
+        self._stage = launch_mask_stage(self.config, self.store, self._backend, self._gpus.snapshot, names)
+        if self._stage is not None:
+            self._book.state_of(events.MASK_STAGE).pid = self._stage.handle.pid
 
     def _end_stage(self) -> None:
         """The stage is over, however it ended: experiments waiting for their pairs
@@ -227,7 +208,7 @@ class Supervisor(EventHub):
         Also true when the drain thread is gone (nothing more can happen by itself):
         `shutdown` then reaps the workers on the caller's thread."""
         with self._lock:
-            if self._started and not self._finished and not self._drain.is_alive():
+            if self._started and not self._finished and not self._drain.thread.is_alive():
                 return True
             return (self._started and not self._attempts and self._stage is None and not self._owed
                     and not self._launcher.line)
@@ -246,12 +227,12 @@ class Supervisor(EventHub):
             if self._finished:
                 return
             self._close_down("shutdown", grace_s)
-        if self._started and self._drain.is_alive():
+        if self._started and self._drain.thread.is_alive():
             with self._changed:
                 # The drain thread kills at the deadline; give it a moment past that.
                 self._changed.wait_for(lambda: not self._live_attempts(), grace_s + 5.0)
         elif self._started:
-            self._drain_here(grace_s + 5.0)
+            self._drain.reap_here(grace_s + 5.0)
         if self._sampler is not None:
             self._sampler.stop()
         with self._lock:
@@ -259,8 +240,8 @@ class Supervisor(EventHub):
                 return  # a concurrent call (a forced stop) closed it meanwhile
             self._finished = True
             self._backend.wake()
-        if self._drain.is_alive() and threading.current_thread() is not self._drain:
-            self._drain.join(timeout=5.0)
+        if self._drain.thread.is_alive() and threading.current_thread() is not self._drain.thread:
+            self._drain.thread.join(timeout=5.0)
         with self._lock:
             self._write_state(force=True, active=False)
             self.store.close()
@@ -334,129 +315,8 @@ class Supervisor(EventHub):
             self._outbox.append(event)
             self._state_writer.dirty = True
             self._changed.notify_all()
-        if threading.current_thread() is not self._drain:
+        if threading.current_thread() is not self._drain.thread:
             self._backend.wake()
-
-    def _on_worker_event(self, attempt: Attempt, event: Event) -> None:
-        with self._lock:
-            if attempt is self._stage or event.experiment == events.MASK_STAGE:
-                if isinstance(event, (events.Failed, events.Finished, events.Stopped)):
-                    attempt.outcome = event
-                self._dispatch(event)
-                return
-            if isinstance(event, (events.Failed, events.Finished, events.Stopped)):
-                attempt.outcome = event
-                if isinstance(event, events.Failed):
-                    self._owe_restart(attempt, event)
-            self._dispatch(event)
-
-    def _owe_restart(self, attempt: Attempt, failure: events.Failed) -> None:
-        """Whether recovery restarts this failure by itself, and at which batch size."""
-        if self._closing:
-            return
-        state = self._book.states[attempt.name]
-        restart, why_not = automatic_restart(self._experiments[attempt.name], failure.kind,
-                                             failure.batch_size or attempt.batch_size, state.oom_restarts,
-                                             state.error_restarts, self.config.recovery, attempt.killed_by_us)
-        if restart is None:
-            log.warning("%s: %s", attempt.name, why_not)
-            return
-        self._owed[attempt.name] = Owed(restart.reason, batch_size=restart.batch_size)
-
-    def _on_gpus(self, snapshot: GpuSnapshot) -> None:
-        with self._lock:
-            try:
-                sample = self._gpus.record(snapshot)
-            except OSError as err:
-                self._cut_short(*write_problem(err, self.store.path))
-                sample = events.GpuSample.of(snapshot)
-            for process in (p for g in snapshot.gpus for p in g.processes):
-                if process.experiment and process.used_memory:
-                    self._book.gpu_memory_seen(process.experiment, process.used_memory)
-        self._dispatch(sample)
-
-    # --- the drain thread ------------------------------------------------------------
-
-    def _drain_loop(self) -> None:
-        try:
-            while not self._drain_guarded():
-                pass
-        finally:
-            with self._changed:
-                self._changed.notify_all()  # a waiter sees `done` (the loop's end) at once
-
-    def _drain_guarded(self) -> bool:
-        """One round of the drain; whatever it raises is a fault of the run, never the
-        end of the thread that reaps the workers. True when the supervisor finished."""
-        try:
-            return self._drain_once()
-        except BaseException as err:  # noqa: BLE001 - SystemExit too: nothing may end this thread
-            log.error("the supervisor's event thread failed", exc_info=err)
-            self._cut_short(f"the supervisor failed: {type(err).__name__}: {err}".strip(), "supervisor failed")
-            self._backend.wake()
-            threading.Event().wait(TICK_S)  # never a busy loop over a fault that repeats
-            return False
-
-    def _drain_here(self, timeout: float) -> None:
-        """The drain's work on this thread, until every worker has been reaped (or
-        `timeout`): for a shutdown that finds the drain thread gone."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self._lock:
-                if not self._live_attempts():
-                    return
-            self._drain_guarded()
-
-    def _drain_once(self) -> bool:
-        with self._lock:
-            if self._finished:
-                self._deliver_outbox()
-                return True
-            attempts = self._live_attempts()
-        by_handle = {id(a.handle): a for a in attempts}
-        for handle, arrival in self._backend.wait([a.handle for a in attempts], timeout=TICK_S):
-            attempt = by_handle[id(handle)]
-            if isinstance(arrival, Exit):
-                self._on_exit(attempt, arrival)
-            else:
-                self._on_worker_event(attempt, arrival)
-        with self._lock:
-            self._enforce_deadlines()
-            if not self._closing:
-                self._launcher.schedule()
-            self._write_state()
-        self._deliver_outbox()
-        return False
-
-    def _enforce_deadlines(self) -> None:
-        """Kill the workers that were asked to stop and did not within their grace."""
-        for attempt in [a for a in self._live_attempts() if a.overdue]:
-            log.warning("%s did not stop in time; killing pid %s", attempt.name, attempt.handle.pid)
-            attempt.killed_by_us = True
-            self._backend.kill(attempt.handle)
-
-    def _on_exit(self, attempt: Attempt, exit: Exit) -> None:
-        with self._lock:
-            if attempt.name == events.MASK_STAGE:
-                if attempt.outcome is None:
-                    self._dispatch(attempt.unreported_failure(exit.exit_code, self._book.stage.timesteps))
-                if self._stage is attempt:
-                    self._end_stage()
-                self._changed.notify_all()
-                return
-            name = attempt.name
-            if self._attempts.get(name) is attempt:
-                del self._attempts[name]
-            if attempt.outcome is None:
-                failure = attempt.unreported_failure(exit.exit_code, self._book.states[name].timesteps)
-                self._owe_restart(attempt, failure)
-                self._dispatch(failure)
-            owed = self._owed.pop(name, None)
-            if owed is not None and not self._closing:
-                # Its place in line is at the head: it held a device until now.
-                self._launcher.request(name, owed, first=owed.reason in ("oom", "error"))
-                self._launcher.schedule()
-            self._changed.notify_all()
 
     def _deliver_outbox(self) -> None:
         with self._lock:
@@ -465,13 +325,7 @@ class Supervisor(EventHub):
 
     def _write_state(self, force: bool = False, active: bool = True) -> None:
         self._record(self._state_writer.write, self._book.states, self._book.finish_time, force=force,
-                     active=active, extra=self._run_figures)
-
-    def _run_figures(self) -> dict[str, Any]:
-        """run.json's top-level keys beside the experiments: the mask stage and the
-        run's counts of mask work (`model_calls`, `distinct_pairs`, `cache_hits`)."""
-        stage = self._book.stage
-        return {**self._book.mask_counts(), **({"mask_stage": stage.to_dict()} if stage is not None else {})}
+                     active=active, extra=self._book.run_figures)
 
     def _record(self, write: Callable[..., None], *args: Any, **kwargs: Any) -> None:
         """A write to the run folder; one that fails cuts the run short (its file as

@@ -51,7 +51,9 @@ def fail(ctx: WorkerContext) -> dict:
 
 
 def stuck(ctx: WorkerContext) -> dict:
-    """Never reaches a step point: only a hard kill ends it."""
+    """Training, then never reaches another step point: only a hard kill ends it (a
+    worker stopped before training ends by itself, with nothing to save)."""
+    ctx.step_point(0)
     time.sleep(300)
     return {}
 

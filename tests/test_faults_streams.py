@@ -197,9 +197,10 @@ def _resumable_run(real_run: list[str], padding: int) -> Path:
 
 
 def test_a_full_disk_under_the_run_folder_stops_the_run_in_one_line(real_run):
-    limit = 1024 * 1024  # above a checkpoint's size (0.8 MB)
-    # Room for the events up to training (about 0.9 kB) and a few checkpoints' (0.23 kB each).
-    run_dir = _resumable_run(real_run, padding=limit - 1500)
+    limit = 1024 * 1024  # a limit per file, above a checkpoint's size (0.8 MB)
+    # Room in events.jsonl for the events up to training (the mask stage's and the
+    # experiment's, about 3 kB) and a few checkpoints' (0.23 kB each): it fills in training.
+    run_dir = _resumable_run(real_run, padding=limit - 8000)
     before = json.loads((run_dir / "run.json").read_text())
     proc = _start(["resume", str(run_dir), "--headless"], file_size_limit=limit)
     out, err = proc.communicate(timeout=150)

@@ -164,53 +164,57 @@ def run(ctx: WorkerContext) -> dict[str, Any]:
         start_epoch, best, progress.step = int(resume["epoch"]), dict(resume["best"]), int(resume["step"])
 
     writer = _tensorboard(ctx.exp_dir)
-    ctx.phase("training")
-    generator = torch.Generator().manual_seed(exp.seed)
-    for epoch in range(start_epoch, reward_cfg.epochs):
-        if resume is not None and resume["stage"] == "finetune":
-            break
-        net.train()
-        order = torch.randperm(len(train_set), generator=generator)
-        losses = []
-        for start in range(0, len(order), batch_size):
-            progress.advance()
-            rows = order[start : start + batch_size]
-            predicted = net(*train_set.inputs(rows, device))
-            loss = F.mse_loss(predicted, train_set.labels[rows].to(device))
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            losses.append(float(loss.detach()))
-        values = {"reward/train_loss": float(np.mean(losses)), **_evaluate(net, val_set, batch_size, device), "reward/epoch": epoch + 1}
-        ctx.metrics(progress.step, values)
-        for key, value in values.items():
-            writer.add_scalar(key, value, progress.step)
-        if values["reward/spearman"] > best["reward/spearman"]:
-            best = {k: v for k, v in values.items()}
-            save_atomic(reward_net_state(net), ctx.exp_dir / BEST_REWARD_NET)
-        save_checkpoint(ctx, {"stage": "reward", "epoch": epoch + 1, "step": progress.step, "best": best,
-                              "reward_net": reward_net_state(net), "optimiser": optimiser.state_dict()},
-                        progress.step)
-    save_atomic(reward_net_state(net), ctx.exp_dir / FINAL_REWARD_NET)
+    try:
+        ctx.phase("training")
+        generator = torch.Generator().manual_seed(exp.seed)
+        for epoch in range(start_epoch, reward_cfg.epochs):
+            if resume is not None and resume["stage"] == "finetune":
+                break
+            net.train()
+            order = torch.randperm(len(train_set), generator=generator)
+            losses = []
+            for start in range(0, len(order), batch_size):
+                progress.advance()
+                rows = order[start : start + batch_size]
+                predicted = net(*train_set.inputs(rows, device))
+                loss = F.mse_loss(predicted, train_set.labels[rows].to(device))
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+                losses.append(float(loss.detach()))
+            values = {"reward/train_loss": float(np.mean(losses)), **_evaluate(net, val_set, batch_size, device), "reward/epoch": epoch + 1}
+            ctx.metrics(progress.step, values)
+            for key, value in values.items():
+                writer.add_scalar(key, value, progress.step)
+            if values["reward/spearman"] > best["reward/spearman"]:
+                best = {k: v for k, v in values.items()}
+                save_atomic(reward_net_state(net), ctx.exp_dir / BEST_REWARD_NET)
+            save_checkpoint(ctx, {"stage": "reward", "epoch": epoch + 1, "step": progress.step, "best": best,
+                                  "reward_net": reward_net_state(net), "optimiser": optimiser.state_dict()},
+                            progress.step)
+        save_atomic(reward_net_state(net), ctx.exp_dir / FINAL_REWARD_NET)
 
-    best_net = _best_reward_net(ctx, net, device, resume)
-    for parameter in best_net.parameters():
-        parameter.requires_grad_(False)
-    consensus = {s.id: consensus_map(train_masks[s.id]) for s in images["finetune"]}
-    record_peak_gpu_memory(peaks, "reward_training")
-    # The trainable form wraps the segmenter's model: one Sa2VA per worker.
-    tuned = finetune(ctx, best_net, images["finetune"], images["report"], consensus, tune_batch, progress, writer,
-                     resume, base=segmenter)
-    record_peak_gpu_memory(peaks, "finetune")
-    writer.close()
-    return {
-        "reward_net": {k: round(float(v), 4) for k, v in best.items()},
-        "images": {job: len(samples) for job, samples in images.items()},
-        "finetune": tuned,
-        "batch_size": batch_size,
-        "cache_damaged": segmenter.damaged,
-        **({"peak_gpu_memory_gib": peaks} if peaks else {}),
-    }
+        best_net = _best_reward_net(ctx, net, device, resume)
+        for parameter in best_net.parameters():
+            parameter.requires_grad_(False)
+        consensus = {s.id: consensus_map(train_masks[s.id]) for s in images["finetune"]}
+        record_peak_gpu_memory(peaks, "reward_training")
+        # The trainable form wraps the segmenter's model: one Sa2VA per worker.
+        tuned = finetune(ctx, best_net, images["finetune"], images["report"], consensus, tune_batch, progress, writer,
+                         resume, base=segmenter)
+        record_peak_gpu_memory(peaks, "finetune")
+        return {
+            "reward_net": {k: round(float(v), 4) for k, v in best.items()},
+            "images": {job: len(samples) for job, samples in images.items()},
+            "finetune": tuned,
+            "batch_size": batch_size,
+            "cache_damaged": segmenter.damaged,
+            **({"peak_gpu_memory_gib": peaks} if peaks else {}),
+        }
+    finally:
+        # Closed on every way out, a stop's included: the worker then skips the
+        # interpreter's teardown, which would otherwise flush it.
+        writer.close()
 
 
 def record_peak_gpu_memory(peaks: dict[str, float], phase: str) -> None:

@@ -250,9 +250,11 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
     outcome = run_experiment(ctx, spec.entry, spec.log_path)
     sink.emit(outcome)
     sink.flush()
-    if isinstance(outcome, events.Stopped) and not ctx.training_started and ctx.current_phase not in SAVING_PHASES:
-        # Nothing was saved, so nothing is lost by skipping the interpreter's slow
-        # teardown of torch: a quit before training ends this process at once.
+    if isinstance(outcome, events.Stopped):
+        # By now the experiment has closed all it writes (checkpoints are written whole
+        # and synced before Stopped is sent; the logger's outputs are closed), so
+        # nothing is lost by skipping the interpreter's slow teardown of torch: a quit
+        # ends this process at once, in training as before it.
         logging.shutdown()
         os._exit(0)
     sys.exit(1 if isinstance(outcome, events.Failed) else 0)

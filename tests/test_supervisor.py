@@ -156,7 +156,7 @@ def test_sigkill_is_reported_and_a_restart_carries_the_timesteps_on(real_run):
     supervisor, rec = supervise(config)
     supervisor.start()
     try:
-        started = rec.wait_for(lambda e: isinstance(e, Started))
+        started = rec.wait_for(lambda e: isinstance(e, Started) and e.experiment == "prompt_rl")  # not the mask stage
         ckpt = rec.wait_for(lambda e: isinstance(e, Checkpoint) and e.step >= 256)
         os.kill(started.pid, signal.SIGKILL)
         failed = rec.wait_for(lambda e: isinstance(e, Failed))

@@ -54,6 +54,7 @@ def stuck(ctx: WorkerContext) -> dict:
     """Training, then never reaches another step point: only a hard kill ends it (a
     worker stopped before training ends by itself, with nothing to save)."""
     ctx.step_point(0)
+    ctx.progress(1, PROBE_STEPS)  # in training now: what a test waits for before it stops it
     time.sleep(300)
     return {}
 

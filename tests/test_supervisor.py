@@ -236,6 +236,7 @@ def test_shutdown_kills_a_worker_that_does_not_stop_in_time(tmp_path):
     supervisor, rec = supervise(config, entry_points={"prompt_rl": "sv_workload:stuck"})
     supervisor.start()
     started = rec.wait_for(lambda e: isinstance(e, Started))
+    rec.wait_for(lambda e: isinstance(e, Progress))  # training: a stop before it would end the worker by itself
     t0 = time.monotonic()
     supervisor.shutdown(grace_s=1.0)
     assert time.monotonic() - t0 < 8

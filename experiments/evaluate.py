@@ -77,13 +77,13 @@ class _Evaluation:
 
     def __init__(self, config: Config, run_dir: Path, split: str, warning: str, progress: ProgressCallback) -> None:
         from experiments.backends import make_cached_segmenter
-        from experiments.datasets import load_split
+        from experiments.datasets import run_split
 
         self.config, self.run_dir, self.progress = config, Path(run_dir), progress
         self.segmenter = make_cached_segmenter(config, "cpu")
-        self.samples = load_split(config.dataset, split)
-        self.train = load_split(config.dataset, "train")
-        self.val = load_split(config.dataset, "val")
+        self.samples = run_split(config, split)
+        self.train = run_split(config, "train")
+        self.val = run_split(config, "val")
         self.ids = [s.id for s in self.samples]
         self.truths = [s.mask for s in self.samples]
         self.experiments = config.experiments()

@@ -396,11 +396,11 @@ def load_inputs(ctx: WorkerContext, splits: Sequence[str] = ("train", "val")):
     """The "loading_model" phase of both experiments: the cached segmenter and the
     samples of each split."""
     from experiments.backends import make_cached_segmenter
-    from experiments.datasets import load_split
+    from experiments.datasets import run_split
 
     ctx.phase("loading_model")
     segmenter = make_cached_segmenter(ctx.config, ctx.device)
-    return segmenter, {split: load_split(ctx.config.dataset, split) for split in splits}
+    return segmenter, {split: run_split(ctx.config, split) for split in splits}
 
 
 def run_ppo_experiment(ctx: WorkerContext, build_tables: Callable, make_env: Callable,

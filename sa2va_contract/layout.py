@@ -14,6 +14,7 @@
             best_model.zip, best.json, final_model.zip                      (PPO)
             best_reward_net.pth, final_reward_net.pth, finetuned_segmenter.pt (reward net)
     logs/.mask_cache/<model fingerprint>/   segmenter outputs shared by every run
+    logs/.mask_cache/datasets/              the built-in dataset's splits, generated once
 
 The engine writes these names and the tool reads them back; neither spells one out.
 """
@@ -36,6 +37,13 @@ EVALUATION_FILE = "evaluation.json"
 RUN_RECORDS = (CONFIG_FILE, RUN_FILE, EVENTS_FILE, GPUS_FILE, EVALUATION_FILE)
 #: Under the logs folder, beside the runs (unless `backend.cache_dir` moves it).
 MASK_CACHE_DIR = ".mask_cache"
+#: Under the mask cache's folder: the built-in dataset's generated splits.
+DATASET_MEMO_DIR = "datasets"
+
+
+def cache_dir_for(config) -> Path:
+    """The mask cache's folder for a config (`backend.cache_dir`, else under the logs)."""
+    return config.backend.cache_dir or (config.run.logs_dir / MASK_CACHE_DIR)
 
 # --- one experiment -----------------------------------------------------------------
 LOG_FILE = "train.log"

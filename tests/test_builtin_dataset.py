@@ -98,3 +98,66 @@ def test_candidate_prompts_are_the_condition_expressions():
     """The embedded model learned these expressions; the default prompt is the plain one."""
     assert BUILTIN_PROMPTS == [c.template for c in CONDITIONS]
     assert BUILTIN_PROMPTS[0] == "the {target}"
+
+
+# --- the memo that a run's workers share ------------------------------------------------
+
+
+def _fields(sample: Sample) -> tuple:
+    return sample.id, _digest(sample), sample.expression, sample.target, sample.condition
+
+
+def test_a_memoised_split_reads_back_as_generated_and_is_generated_once(tmp_path):
+    from experiments.datasets import memo
+
+    config = DatasetConfig(limit=6, expressions="per_image")
+    generated = builtin_split(config, "val")
+    first = builtin_split(config, "val", memo_dir=tmp_path)
+    files = list(tmp_path.glob("*.npz"))
+    assert len(files) == 1 and "per_image-val-6" in files[0].name
+    assert [_fields(s) for s in first] == [_fields(s) for s in generated]
+    calls = []
+    again = memo.memoised(files[0], 6, lambda: calls.append(1) or generated)
+    assert not calls, "a split on disk is read, not generated"
+    assert [_fields(s) for s in again] == [_fields(s) for s in generated]
+    assert all(s.image.dtype == np.uint8 and s.mask.dtype == bool for s in again)
+    # Another seed, size, count or expressions setting is another file.
+    builtin_split(DatasetConfig(limit=6, expressions="fixed"), "val", memo_dir=tmp_path)
+    builtin_split(DatasetConfig(limit=5, expressions="per_image"), "val", memo_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.npz"))) == 3
+
+
+def test_a_damaged_memo_is_generated_again(tmp_path):
+    config = DatasetConfig(limit=4)
+    builtin_split(config, "test", memo_dir=tmp_path)
+    (path,) = tmp_path.glob("*.npz")
+    path.write_bytes(path.read_bytes()[:300])  # cut short, as by a full disk
+    samples = builtin_split(config, "test", memo_dir=tmp_path)
+    assert [_fields(s) for s in samples] == [_fields(s) for s in builtin_split(config, "test")]
+    assert builtin_split(config, "test", memo_dir=tmp_path)[0].id == samples[0].id  # written whole again
+
+
+def test_workers_asking_at_once_generate_a_split_once(tmp_path):
+    import threading
+    import time
+
+    from experiments.datasets import memo
+
+    samples = builtin_split(DatasetConfig(limit=3), "train")
+    calls, results = [], []
+
+    def generate():
+        calls.append(1)
+        time.sleep(0.3)  # the others ask while this one draws
+        return samples
+
+    def ask():
+        results.append(memo.memoised(tmp_path / "split.npz", 3, generate))
+
+    askers = [threading.Thread(target=ask) for _ in range(3)]
+    for thread in askers:
+        thread.start()
+    for thread in askers:
+        thread.join()
+    assert len(calls) == 1
+    assert all([_fields(s) for s in got] == [_fields(s) for s in samples] for got in results)

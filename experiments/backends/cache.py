@@ -26,7 +26,7 @@ import numpy as np
 
 from experiments.backends.base import Prediction, Segmenter
 from experiments.datasets.base import Sample, render_prompt
-from sa2va_contract.files import atomic_writer
+from sa2va_contract.files import WRITE_LOCK, atomic_writer
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -37,9 +37,6 @@ class DamagedEntry(ValueError):
     """A cache file that holds no mask of the shape it claims."""
 
 
-#: Held while a cache file is being written: a worker that must end at once (a stop
-#: while it loads) takes it first, so that no temporary file is left behind.
-WRITE_LOCK = threading.Lock()
 
 
 class LazySegmenter:

@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
-from sa2va_contract.config import DatasetConfig
+from pathlib import Path
+
+from sa2va_contract.config import Config, DatasetConfig
+from sa2va_contract.layout import DATASET_MEMO_DIR, cache_dir_for
 
 from experiments.datasets.base import SPLITS, Sample, render_prompt
 
-__all__ = ["SPLITS", "Sample", "has_split", "load_split", "render_prompt", "reported_split"]
+__all__ = ["SPLITS", "Sample", "has_split", "load_split", "render_prompt", "reported_split", "run_split"]
 
 
-def load_split(config: DatasetConfig, split: str) -> list[Sample]:
+def run_split(config: Config, split: str) -> list[Sample]:
+    """`load_split` as a run's workers call it: the built-in dataset's splits generated
+    once, beside the run's mask cache, and read by every other worker."""
+    return load_split(config.dataset, split, cache_dir_for(config) / DATASET_MEMO_DIR)
+
+
+def load_split(config: DatasetConfig, split: str, memo_dir: Path | None = None) -> list[Sample]:
+    """The samples of `split`. `memo_dir`: where the built-in dataset keeps the splits it
+    generated, for every process of a run (`run_split` passes the run's)."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; splits are {', '.join(SPLITS)}")
     if config.kind == "builtin":
         from experiments.datasets.builtin import builtin_split
 
-        return builtin_split(config, split)
+        return builtin_split(config, split, memo_dir)
     from experiments.datasets.folder import folder_split
 
     assert config.root is not None  # the config validator guarantees it

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -84,14 +85,23 @@ CONDITION_BY_NAME = {c.name: c for c in CONDITIONS}
 PLAIN_TEMPLATE = CONDITION_BY_NAME["plain"].template
 
 
-def builtin_split(config: DatasetConfig, split: str) -> list[Sample]:
-    """The first `sizes.<split>` samples of a split, at most `limit` of them."""
+def builtin_split(config: DatasetConfig, split: str, memo_dir: Path | None = None) -> list[Sample]:
+    """The first `sizes.<split>` samples of a split, at most `limit` of them; with
+    `memo_dir`, generated once there for every process (`experiments.datasets.memo`)."""
     if split not in _SPLIT_CODE:
         raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
     count = getattr(config.sizes, split)
     if config.limit is not None:
         count = min(count, config.limit)
-    return [builtin_sample(config, split, index) for index in range(count)]
+
+    def draw() -> list[Sample]:
+        return [builtin_sample(config, split, index) for index in range(count)]
+
+    if memo_dir is None or count == 0:
+        return draw()
+    from experiments.datasets.memo import memo_path, memoised
+
+    return memoised(memo_path(memo_dir, config.seed, config.image_size, config.expressions, split, count), count, draw)
 
 
 def builtin_sample(config: DatasetConfig, split: str, index: int) -> Sample:

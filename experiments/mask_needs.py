@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from experiments.datasets import Sample, load_split, render_prompt, reported_split
+from experiments.datasets import Sample, render_prompt, reported_split, run_split
 from sa2va_contract.config import Config, ExperimentConfig
 
 
@@ -48,7 +48,7 @@ class Splits:
 
     def __call__(self, split: str) -> list[Sample]:
         if split not in self._loaded:
-            self._loaded[split] = load_split(self.config.dataset, split)
+            self._loaded[split] = run_split(self.config, split)
         return self._loaded[split]
 
 
@@ -138,24 +138,16 @@ def distinct_pair_count(config: Config, names: Sequence[str] | None = None) -> i
     return len(seen)
 
 
-def stage_replicas(config: Config, gpus: int, cores: int) -> int:
-    """Segmenter replicas the mask stage runs: one per core for the embedded model;
-    one Sa2VA on the stage's GPU (the model loads on the device its process sees)."""
-    if config.backend.kind == "embedded":
-        return max(1, cores)
-    return 1 if gpus else 0
-
-
-def fill_estimate(config: Config, seconds_per_pair: float, gpus: int, measured: bool) -> str:
-    """The mask stage's fill time on a cold cache, in one line."""
+def fill_estimate(config: Config, seconds_per_pair: float, replicas: int, gpus: int, measured: bool) -> str:
+    """The mask stage's fill time on a cold cache, in one line: its distinct pairs over
+    `replicas` segmenter replicas (on `gpus` GPUs)."""
     pairs = distinct_pair_count(config)
-    replicas = stage_replicas(config, gpus, 1)
     if not replicas:
         return f"mask stage: {pairs:,} distinct pairs, but no GPU to compute them on"
     seconds = pairs * seconds_per_pair / replicas
     source = "measured by check --deep" if measured else "an assumed figure; check --deep measures it"
     return (f"mask stage: {pairs:,} distinct pairs for {', '.join(config.experiments())}, about {_duration(seconds)} "
-            f"on {replicas} GPU replica{'s' if replicas > 1 else ''} of {gpus} GPU{'s' if gpus != 1 else ''} "
+            f"on {replicas} GPU replica{'s' if replicas > 1 else ''} over {gpus} GPU{'s' if gpus != 1 else ''} "
             f"({seconds_per_pair:.2f} s per pair, {source}; pairs already cached are not redone)")
 
 

@@ -44,6 +44,8 @@ class StageContext(WorkerContext):
     backend's batch size as its own (what `Started` shows)."""
 
     needs_of: tuple[str, ...] = ()
+    #: Sa2VA: the GPU of each replica (numbered as NVML does; see `WorkerSpec`).
+    replica_gpus: tuple[int, ...] = ()
 
     @property
     def batch_size(self) -> int:
@@ -170,18 +172,29 @@ class ReplicaPool:
                 self.error = err
 
 
-def replicas_for(config, ctx: WorkerContext, cores: int) -> tuple[list, list[str]]:
-    """The segmenter replicas the stage runs, and the devices they run on, in words.
-    The embedded model: one replica of one torch thread per core. Sa2VA: one replica
-    on the stage's GPU (it loads on the device its process sees)."""
+def replicas_for(config, ctx: WorkerContext, most: int) -> tuple[list, list[str]]:
+    """At most `most` segmenter replicas for the stage, and the devices they run on, in
+    words. The embedded model: one replica of one torch thread per core. Sa2VA: one on
+    each GPU of `ctx.replica_gpus` (the supervisor gave as many to a GPU as fit in its
+    memory), each loaded on its own device; without a layout (the stage run alone),
+    one on the worker's GPU."""
+    from collections import Counter
+
     from experiments.backends import make_segmenter
 
     if config.backend.kind == "embedded":
         import torch
 
         torch.set_num_threads(1)
+        cores = min(most, stage_cores())
         return [make_segmenter(config, "cpu") for _ in range(cores)], [f"cpu ×{cores}"]
-    return [make_segmenter(config, ctx.device)], [f"gpu {ctx.gpu}" if ctx.gpu is not None else ctx.device]
+    layout = tuple(getattr(ctx, "replica_gpus", ()))[:most]
+    if not layout:
+        return [make_segmenter(config, ctx.device)], [f"gpu {ctx.gpu}" if ctx.gpu is not None else ctx.device]
+    # The worker sees its GPUs renumbered from 0, in the order CUDA_VISIBLE_DEVICES lists them.
+    local = {gpu: i for i, gpu in enumerate(dict.fromkeys(layout))}
+    replicas = [make_segmenter(config, f"cuda:{local[gpu]}") for gpu in layout]
+    return replicas, [f"gpu {gpu} ×{n}" if n > 1 else f"gpu {gpu}" for gpu, n in Counter(layout).items()]
 
 
 def stage_cores() -> int:
@@ -221,7 +234,8 @@ def run(ctx: WorkerContext) -> dict[str, Any]:
     devices: list[str] = []
     fastest, replica_count = None, 0
     if total:
-        replicas, devices = replicas_for(config, ctx, min(stage_cores(), max(1, -(-total // 32))))
+        # No more replicas than there are batches for: each costs a model load.
+        replicas, devices = replicas_for(config, ctx, max(1, -(-total // config.backend.batch_size)))
         replica_count = len(replicas)
         pool = ReplicaPool(cache, replicas, work, config.backend.batch_size, ctx.control)
         pool.start()

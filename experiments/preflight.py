@@ -163,6 +163,6 @@ def _check_sa2va_checkpoint(config: Config, path: Path, report: Preflight) -> No
 
 def checkpoint_bytes(path: Path) -> int:
     """The size of a checkpoint's weights, for the check that it fits a GPU."""
-    from experiments.backends.sa2va_families import weights_bytes
+    from sa2va_contract.files import weights_bytes
 
     return weights_bytes(path)

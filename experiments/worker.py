@@ -154,9 +154,9 @@ class EarlyStop(threading.Thread):
             time.sleep(0.05)
         if self._ctx.training_started or self._ctx.current_phase in SAVING_PHASES:
             return  # it saves at its next step point, however long that takes
-        from experiments.backends.cache import WRITE_LOCK
+        from sa2va_contract.files import WRITE_LOCK
 
-        WRITE_LOCK.acquire(timeout=5.0)  # never leave a cache file half-written
+        WRITE_LOCK.acquire(timeout=5.0)  # never leave a memoised file half-written
         log.info("stopped before training began (%s): nothing to save", control.stop_reason)
         # No step: the experiment's count stays where its last checkpoint left it.
         self._sink.emit(events.Stopped(self._ctx.name, step=None, reason=control.stop_reason))
@@ -229,7 +229,7 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
         from experiments.mask_stage import stage_context
 
         ctx: WorkerContext = stage_context(spec.config, exp_dir=spec.exp_dir, sink=sink, control=control,
-                                           gpu=spec.gpu, needs_of=spec.needs_of)
+                                           gpu=spec.gpu, needs_of=spec.needs_of, replica_gpus=spec.replica_gpus)
         EarlyStop(ctx, sink).start()
     else:
         try:

@@ -104,6 +104,11 @@ class BackendConfig(Strict):
     cache_dir: Path | None = None
     #: Images per forward pass of the embedded model (8 is fastest per image on a CPU).
     batch_size: int = Field(8, ge=1)
+    #: sa2va: GPU memory (GiB) one replica of the mask stage needs; each GPU with room
+    #: gets as many as fit. Null: the weights' size plus a quarter, plus 2 GiB.
+    replica_memory_gb: float | None = Field(None, gt=0)
+    #: sa2va: at most this many replicas in the mask stage (null: as many as fit).
+    max_replicas: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _default_prompt_in_range(self) -> "BackendConfig":

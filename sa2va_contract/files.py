@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import os
 import tempfile
+import threading
 from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
@@ -83,6 +84,12 @@ def naming_disk_full(path: Path | str) -> Iterator[None]:
         raise DiskFull(path, cause.errno or errno.ENOSPC) from err
 
 
+#: Held while a file that a worker memoises (a mask, a dataset split) is being written:
+#: a worker that must end at once (a stop while it loads) takes it first, so that no
+#: temporary file is left behind.
+WRITE_LOCK = threading.Lock()
+
+
 @contextmanager
 def atomic_writer(path: Path, durable: bool = True) -> Iterator[BinaryIO]:
     """A binary file to write `path` through; it replaces `path` when the block ends
@@ -131,3 +138,10 @@ def read_log_tail(path: Path, lines: int = LOG_TAIL_LINES, max_bytes: int = LOG_
     """The last lines of a log, whatever bytes it holds."""
     data, _ = read_tail(path, max_bytes)
     return list(deque(data.decode("utf-8", errors="replace").splitlines(), maxlen=lines))
+
+
+def weights_bytes(checkpoint: Path) -> int:
+    """Size of a checkpoint folder's weight files: what the model takes on a GPU in bf16
+    (the supervisor sizes the mask stage's replicas by it, `check` the fit)."""
+    return sum(f.stat().st_size for f in Path(checkpoint).iterdir()
+               if f.is_file() and f.suffix in (".safetensors", ".bin"))

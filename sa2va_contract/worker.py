@@ -42,6 +42,9 @@ class WorkerSpec:
     wait_for_masks: bool = False
     #: The mask stage's worker only: the experiments whose pairs it computes.
     needs_of: tuple[str, ...] = ()
+    #: The mask stage's worker on GPUs only: the GPU of each segmenter replica, numbered
+    #: as `gpu` is (a GPU named twice holds two replicas).
+    replica_gpus: tuple[int, ...] = ()
 
     @property
     def visible_gpus(self) -> str:

@@ -45,21 +45,23 @@ def print_headroom(config: "Config", split: str, train_images: int) -> None:
     headroom(config, split, train_images)
 
 
-def mask_fill_estimate(config: "Config", gpus: int) -> str:
-    """`check` on Sa2VA: how long the run's mask stage takes on a cold cache."""
+def mask_fill_estimate(config: "Config", replica_gpus: tuple[int, ...]) -> str:
+    """`check` on Sa2VA: how long the run's mask stage takes on a cold cache, with one
+    replica on each of `replica_gpus` (`launching.stage_replica_gpus`)."""
     from experiments.mask_needs import SA2VA_SECONDS_PER_PAIR, fill_estimate
 
-    return fill_estimate(config, SA2VA_SECONDS_PER_PAIR, gpus, measured=False)
+    return fill_estimate(config, SA2VA_SECONDS_PER_PAIR, len(replica_gpus), len(set(replica_gpus)), measured=False)
 
 
-def deep_check(config: "Config", echo: Callable[[str], None]) -> str | None:
+def deep_check(config: "Config", echo: Callable[[str], None], replica_gpus: tuple[int, ...] = ()) -> str | None:
     """`check --deep` on the configured Sa2VA checkpoint: the one line of its failure,
-    None when every step passed."""
+    None when every step passed. `replica_gpus`: the mask stage's layout, for its
+    fill estimate at the measured time per mask."""
     from experiments.backends.sa2va import BackendError
     from experiments.backends.sa2va_deep_check import run_deep_check
 
     try:
-        run_deep_check(config, echo)
+        run_deep_check(config, echo, replica_gpus)
     except BackendError as err:
         return str(err)
     return None

@@ -22,7 +22,7 @@ from typing import Callable, Iterable
 from sa2va_contract import events
 from sa2va_contract.config import Config, ExperimentConfig
 from sa2va_contract.events import Event
-from sa2va_contract.files import read_log_tail
+from sa2va_contract.files import read_log_tail, weights_bytes
 from sa2va_contract.gpus import GpuInfo, GpuSnapshot, choose_gpu
 from sa2va_contract.events import MASK_STAGE
 from sa2va_contract.kinds import MASK_STAGE_ENTRY, kind_of, resolve_entry
@@ -107,6 +107,9 @@ class Occupant:
     gpus: tuple[int, ...]
     memory_need: int | None
     listed: bool = True
+    #: Waiting for the mask stage's pairs: it uses no core yet, so on the CPU it holds
+    #: no slot (the experiment that trains longest need not wait behind one that waits).
+    idle: bool = False
 
 
 def cpu_slots() -> int:
@@ -136,7 +139,7 @@ def find_room(experiment: ExperimentConfig, memory_need: int | None, occupants: 
     if max_parallel is not None and len(occupants) >= max_parallel:
         return False, ()
     if not wants_gpu(experiment, gpus):
-        return sum(not o.gpus for o in occupants) < cores, ()
+        return sum(not o.gpus and not o.idle for o in occupants) < cores, ()
     if every_gpu:
         free = not any(o.gpus for o in occupants)
         return free, tuple(g.index for g in gpus.gpus) if free else ()
@@ -229,7 +232,8 @@ class Launcher:
             if room:
                 self.withdraw(waiting.name)
                 if self._launch(waiting, held):
-                    occupants.append(Occupant(held, self._need(waiting.name), listed=False))
+                    occupants.append(Occupant(held, self._need(waiting.name), listed=False,
+                                              idle=self._waits_for_pairs(waiting.name)))
         for waiting in self.line:
             if not waiting.announced:
                 waiting.announced = True
@@ -264,7 +268,14 @@ class Launcher:
     def _view(self) -> tuple[GpuSnapshot, list[Occupant]]:
         snapshot, _ = self._gpus.view(self.occupants())
         listed = {p.pid for g in snapshot.gpus for p in g.processes}
-        return snapshot, [Occupant(a.gpus, a.memory_need, a.handle.pid in listed) for a in self._attempts.values()]
+        return snapshot, [Occupant(a.gpus, a.memory_need, a.handle.pid in listed, idle=self._waits_for_pairs(name))
+                          for name, a in self._attempts.items()]
+
+    def _waits_for_pairs(self, name: str) -> bool:
+        """Whether the attempt of `name` is waiting for the mask stage to compute its pairs."""
+        attempt, stage = self._attempts.get(name), self._book.stage
+        return (attempt is not None and attempt.handle.spec.wait_for_masks and self._masks_pending()
+                and (stage is None or name not in stage.pairs_ready))
 
     def _need(self, name: str) -> int | None:
         """GPU memory (bytes) an attempt of `name` needs room for; None: unknown."""
@@ -312,12 +323,53 @@ def worker_spec(name: str, experiment: ExperimentConfig, plan: RestartPlan, conf
     )
 
 
-def stage_spec(config: Config, store: RunStore, needs_of: list[str], gpu: int | None) -> WorkerSpec:
-    """The worker of the run's mask stage: the pairs of `needs_of`, on `gpu` (None: the
-    CPU cores, for the embedded model)."""
+def stage_spec(config: Config, store: RunStore, needs_of: list[str], replica_gpus: tuple[int, ...] = ()) -> WorkerSpec:
+    """The worker of the run's mask stage: the pairs of `needs_of`, one segmenter replica
+    on each GPU of `replica_gpus` (none: the CPU cores, for the embedded model)."""
+    visible = tuple(dict.fromkeys(replica_gpus))
     return WorkerSpec(name=MASK_STAGE, entry=MASK_STAGE_ENTRY, config=config, exp_dir=store.exp_dir(MASK_STAGE),
-                      log_path=store.log_path(MASK_STAGE), gpu=gpu, supervisor_pid=os.getpid(),
-                      needs_of=tuple(needs_of))
+                      log_path=store.log_path(MASK_STAGE), gpu=visible[0] if visible else None,
+                      extra_gpus=visible[1:], supervisor_pid=os.getpid(), needs_of=tuple(needs_of),
+                      replica_gpus=tuple(replica_gpus))
+
+
+#: Beside one Sa2VA replica's weights (bf16, as loaded): a share for activations and
+#: the buffers of one generation and one SAM2 decoding, and a fixed margin. An estimate
+#: (it was not measured on a GPU here); `backend.replica_memory_gb` replaces it.
+REPLICA_SHARE, REPLICA_MARGIN = 0.25, 2 * GIB
+
+
+def replica_memory_need(config: Config) -> int:
+    """Bytes of GPU memory one Sa2VA replica of the mask stage is given room for; 0 when
+    the checkpoint folder cannot be read (its worker then says why, in its own words)."""
+    if config.backend.replica_memory_gb is not None:
+        return int(config.backend.replica_memory_gb * GIB)
+    try:
+        weights = weights_bytes(Path(str(config.backend.model_path)).expanduser())
+    except OSError:
+        return 0
+    return int(weights * (1 + REPLICA_SHARE) + REPLICA_MARGIN)
+
+
+def stage_replica_gpus(gpus: GpuSnapshot, need: int, most: int | None = None) -> tuple[int, ...]:
+    """The GPU of each Sa2VA replica of the mask stage: as many on each GPU as its free
+    memory holds at `need` bytes each, dealt out a GPU at a time (so that `most` spreads
+    them over the GPUs), grouped by GPU, freest first. When no GPU has room on paper (or
+    none reports its memory), one replica on the freest: as one experiment's model would
+    be placed."""
+    freest = sorted(gpus.gpus, key=lambda g: -(g.memory_free or 0))
+    room = {g.index: int(g.memory_free // need) if g.memory_free is not None and need > 0 else 0 for g in freest}
+    dealt: list[int] = []
+    while any(room.values()) and (most is None or len(dealt) < most):
+        for index in [i for i, left in room.items() if left]:
+            if most is not None and len(dealt) >= most:
+                break
+            dealt.append(index)
+            room[index] -= 1
+    if not dealt and freest:
+        dealt = [freest[0].index]
+    order = {g.index: rank for rank, g in enumerate(freest)}
+    return tuple(sorted(dealt, key=order.__getitem__))
 
 
 def stage_refusal(config: Config, gpus: GpuSnapshot) -> str | None:
@@ -332,18 +384,21 @@ def stage_refusal(config: Config, gpus: GpuSnapshot) -> str | None:
 
 def launch_mask_stage(config: Config, store: RunStore, backend: PlacementBackend, gpus: GpuSnapshot,
                       needs_of: list[str]) -> "Attempt | None":
-    """The run's mask stage for the pairs of `needs_of`, launched (on Sa2VA on the GPU
-    with the most free memory); None when this run cannot have one: its experiments
-    then fill the cache themselves, as each does alone."""
+    """The run's mask stage for the pairs of `needs_of`, launched (on Sa2VA with one
+    replica on every GPU that has room for one, several where several fit); None when
+    this run cannot have one: its experiments then fill the cache themselves, as each
+    does alone."""
     if config.backend.kind == "sa2va" and not gpus.gpus:
         gpus = backend.read_gpus({})
     refusal = stage_refusal(config, gpus)
     if refusal:
         log.info("no mask stage: %s", refusal)
         return None
-    gpu = max(gpus.gpus, key=lambda g: g.memory_free or 0).index if config.backend.kind == "sa2va" else None
+    replicas: tuple[int, ...] = ()
+    if config.backend.kind == "sa2va":
+        replicas = stage_replica_gpus(gpus, replica_memory_need(config), config.backend.max_replicas)
     try:
-        handle = backend.launch(stage_spec(config, store, needs_of, gpu))
+        handle = backend.launch(stage_spec(config, store, needs_of, replicas))
     except LaunchError as err:
         log.warning("no mask stage: %s", err)
         return None

@@ -28,12 +28,17 @@ def cold_run(tmp_path) -> list[str]:
 
 
 def cache_files(folder):
-    return sorted(p for p in folder.rglob("*") if p.is_file())
+    """The mask files (the built-in dataset's generated splits live beside them)."""
+    from sa2va_contract.layout import DATASET_MEMO_DIR
+
+    return sorted(p for p in folder.rglob("*") if p.is_file() and DATASET_MEMO_DIR not in p.relative_to(folder).parts)
 
 
 def test_two_experiments_cost_one_call_per_pair_and_a_warm_run_none(cold_run, tmp_path):
     config = make_config(cold_run, experiments=("prompt_rl", "postprocess_rl"))
-    supervisor, rec = run_to_end(config, timeout=150)
+    supervisor, rec = run_to_end(config, timeout=150, cores=1)
+    # One core, but both start at once: one waiting for its pairs holds no core.
+    assert not rec.of(events.Queued) and len(rec.of(events.Started)) == 3
     figures = json.loads((supervisor.run_dir / RUN_FILE).read_text())
     # prompt_rl reads every candidate mask of train and val (6 images each, 11 prompts);
     # postprocess_rl the default prompt's of the same images: a subset.
@@ -137,6 +142,7 @@ def test_check_estimates_the_fill_time_on_sa2va(tmp_path, monkeypatch):
     from experiments.mask_needs import SA2VA_SECONDS_PER_PAIR, fill_estimate
     from sa2va_contract.config import load_config
     from sa2va_standin import write_checkpoint
+    from sa2va_tui import engine
     from sa2va_tui.cli import app
 
     from conftest import QUICK_CONFIG
@@ -149,6 +155,79 @@ def test_check_estimates_the_fill_time_on_sa2va(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert "mask stage: 110 distinct pairs, but no GPU to compute them on" in result.output
     config = load_config(QUICK_CONFIG, settings)
-    line = fill_estimate(config, SA2VA_SECONDS_PER_PAIR, gpus=4, measured=False)
-    assert "about 2 min on 1 GPU replica of 4 GPUs (1.00 s per pair" in line  # 110 pairs x 1 s
+    line = fill_estimate(config, SA2VA_SECONDS_PER_PAIR, replicas=1, gpus=1, measured=False)
+    assert "about 2 min on 1 GPU replica over 1 GPU (1.00 s per pair" in line  # 110 pairs x 1 s
     assert "an assumed figure; check --deep measures it" in line
+    # Two replicas on one GPU with room for two, one on another: a third of the time.
+    line = engine.mask_fill_estimate(config, (0, 0, 1))
+    assert "about 37 s on 3 GPU replicas over 2 GPUs" in line
+
+
+# --- Sa2VA: a replica on every GPU with room -----------------------------------------
+
+
+def test_sa2va_replicas_fill_every_gpu_that_has_room(tmp_path):
+    """As many replicas on a GPU as its free memory holds, the freest first; a cap
+    spreads them over the GPUs; with room nowhere, one on the freest (as one model would
+    be placed); the stage's worker sees exactly those GPUs."""
+    from fake_nvml import FakeGpu, FakeNvml, GiB
+    from sa2va_contract.config import load_config
+    from sa2va_standin import write_checkpoint
+    from sa2va_tui.gpus import read_gpus
+    from sa2va_tui.launching import replica_memory_need, stage_replica_gpus, stage_spec
+    from sa2va_tui.runstore import RunStore
+
+    from conftest import QUICK_CONFIG
+
+    snapshot = read_gpus(FakeNvml([FakeGpu(used=70 * GiB), FakeGpu(used=10 * GiB), FakeGpu(used=36 * GiB)]))
+    # Free: 10, 70 and 44 GiB; at 20 GiB a replica: none, three and two.
+    assert stage_replica_gpus(snapshot, 20 * GiB) == (1, 1, 1, 2, 2)
+    assert stage_replica_gpus(snapshot, 20 * GiB, most=2) == (1, 2)
+    assert stage_replica_gpus(snapshot, 90 * GiB) == (1,)
+    import pynvml
+
+    # Memory not reported (NVML answers "not supported"): one on it, as one model would be.
+    unknown = read_gpus(FakeNvml([FakeGpu(failing={"nvmlDeviceGetMemoryInfo": pynvml.NVML_ERROR_NOT_SUPPORTED})]))
+    assert unknown.gpus[0].memory_free is None
+    assert stage_replica_gpus(unknown, 20 * GiB) == (0,)
+
+    checkpoint = write_checkpoint(tmp_path / "ckpt", "internvl3")
+    (checkpoint / "model.safetensors").write_bytes(b"\0" * 4096)
+    config = load_config(QUICK_CONFIG, ["backend.kind=sa2va", f"backend.model_path={checkpoint}",
+                                        f"run.logs_dir={tmp_path / 'logs'}"])
+    assert replica_memory_need(config) == int(4096 * 1.25 + 2 * GiB)  # the weights, a quarter more, 2 GiB
+    sized = config.model_copy(update={"backend": config.backend.model_copy(update={"replica_memory_gb": 30.0})})
+    assert replica_memory_need(sized) == 30 * GiB
+    spec = stage_spec(config, RunStore.create(config), ["prompt_rl"], (1, 1, 2))
+    assert (spec.visible_gpus, spec.replica_gpus, spec.gpu) == ("1,2", (1, 1, 2), 1)
+
+
+def test_the_sa2va_stage_loads_one_model_per_replica_and_computes_each_pair_once(tmp_path, monkeypatch):
+    """The stage's worker with the layout the supervisor gave it (two replicas on GPU 3,
+    one on GPU 5): three models, each pair computed once among them, the devices said.
+    (No CUDA here: the stand-in's replicas run on the CPU.)"""
+    import sa2va_standin
+    from experiments import mask_stage
+    from experiments.backends.sa2va_families import LOADER_ENV
+    from experiments.harness import Control, ListSink
+    from sa2va_contract.config import load_config
+    from sa2va_standin import write_checkpoint
+
+    from conftest import QUICK_CONFIG
+
+    monkeypatch.setenv(LOADER_ENV, "sa2va_standin:load_standin")
+    checkpoint = write_checkpoint(tmp_path / "ckpt", "internvl3")
+    config = load_config(QUICK_CONFIG, ["backend.kind=sa2va", f"backend.model_path={checkpoint}", "dataset.limit=4",
+                                        "backend.batch_size=1", f"backend.cache_dir={tmp_path / 'cache'}",
+                                        f"run.logs_dir={tmp_path / 'logs'}", "prompt_rl.enabled=false",
+                                        "reward_net.enabled=false"])
+    sink = ListSink()
+    ctx = mask_stage.stage_context(config, exp_dir=tmp_path / "stage", sink=sink, control=Control(), gpu=3,
+                                   needs_of=("postprocess_rl",), replica_gpus=(3, 3, 5))
+    loads = len(sa2va_standin.LOADS)
+    summary = mask_stage.run(ctx)
+    assert len(sa2va_standin.LOADS) - loads == 3
+    assert summary["replicas"] == 3 and summary["devices"] == ["gpu 3 ×2", "gpu 5"]
+    assert summary["distinct_pairs"] == 8 and summary["model_calls"] == 8  # train and val, the default prompt
+    assert cache_files(tmp_path / "cache") and len(cache_files(tmp_path / "cache")) == 8
+    assert [e.ready_for for e in sink.of_type(events.PairsReady)] == ["postprocess_rl"]

@@ -37,6 +37,10 @@ def test_room_on_the_cpu_is_one_worker_per_core_and_max_parallel():
     assert find_room(cpu, None, [], NO_GPU, None, cores=2) == (True, ())
     assert find_room(cpu, None, [Occupant((), None)], NO_GPU, None, cores=2) == (True, ())
     assert find_room(cpu, None, [Occupant((), None)] * 2, NO_GPU, None, cores=2) == (False, ())
+    # One that waits for the mask stage's pairs uses no core, so it holds no slot.
+    waiting = Occupant((), None, idle=True)
+    assert find_room(cpu, None, [Occupant((), None), waiting], NO_GPU, None, cores=2) == (True, ())
+    assert find_room(cpu, None, [Occupant((), None), waiting], NO_GPU, max_parallel=2, cores=2) == (False, ())
     assert find_room(cpu, None, [Occupant((0,), None)], gpus(40), max_parallel=1, cores=2) == (False, ())
 
 

@@ -39,7 +39,7 @@ def test_deep_check_on_the_stand_in(tmp_path, monkeypatch, family):
     # 5 train and 5 val images (limit 5) with 11 prompts each: prompt_rl's pairs, which
     # hold postprocess_rl's and the reward network's.
     assert "mask stage: 110 distinct pairs for prompt_rl, postprocess_rl, reward_net, about" in out
-    assert "on 1 GPU replica of 1 GPU (" in out and "measured by check --deep" in out
+    assert "on 1 GPU replica over 1 GPU (" in out and "measured by check --deep" in out
     assert out.rstrip().endswith("config is ready")
     assert len(LOADS) - loads == 1  # loaded once for segmenting and fine-tuning
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sa2va_contract.config import Config
-from sa2va_contract.layout import MASK_CACHE_DIR
+from sa2va_contract.layout import cache_dir_for
 
 from experiments.backends.base import Prediction, Segmenter, TrainableSegmenter
 from experiments.backends.cache import CachedSegmenter, LazySegmenter
@@ -15,7 +15,8 @@ __all__ = ["CachedSegmenter", "Prediction", "Segmenter", "TrainableSegmenter", "
 
 
 def make_segmenter(config: Config, device: str = "cpu") -> Segmenter:
-    """The configured model, uncached."""
+    """The configured model, uncached. Sa2VA loads on the worker's GPU, or on the GPU
+    `device` names ("cuda:1": a replica of the mask stage); the embedded model on `device`."""
     backend = config.backend
     if backend.kind == "embedded":
         from experiments.backends.embedded import load_embedded
@@ -24,11 +25,8 @@ def make_segmenter(config: Config, device: str = "cpu") -> Segmenter:
     from experiments.backends.sa2va import load_sa2va
 
     assert backend.model_path is not None  # the config validator guarantees it
-    return load_sa2va(backend)
-
-
-def cache_dir_for(config: Config) -> Path:
-    return config.backend.cache_dir or (config.run.logs_dir / MASK_CACHE_DIR)
+    index = device.partition(":")[2]
+    return load_sa2va(backend, int(index) if device.startswith("cuda:") and index.isdigit() else None)
 
 
 def make_cached_segmenter(config: Config, device: str = "cpu") -> CachedSegmenter:

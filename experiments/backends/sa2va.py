@@ -15,6 +15,7 @@ what each needs installed in `sa2va_families.py`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
@@ -55,8 +56,11 @@ class Sa2VASegmenter:
     gives_probabilities = False
 
     def __init__(self, model: Any, tokenizer: Any, fingerprint: str, processor: Any = None,
-                 family: Family | None = None) -> None:
+                 family: Family | None = None, gpu: int | None = None) -> None:
         self.model = model
+        #: The CUDA device (as this process numbers them) the model was placed on; None:
+        #: the process's current one, or a split layout.
+        self.gpu = gpu
         self.tokenizer = tokenizer
         #: Qwen families: the AutoProcessor their predict_forward asserts.
         self.processor = processor
@@ -73,7 +77,10 @@ class Sa2VASegmenter:
 
         text = PROMPT_TEMPLATE.format(expression=prompt.strip().rstrip("."))
         handles = {"processor": self.processor} if self.processor is not None else {"tokenizer": self.tokenizer}
-        with torch.no_grad():
+        # predict_forward puts its token ids on `.cuda()`, the calling thread's current
+        # device: a replica on another GPU makes its own current for the call.
+        on_device = torch.cuda.device(self.gpu) if self.gpu is not None else contextlib.nullcontext()
+        with torch.no_grad(), on_device:
             return self.model.predict_forward(image=Image.fromarray(image), text=text, **handles)
 
     def segment(self, images: Sequence[np.ndarray], prompts: Sequence[str]) -> list[Prediction]:
@@ -143,32 +150,40 @@ class Loaded:
     processor: Any = None
 
 
-def load_sa2va(backend) -> Sa2VASegmenter:
+def load_sa2va(backend, gpu: int | None = None) -> Sa2VASegmenter:
     """The checkpoint `backend` (a BackendConfig) names, loaded once, in bf16, on the
-    worker's GPU or split over its GPUs."""
+    worker's GPU, on its GPU `gpu` (numbered as the worker sees them: a replica of the
+    mask stage), or split over its GPUs."""
     path = checkpoint_folder(str(backend.model_path))
     family = resolve_family(path, getattr(backend, "family", None))
     custom = loader_override()
     if custom is not None:
         log.warning("%s=%s: loading through it, not transformers", LOADER_ENV, custom)
-        loaded = _load_custom(custom, path, family)
+        import torch
+
+        gpu = gpu if torch.cuda.is_available() else None  # the seam's model stays on the CPU
+        loaded = _load_custom(custom, path, family, gpu)
     else:
-        loaded = _load_with_transformers(path, family, backend)
+        loaded = _load_with_transformers(path, family, backend, gpu)
     return Sa2VASegmenter(loaded.model, loaded.tokenizer, checkpoint_fingerprint(path),
-                          processor=loaded.processor, family=family)
+                          processor=loaded.processor, family=family, gpu=gpu)
 
 
-def _load_custom(spec: str, path: Path, family: Family) -> Loaded:
-    """The test seam: `module:function(path, family_key) -> (model, tokenizer, processor)`."""
+def _load_custom(spec: str, path: Path, family: Family, gpu: int | None = None) -> Loaded:
+    """The test seam: `module:function(path, family_key) -> (model, tokenizer, processor)`;
+    the model is moved to GPU `gpu` where one is asked for."""
     module, _, function = spec.partition(":")
     try:
         loader = getattr(importlib.import_module(module), function)
     except (ImportError, AttributeError, ValueError) as err:
         raise BackendError(f"{LOADER_ENV}={spec}: cannot import it ({type(err).__name__}: {err})") from None
-    return Loaded(*loader(path, family.key))
+    loaded = Loaded(*loader(path, family.key))
+    if gpu is not None:
+        loaded.model = loaded.model.cuda(gpu)
+    return loaded
 
 
-def _load_with_transformers(path: Path, family: Family, backend) -> Loaded:
+def _load_with_transformers(path: Path, family: Family, backend, gpu: int | None = None) -> Loaded:
     import torch
 
     check_sa2va_environment(path, family, installed(family), torch.cuda.is_available())
@@ -184,7 +199,7 @@ def _load_with_transformers(path: Path, family: Family, backend) -> Loaded:
             trust_remote_code=backend.trust_remote_code, device_map=device_map,
         ).eval()
         if device_map is None:
-            model = model.cuda()
+            model = model.cuda(gpu)
         if family.needs_processor:
             processor = transformers.AutoProcessor.from_pretrained(str(path), trust_remote_code=backend.trust_remote_code)
             return Loaded(model, getattr(processor, "tokenizer", None), processor)

@@ -27,7 +27,10 @@ FLOAT32_TOLERANCE = 1e-3
 Echo = Callable[[str], None]
 
 
-def run_deep_check(config: Config, echo: Echo) -> None:
+def run_deep_check(config: Config, echo: Echo, replica_gpus: tuple[int, ...] = ()) -> None:
+    """Load, segment every prompt of one image and take two fine-tuning steps; then the
+    mask stage's fill time at the measured time per mask, over `replica_gpus` (the
+    stage's layout as the UI computed it; none: one replica, where this check ran)."""
     if config.backend.kind != "sa2va":
         raise BackendError(f"backend.kind: check --deep is for sa2va, not {config.backend.kind}")
     peaks = _Peaks()
@@ -44,7 +47,7 @@ def run_deep_check(config: Config, echo: Echo) -> None:
         _finetune_two_steps(config, segmenter, sample, masked, echo)
     peaks.mark("finetune")
     echo(f"ok    peak GPU memory: {peaks.describe()}")
-    echo(f"ok    {_cache_estimate(config, per_mask)}")
+    echo(f"ok    {_cache_estimate(config, per_mask, replica_gpus)}")
 
 
 @contextlib.contextmanager
@@ -164,11 +167,9 @@ class _Peaks:
         return ", ".join(f"{phase} {gib:.1f} GiB" for phase, gib in self.values.items())
 
 
-def _cache_estimate(config: Config, per_mask: float) -> str:
+def _cache_estimate(config: Config, per_mask: float, replica_gpus: tuple[int, ...]) -> str:
     """The run's mask stage on a cold cache, at the measured time per mask."""
-    import torch
-
     from experiments.mask_needs import fill_estimate
 
-    # The stage runs where this check just ran the model (the stand-in: the CPU).
-    return fill_estimate(config, per_mask, max(1, torch.cuda.device_count()), measured=True)
+    replicas = len(replica_gpus) or 1
+    return fill_estimate(config, per_mask, replicas, len(set(replica_gpus)) or 1, measured=True)

@@ -234,8 +234,3 @@ def llm_layer_count(path: Path) -> int:
     if not isinstance(layers, int) or layers < 1:
         raise FamilyError(f"backend.model_path: {path / 'config.json'}: no llm_config.num_hidden_layers to split by")
     return layers
-
-
-def weights_bytes(path: Path) -> int:
-    """Size of the checkpoint's weight files: what the model takes on the GPU in bf16."""
-    return sum(f.stat().st_size for f in path.iterdir() if f.is_file() and f.suffix in (".safetensors", ".bin"))

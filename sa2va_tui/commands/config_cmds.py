@@ -54,14 +54,23 @@ def check(
     typer.echo("config is ready")
 
 
+def stage_layout(cfg) -> tuple[int, ...]:
+    """The GPU of each replica the run's mask stage would start with now (none: no GPU)."""
+    from sa2va_tui.gpus import read_gpus
+    from sa2va_tui.launching import replica_memory_need, stage_replica_gpus
+
+    snapshot = read_gpus()
+    if not snapshot.available:
+        return ()
+    return stage_replica_gpus(snapshot, replica_memory_need(cfg), cfg.backend.max_replicas)
+
+
 def _fill_estimate(cfg) -> None:
     """How long the mask stage takes to fill a cold cache, over the GPUs it will use."""
     from sa2va_tui import engine
-    from sa2va_tui.gpus import read_gpus
 
-    snapshot = read_gpus()
     try:
-        typer.echo(f"ok    {engine.mask_fill_estimate(cfg, len(snapshot.gpus) if snapshot.available else 0)}")
+        typer.echo(f"ok    {engine.mask_fill_estimate(cfg, stage_layout(cfg))}")
     except (OSError, ValueError) as err:  # a dataset that cannot be read is check's own problem line
         typer.echo(f"warn  mask stage: no estimate ({err})")
 
@@ -70,7 +79,7 @@ def _deep_check(cfg) -> None:
     """The engine's deep check: it brings torch and the model into this process."""
     from sa2va_tui import engine
 
-    problem = engine.deep_check(cfg, typer.echo)
+    problem = engine.deep_check(cfg, typer.echo, stage_layout(cfg))
     if problem:
         fail(problem)
 

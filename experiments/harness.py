@@ -76,7 +76,8 @@ class Control:
         self._paused = threading.Event()
         self._stop = threading.Event()
         self.stop_reason = "stop"
-        #: Set when the run's mask stage has ended (`events.MasksDone`).
+        #: Set when the run's mask stage has this experiment's pairs in, or has ended
+        #: (`events.MasksDone`).
         self.masks_done = threading.Event()
 
     def pause(self) -> None:

@@ -32,10 +32,13 @@ log = logging.getLogger(__name__)
 ENTRY = "experiments.mask_stage:run"
 #: How often the stage reports progress and looks at its control flags.
 TICK_S = 0.1
-#: How often a waiting experiment looks for its pairs on disk.
+#: How often a waiting experiment looks at its control flags, and at its pairs on disk.
 POLL_S = 0.25
+LOOK_S = 3.0
 #: How often the stage reports its model calls so far (each report is recorded).
 WORK_REPORT_S = 5.0
+#: How often a waiting experiment reports how many of its pairs are in.
+WAIT_REPORT_S = 2.0
 
 
 @dataclass
@@ -314,11 +317,20 @@ def await_pairs(ctx: WorkerContext, cache, pairs: Pairs | None = None,
     images, prompts = pairs.images, pairs.prompts
     todo = cache.missing(images, prompts)
     distinct = len(todo)
-    while todo and not ctx.control.masks_done.is_set():
+    told, looked = -1.0, time.monotonic()
+    done = ctx.control.masks_done
+    while todo and not done.is_set():
         ctx.control_point()
-        ctx.phase("caching_masks", distinct - len(todo), distinct)
-        time.sleep(POLL_S)
-        todo = [i for i in todo if not cache.on_disk(images[i], prompts[i])]
+        if time.monotonic() - told >= WAIT_REPORT_S:  # each report is recorded: not one per poll
+            told = time.monotonic()
+            ctx.phase("caching_masks", distinct - len(todo), distinct)
+        done.wait(POLL_S)
+        # The supervisor says when they are in (`MasksDone`); looking on disk now and
+        # then only keeps the count and covers a message missed in a restart. Looking
+        # at every pair each poll cost a waiting prompt_rl a fifth of a core.
+        if done.is_set() or time.monotonic() - looked >= LOOK_S:
+            looked = time.monotonic()
+            todo = [i for i in todo if not cache.on_disk(images[i], prompts[i])]
     if todo:
         log.info("the mask stage ended with %d of my pairs missing: computing them here", len(todo))
 

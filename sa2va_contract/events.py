@@ -285,8 +285,9 @@ class Stop:
 
 @dataclass(frozen=True)
 class MasksDone:
-    """The run's mask stage has ended (done, stopped or failed): stop waiting for it,
-    and compute whatever is still missing from the cache yourself."""
+    """The run's mask stage has computed every pair this experiment reads, or has ended
+    (done, stopped or failed): stop waiting for it, and compute whatever is still
+    missing from the cache yourself."""
 
 
 ControlMessage = Pause | Resume | Stop | MasksDone

@@ -308,6 +308,9 @@ class Supervisor(EventHub):
         """Apply, record and queue one event for the subscribers. Lock held or taken."""
         with self._lock:
             self._book.apply(event)
+            if isinstance(event, events.PairsReady) and event.ready_for in self._attempts:
+                # Told at once, it need not look for its pairs on disk over and over.
+                self._backend.send(self._attempts[event.ready_for].handle, events.MasksDone())
             if isinstance(event, (events.Failed, events.Finished, events.Stopped)) and event.experiment in self._owed:
                 # This end is the first half of a restart already decided.
                 self._book.mark_restarting(event.experiment)

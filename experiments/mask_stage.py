@@ -326,8 +326,9 @@ def await_pairs(ctx: WorkerContext, cache, pairs: Pairs | None = None,
             ctx.phase("caching_masks", distinct - len(todo), distinct)
         done.wait(POLL_S)
         # The supervisor says when they are in (`MasksDone`); looking on disk now and
-        # then only keeps the count and covers a message missed in a restart. Looking
-        # at every pair each poll cost a waiting prompt_rl a fifth of a core.
+        # then only keeps the count and covers a message missed in a restart (looking
+        # at every pair each poll was 11,440 file lookups, four times a second, for a
+        # waiting prompt_rl on the default run).
         if done.is_set() or time.monotonic() - looked >= LOOK_S:
             looked = time.monotonic()
             todo = [i for i in todo if not cache.on_disk(images[i], prompts[i])]

@@ -45,23 +45,23 @@ def print_headroom(config: "Config", split: str, train_images: int) -> None:
     headroom(config, split, train_images)
 
 
-def mask_fill_estimate(config: "Config", replica_gpus: tuple[int, ...]) -> str:
-    """`check` on Sa2VA: how long the run's mask stage takes on a cold cache, with one
-    replica on each of `replica_gpus` (`launching.stage_replica_gpus`)."""
+def mask_fill_estimate(config: "Config", replicas: int, gpus: int) -> str:
+    """`check` on Sa2VA: how long the run's mask stage takes on a cold cache, with
+    `replicas` models over `gpus` GPUs (`launching.mask_stage_gpus`)."""
     from experiments.mask_needs import SA2VA_SECONDS_PER_PAIR, fill_estimate
 
-    return fill_estimate(config, SA2VA_SECONDS_PER_PAIR, len(replica_gpus), len(set(replica_gpus)), measured=False)
+    return fill_estimate(config, SA2VA_SECONDS_PER_PAIR, replicas, gpus, measured=False)
 
 
-def deep_check(config: "Config", echo: Callable[[str], None], replica_gpus: tuple[int, ...] = ()) -> str | None:
+def deep_check(config: "Config", echo: Callable[[str], None], replicas: int = 1, gpus: int = 1) -> str | None:
     """`check --deep` on the configured Sa2VA checkpoint: the one line of its failure,
-    None when every step passed. `replica_gpus`: the mask stage's layout, for its
-    fill estimate at the measured time per mask."""
+    None when every step passed. `replicas` over `gpus`: the mask stage's layout, for
+    its fill estimate at the measured time per mask."""
     from experiments.backends.sa2va import BackendError
     from experiments.backends.sa2va_deep_check import run_deep_check
 
     try:
-        run_deep_check(config, echo, replica_gpus)
+        run_deep_check(config, echo, replicas, gpus)
     except BackendError as err:
         return str(err)
     return None

@@ -323,10 +323,12 @@ def worker_spec(name: str, experiment: ExperimentConfig, plan: RestartPlan, conf
     )
 
 
-def stage_spec(config: Config, store: RunStore, needs_of: list[str], replica_gpus: tuple[int, ...] = ()) -> WorkerSpec:
+def stage_spec(config: Config, store: RunStore, needs_of: list[str], replica_gpus: tuple[int, ...] = (),
+               split_over: tuple[int, ...] = ()) -> WorkerSpec:
     """The worker of the run's mask stage: the pairs of `needs_of`, one segmenter replica
-    on each GPU of `replica_gpus` (none: the CPU cores, for the embedded model)."""
-    visible = tuple(dict.fromkeys(replica_gpus))
+    on each GPU of `replica_gpus`, or one model laid over the GPUs `split_over` (neither:
+    the CPU cores, for the embedded model)."""
+    visible = tuple(dict.fromkeys(replica_gpus or split_over))
     return WorkerSpec(name=MASK_STAGE, entry=MASK_STAGE_ENTRY, config=config, exp_dir=store.exp_dir(MASK_STAGE),
                       log_path=store.log_path(MASK_STAGE), gpu=visible[0] if visible else None,
                       extra_gpus=visible[1:], supervisor_pid=os.getpid(), needs_of=tuple(needs_of),
@@ -372,6 +374,17 @@ def stage_replica_gpus(gpus: GpuSnapshot, need: int, most: int | None = None) ->
     return tuple(sorted(dealt, key=order.__getitem__))
 
 
+def mask_stage_gpus(config: Config, gpus: GpuSnapshot) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(the GPU of each replica, the GPUs one split model spans) of the run's mask stage:
+    on Sa2VA replicas where they fit, or with `device_map: split` one model over every
+    GPU (a split model cannot be copied); the embedded model runs on the CPU cores."""
+    if config.backend.kind != "sa2va":
+        return (), ()
+    if config.backend.device_map == "split":
+        return (), tuple(g.index for g in gpus.gpus)
+    return stage_replica_gpus(gpus, replica_memory_need(config), config.backend.max_replicas), ()
+
+
 def stage_refusal(config: Config, gpus: GpuSnapshot) -> str | None:
     """Why this run fills the cache per experiment instead of in a mask stage, or None.
     On Ray each node has its own disk: the stage's masks would not reach the others."""
@@ -394,11 +407,9 @@ def launch_mask_stage(config: Config, store: RunStore, backend: PlacementBackend
     if refusal:
         log.info("no mask stage: %s", refusal)
         return None
-    replicas: tuple[int, ...] = ()
-    if config.backend.kind == "sa2va":
-        replicas = stage_replica_gpus(gpus, replica_memory_need(config), config.backend.max_replicas)
+    replicas, split_over = mask_stage_gpus(config, gpus)
     try:
-        handle = backend.launch(stage_spec(config, store, needs_of, replicas))
+        handle = backend.launch(stage_spec(config, store, needs_of, replicas, split_over))
     except LaunchError as err:
         log.warning("no mask stage: %s", err)
         return None

@@ -159,7 +159,7 @@ def test_check_estimates_the_fill_time_on_sa2va(tmp_path, monkeypatch):
     assert "about 2 min on 1 GPU replica over 1 GPU (1.00 s per pair" in line  # 110 pairs x 1 s
     assert "an assumed figure; check --deep measures it" in line
     # Two replicas on one GPU with room for two, one on another: a third of the time.
-    line = engine.mask_fill_estimate(config, (0, 0, 1))
+    line = engine.mask_fill_estimate(config, 3, 2)
     assert "about 37 s on 3 GPU replicas over 2 GPUs" in line
 
 
@@ -174,7 +174,7 @@ def test_sa2va_replicas_fill_every_gpu_that_has_room(tmp_path):
     from sa2va_contract.config import load_config
     from sa2va_standin import write_checkpoint
     from sa2va_tui.gpus import read_gpus
-    from sa2va_tui.launching import replica_memory_need, stage_replica_gpus, stage_spec
+    from sa2va_tui.launching import mask_stage_gpus, replica_memory_need, stage_replica_gpus, stage_spec
     from sa2va_tui.runstore import RunStore
 
     from conftest import QUICK_CONFIG
@@ -198,8 +198,17 @@ def test_sa2va_replicas_fill_every_gpu_that_has_room(tmp_path):
     assert replica_memory_need(config) == int(4096 * 1.25 + 2 * GiB)  # the weights, a quarter more, 2 GiB
     sized = config.model_copy(update={"backend": config.backend.model_copy(update={"replica_memory_gb": 30.0})})
     assert replica_memory_need(sized) == 30 * GiB
-    spec = stage_spec(config, RunStore.create(config), ["prompt_rl"], (1, 1, 2))
+    assert mask_stage_gpus(sized, snapshot) == ((1, 1, 2), ())  # 30 GiB each: two fit on GPU 1, one on GPU 2...
+    assert mask_stage_gpus(sized.model_copy(update={"backend": sized.backend.model_copy(update={"max_replicas": 2})}),
+                           snapshot) == ((1, 2), ())  # ...and a cap of two spreads them
+    store = RunStore.create(config)
+    spec = stage_spec(config, store, ["prompt_rl"], (1, 1, 2))
     assert (spec.visible_gpus, spec.replica_gpus, spec.gpu) == ("1,2", (1, 1, 2), 1)
+    # A model split over the GPUs cannot be copied: one, seeing every GPU.
+    split = config.model_copy(update={"backend": config.backend.model_copy(update={"device_map": "split"})})
+    assert mask_stage_gpus(split, snapshot) == ((), (0, 1, 2))
+    spec = stage_spec(split, store, ["prompt_rl"], *mask_stage_gpus(split, snapshot))
+    assert (spec.visible_gpus, spec.replica_gpus) == ("0,1,2", ())
 
 
 def test_the_sa2va_stage_loads_one_model_per_replica_and_computes_each_pair_once(tmp_path, monkeypatch):

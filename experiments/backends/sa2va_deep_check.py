@@ -27,10 +27,11 @@ FLOAT32_TOLERANCE = 1e-3
 Echo = Callable[[str], None]
 
 
-def run_deep_check(config: Config, echo: Echo, replica_gpus: tuple[int, ...] = ()) -> None:
+def run_deep_check(config: Config, echo: Echo, replicas: int = 1, gpus: int = 1) -> None:
     """Load, segment every prompt of one image and take two fine-tuning steps; then the
-    mask stage's fill time at the measured time per mask, over `replica_gpus` (the
-    stage's layout as the UI computed it; none: one replica, where this check ran)."""
+    mask stage's fill time at the measured time per mask, with `replicas` models over
+    `gpus` GPUs (the stage's layout as the UI computed it; 0 without a GPU: one
+    replica, where this check ran)."""
     if config.backend.kind != "sa2va":
         raise BackendError(f"backend.kind: check --deep is for sa2va, not {config.backend.kind}")
     peaks = _Peaks()
@@ -47,7 +48,7 @@ def run_deep_check(config: Config, echo: Echo, replica_gpus: tuple[int, ...] = (
         _finetune_two_steps(config, segmenter, sample, masked, echo)
     peaks.mark("finetune")
     echo(f"ok    peak GPU memory: {peaks.describe()}")
-    echo(f"ok    {_cache_estimate(config, per_mask, replica_gpus)}")
+    echo(f"ok    {_cache_estimate(config, per_mask, replicas, gpus)}")
 
 
 @contextlib.contextmanager
@@ -167,9 +168,8 @@ class _Peaks:
         return ", ".join(f"{phase} {gib:.1f} GiB" for phase, gib in self.values.items())
 
 
-def _cache_estimate(config: Config, per_mask: float, replica_gpus: tuple[int, ...]) -> str:
+def _cache_estimate(config: Config, per_mask: float, replicas: int, gpus: int) -> str:
     """The run's mask stage on a cold cache, at the measured time per mask."""
     from experiments.mask_needs import fill_estimate
 
-    replicas = len(replica_gpus) or 1
-    return fill_estimate(config, per_mask, replicas, len(set(replica_gpus)) or 1, measured=True)
+    return fill_estimate(config, per_mask, replicas or 1, gpus or 1, measured=True)

@@ -54,15 +54,16 @@ def check(
     typer.echo("config is ready")
 
 
-def stage_layout(cfg) -> tuple[int, ...]:
-    """The GPU of each replica the run's mask stage would start with now (none: no GPU)."""
+def stage_layout(cfg) -> tuple[int, int]:
+    """(replicas, GPUs) the run's mask stage would start with now; (0, 0) without a GPU."""
     from sa2va_tui.gpus import read_gpus
-    from sa2va_tui.launching import replica_memory_need, stage_replica_gpus
+    from sa2va_tui.launching import mask_stage_gpus
 
     snapshot = read_gpus()
-    if not snapshot.available:
-        return ()
-    return stage_replica_gpus(snapshot, replica_memory_need(cfg), cfg.backend.max_replicas)
+    if not snapshot.available or not snapshot.gpus:
+        return 0, 0
+    replicas, split_over = mask_stage_gpus(cfg, snapshot)
+    return (len(replicas), len(set(replicas))) if replicas else (1, len(split_over))
 
 
 def _fill_estimate(cfg) -> None:
@@ -70,7 +71,7 @@ def _fill_estimate(cfg) -> None:
     from sa2va_tui import engine
 
     try:
-        typer.echo(f"ok    {engine.mask_fill_estimate(cfg, stage_layout(cfg))}")
+        typer.echo(f"ok    {engine.mask_fill_estimate(cfg, *stage_layout(cfg))}")
     except (OSError, ValueError) as err:  # a dataset that cannot be read is check's own problem line
         typer.echo(f"warn  mask stage: no estimate ({err})")
 
@@ -79,7 +80,7 @@ def _deep_check(cfg) -> None:
     """The engine's deep check: it brings torch and the model into this process."""
     from sa2va_tui import engine
 
-    problem = engine.deep_check(cfg, typer.echo, stage_layout(cfg))
+    problem = engine.deep_check(cfg, typer.echo, *stage_layout(cfg))
     if problem:
         fail(problem)
 

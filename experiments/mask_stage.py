@@ -194,9 +194,11 @@ def replicas_for(config, ctx: WorkerContext, most: int) -> tuple[list, list[str]
     layout = tuple(getattr(ctx, "replica_gpus", ()))[:most]
     if not layout:
         return [make_segmenter(config, ctx.device)], [f"gpu {ctx.gpu}" if ctx.gpu is not None else ctx.device]
+    from experiments.backends.sa2va import load_sa2va
+
     # The worker sees its GPUs renumbered from 0, in the order CUDA_VISIBLE_DEVICES lists them.
     local = {gpu: i for i, gpu in enumerate(dict.fromkeys(layout))}
-    replicas = [make_segmenter(config, f"cuda:{local[gpu]}") for gpu in layout]
+    replicas = [load_sa2va(config.backend, local[gpu]) for gpu in layout]
     return replicas, [f"gpu {gpu} ×{n}" if n > 1 else f"gpu {gpu}" for gpu, n in Counter(layout).items()]
 
 

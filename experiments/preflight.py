@@ -159,10 +159,3 @@ def _check_sa2va_checkpoint(config: Config, path: Path, report: Preflight) -> No
     if config.backend.device_map == "split" and not family.splittable:
         report.problems.append(f"backend.device_map: split exists upstream for InternVL-based checkpoints only, "
                                f"not {family.label}")
-
-
-def checkpoint_bytes(path: Path) -> int:
-    """The size of a checkpoint's weights, for the check that it fits a GPU."""
-    from sa2va_contract.files import weights_bytes
-
-    return weights_bytes(path)

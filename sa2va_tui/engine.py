@@ -74,13 +74,6 @@ def check_data_and_model(config: "Config") -> Any:
     return check(config)
 
 
-def checkpoint_bytes(path: Path) -> int:
-    """The size of a Sa2VA checkpoint's weights."""
-    from experiments.preflight import checkpoint_bytes as size
-
-    return size(path)
-
-
 def sa2va_loader() -> str | None:
     """The "module:function" that loads Sa2VA instead of transformers (the tests'
     stand-in), None for the real loader."""

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from sa2va_contract.config import Config
+from sa2va_contract.files import weights_bytes
 from sa2va_tui import engine
 from sa2va_tui.gpus import read_gpus
 
@@ -80,7 +81,7 @@ def _check_fits(config: Config, report: Any) -> None:
     """A checkpoint larger than the freest GPU needs the split layout."""
     path = Path(str(config.backend.model_path)).expanduser()
     free = [g.memory_free for g in read_gpus().gpus if g.memory_free is not None]
-    size = engine.checkpoint_bytes(path)
+    size = weights_bytes(path)
     if free and config.backend.device_map is None and size > max(free):
         report.warnings.append(f"backend.model_path: {path}: {size / 2**30:.0f} GiB of weights, more than the freest "
                                f"GPU's {max(free) / 2**30:.0f} GiB: set backend.device_map: split")

@@ -15,8 +15,7 @@ __all__ = ["CachedSegmenter", "Prediction", "Segmenter", "TrainableSegmenter", "
 
 
 def make_segmenter(config: Config, device: str = "cpu") -> Segmenter:
-    """The configured model, uncached. Sa2VA loads on the worker's GPU, or on the GPU
-    `device` names ("cuda:1": a replica of the mask stage); the embedded model on `device`."""
+    """The configured model, uncached."""
     backend = config.backend
     if backend.kind == "embedded":
         from experiments.backends.embedded import load_embedded
@@ -25,8 +24,7 @@ def make_segmenter(config: Config, device: str = "cpu") -> Segmenter:
     from experiments.backends.sa2va import load_sa2va
 
     assert backend.model_path is not None  # the config validator guarantees it
-    index = device.partition(":")[2]
-    return load_sa2va(backend, int(index) if device.startswith("cuda:") and index.isdigit() else None)
+    return load_sa2va(backend)
 
 
 def make_cached_segmenter(config: Config, device: str = "cpu") -> CachedSegmenter:

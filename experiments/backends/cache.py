@@ -37,8 +37,6 @@ class DamagedEntry(ValueError):
     """A cache file that holds no mask of the shape it claims."""
 
 
-
-
 class LazySegmenter:
     """A segmenter loaded on its first use: a worker whose masks are all cached never
     loads the model (on Sa2VA: no GPU copy, no minute of loading). Its fingerprint and

@@ -43,6 +43,7 @@ from experiments.reward.network import (
     reward_net_state,
     save_atomic,
 )
+from experiments.reward.parted import parted_gradients
 from experiments.reward.quality import QualitySet, build_quality_set, pearson, pick_best_accuracy, spearman
 from sa2va_contract.layout import (
     BEST_REWARD_NET,
@@ -164,6 +165,7 @@ def run(ctx: WorkerContext) -> dict[str, Any]:
         start_epoch, best, progress.step = int(resume["epoch"]), dict(resume["best"]), int(resume["step"])
 
     writer = _tensorboard(ctx.exp_dir)
+    reward_gradients = parted_gradients(net.parameters(), device)
     try:
         ctx.phase("training")
         generator = torch.Generator().manual_seed(exp.seed)
@@ -176,12 +178,15 @@ def run(ctx: WorkerContext) -> dict[str, Any]:
             for start in range(0, len(order), batch_size):
                 progress.advance()
                 rows = order[start : start + batch_size]
-                predicted = net(*train_set.inputs(rows, device))
-                loss = F.mse_loss(predicted, train_set.labels[rows].to(device))
+
+                def batch_loss(part: slice, rows=rows) -> tuple[torch.Tensor]:
+                    return (F.mse_loss(net(*train_set.inputs(rows[part], device)),
+                                       train_set.labels[rows[part]].to(device)),)
+
                 optimiser.zero_grad(set_to_none=True)
-                loss.backward()
+                loss, = reward_gradients.compute(batch_loss, len(rows))
                 optimiser.step()
-                losses.append(float(loss.detach()))
+                losses.append(loss)
             values = {"reward/train_loss": float(np.mean(losses)), **_evaluate(net, val_set, batch_size, device), "reward/epoch": epoch + 1}
             ctx.metrics(progress.step, values)
             for key, value in values.items():
@@ -215,6 +220,7 @@ def run(ctx: WorkerContext) -> dict[str, Any]:
         # Closed on every way out, a stop's included: the worker then skips the
         # interpreter's teardown, which would otherwise flush it.
         writer.close()
+        reward_gradients.close()
 
 
 def record_peak_gpu_memory(peaks: dict[str, float], phase: str) -> None:
@@ -270,27 +276,33 @@ def finetune(
                               "segmenter": model.state_dict(), "optimiser": optimiser.state_dict()},
                         progress.step)
 
-    for step in range(first_step, cfg.steps):
-        try:
-            progress.advance()
-        except StopRequested:
-            save_finetune_checkpoint(step)  # stop saves first; a reward-net epoch is too short to need that
-            raise
-        batch = [train[i] for i in rng.choice(len(train), size=min(batch_size, len(train)), replace=False)]
-        loss, reward, anchor = finetune_loss(model, reward_net, batch, template, consensus, anchors, size,
-                                             cfg.anchor_weight, device)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-        last = {"finetune/reward": float(reward.detach()), "finetune/anchor": float(anchor.detach()),
-                "finetune/loss": float(loss.detach())}
-        finished = step + 1 == cfg.steps
-        if (step + 1) % 10 == 0 or finished:
-            ctx.metrics(progress.step, last)
-            for key, value in last.items():
-                writer.add_scalar(key, value, progress.step)
-        if (step + 1) % FINETUNE_CHECKPOINT_EVERY == 0 or finished:
-            save_finetune_checkpoint(step + 1)
+    gradients = parted_gradients(model.trainable_parameters(), device, model.threads_at_once)
+    try:
+        for step in range(first_step, cfg.steps):
+            try:
+                progress.advance()
+            except StopRequested:
+                save_finetune_checkpoint(step)  # stop saves first; a reward-net epoch is too short to need that
+                raise
+            batch = [train[i] for i in rng.choice(len(train), size=min(batch_size, len(train)), replace=False)]
+
+            def batch_loss(part: slice, batch=batch) -> tuple[torch.Tensor, ...]:
+                return finetune_loss(model, reward_net, batch[part], template, consensus, anchors, size,
+                                     cfg.anchor_weight, device)
+
+            optimiser.zero_grad(set_to_none=True)
+            loss, reward, anchor = gradients.compute(batch_loss, len(batch))
+            optimiser.step()
+            last = {"finetune/reward": reward, "finetune/anchor": anchor, "finetune/loss": loss}
+            finished = step + 1 == cfg.steps
+            if (step + 1) % 10 == 0 or finished:
+                ctx.metrics(progress.step, last)
+                for key, value in last.items():
+                    writer.add_scalar(key, value, progress.step)
+            if (step + 1) % FINETUNE_CHECKPOINT_EVERY == 0 or finished:
+                save_finetune_checkpoint(step + 1)
+    finally:
+        gradients.close()
     model.save(ctx.exp_dir / FINETUNED_SEGMENTER)
     change = torch.sqrt(sum(((p.detach() - q) ** 2).sum() for p, q in zip(model.trainable_parameters(), initial)))
     scale = torch.sqrt(sum((q**2).sum() for q in initial))

@@ -158,3 +158,44 @@ def test_injected_oom_is_a_real_torch_oom_and_the_checkpoint_survives(tmp_path, 
     assert "out of memory" in outcome.message
     state = torch.load(tmp_path / "again" / CHECKPOINT, weights_only=True)
     assert state["stage"] == "reward" and 0 < state["step"] < 150
+
+
+def test_a_batch_in_parts_gives_the_same_bits_on_one_thread_or_two_and_the_whole_batch_gradient():
+    """Fine-tuning's step on a CPU: the embedded model's batch in parts, side by side on
+    two threads, is the same computation as one after the other (so a run's result does
+    not depend on the cores it had), and the gradient of the whole batch's loss."""
+    from experiments.backends.embedded import load_embedded
+    from experiments.datasets import render_prompt
+    from sa2va_contract.config import DatasetConfig
+    from experiments.reward.network import RewardNet, consensus_map
+    from experiments.reward.parted import CPU_PARTS, PartedGradients, part_rows
+    from experiments.reward_net import finetune_loss
+
+    assert [(r.start, r.stop) for r in part_rows(5, 2)] == [(0, 3), (3, 5)]
+    assert [(r.start, r.stop) for r in part_rows(1, 2)] == [(0, 1)]
+    torch.manual_seed(0)
+    batch = load_split(DatasetConfig(limit=5, image_size=64), "train")
+    template = "the {target}"
+    reward_net = RewardNet(width=8).eval().requires_grad_(False)
+    consensus = {s.id: consensus_map([s.mask]) for s in batch}
+    model = load_embedded()
+    with torch.no_grad():
+        anchors = {s.id: torch.sigmoid(model.mask_logits([s.image], [render_prompt(template, s)]))[0] for s in batch}
+
+    def gradients(parts: int, threads: int) -> tuple[list[float], list[torch.Tensor]]:
+        model.net.zero_grad(set_to_none=True)
+        parted = PartedGradients(model.trainable_parameters(), parts, threads)
+        try:
+            values = parted.compute(lambda rows: finetune_loss(model, reward_net, batch[rows], template, consensus,
+                                                               anchors, 32, 1.0, "cpu"), len(batch))
+        finally:
+            parted.close()
+        return values, [p.grad.clone() for p in model.trainable_parameters()]
+
+    one_thread, two_threads, whole = gradients(CPU_PARTS, 1), gradients(CPU_PARTS, 2), gradients(1, 1)
+    assert one_thread[0] == two_threads[0]
+    assert all(torch.equal(a, b) for a, b in zip(one_thread[1], two_threads[1]))
+    assert one_thread[0] == pytest.approx(whole[0], rel=1e-5)
+    for parted, full in zip(one_thread[1], whole[1]):
+        torch.testing.assert_close(parted, full, rtol=1e-4, atol=1e-7)
+    assert any(g.abs().max() > 0 for g in whole[1])

@@ -37,6 +37,10 @@ class Segmenter(Protocol):
 class TrainableSegmenter(Protocol):
     """The differentiable form a backend offers for fine-tuning."""
 
+    #: Whether `mask_logits` may run on several threads at once (fine-tuning on a CPU
+    #: then computes a batch in parts side by side: `experiments.reward.parted`).
+    threads_at_once: bool
+
     def trainable_parameters(self) -> list:  # list[torch.nn.Parameter]
         ...
 

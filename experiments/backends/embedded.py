@@ -183,6 +183,8 @@ class EmbeddedSegmenter:
     """
 
     gives_probabilities = True
+    #: `mask_logits` only reads the network (in evaluation mode, nothing is updated).
+    threads_at_once = True
 
     def __init__(self, net: FiLMUNet, device: str | torch.device = "cpu", batch_size: int = 32,
                  threshold: float = 0.5) -> None:

@@ -85,6 +85,9 @@ class Sa2VAMaskDecoder:
     """The trainable Sa2VA (a Segmenter too), sharing the segmenter's loaded model."""
 
     gives_probabilities = False
+    #: Its memo of frozen inputs is not guarded by a lock (and on a GPU there is no
+    #: second core to gain).
+    threads_at_once = False
     NO_MASK_LOGIT = -20.0
 
     def __init__(self, segmenter: Sa2VASegmenter, memo_size: int = 8) -> None:

@@ -93,6 +93,22 @@ class UnfoldedForm:
         return self.model.net.eval()(batch, list(prompts))[:, :h, :w]
 
 
+def disk_read_seconds(model, folder: Path, images, prompts) -> float:
+    """Per entry, reading distinct pairs from a cache folder into a new cache object
+    (nothing in its memory), the fastest of a few rounds; the object's making untimed."""
+    from experiments.backends.cache import CachedSegmenter
+
+    CachedSegmenter(model, folder).segment(images, prompts)  # written once
+    best = float("inf")
+    for _ in range(5):
+        fresh = CachedSegmenter(model, folder)
+        start = time.perf_counter()
+        fresh.segment(images, prompts)
+        best = min(best, time.perf_counter() - start)
+        assert fresh.model_calls == 0
+    return best / len(images)
+
+
 #: The fine-tuning step's forms, as `finetune_step_seconds` names them: (folded
 #: network, batch in parts, threads for the parts).
 STEP_FORMS = {
@@ -192,7 +208,7 @@ def main() -> None:
         cached = CachedSegmenter(model, Path(folder))
         cached.predict(samples[0], BUILTIN_PROMPTS[0])
         lookup = _best_of(lambda: cached.predict(samples[0], BUILTIN_PROMPTS[0]), 200)
-        disk = _best_of(lambda: CachedSegmenter(model, Path(folder)).predict(samples[0], BUILTIN_PROMPTS[0]), 20)
+        disk = disk_read_seconds(model, Path(folder), images, prompts)
     call = default
 
     size = f"{samples[0].image.shape[1]}x{samples[0].image.shape[0]}"
@@ -237,7 +253,7 @@ def main() -> None:
                       f"{wall * 1e3:.0f} ms wall ({whole_wall / wall:.2f}x), {cpu * 1e3:.0f} ms CPU")
     table.add_row("Dice on 512x512", f"{dice_s * 1e6:.0f} µs")
     table.add_row("cached mask, in memory", f"{lookup * 1e6:.0f} µs")
-    table.add_row("cached mask, from disk (new cache object)", f"{disk * 1e6:.0f} µs")
+    table.add_row(f"cached mask, from disk ({len(images)} distinct entries)", f"{disk * 1e6:.0f} µs")
     table.add_row("model call / in-memory lookup", f"{call / lookup:.0f}x")
     table.add_row("model call / disk lookup", f"{call / disk:.1f}x")
     Console().print(table)

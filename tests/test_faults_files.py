@@ -23,7 +23,7 @@ from stable_baselines3 import PPO
 
 from experiments import prompt_rl, reward_net
 from experiments.backends import make_cached_segmenter
-from experiments.backends.cache import CachedSegmenter
+from experiments.backends.cache import ENTRY_SUFFIX, CachedSegmenter, _read_entry
 from experiments.backends.embedded import load_embedded
 from experiments.checkpoints import resolve_recorded
 from experiments.datasets import load_split
@@ -309,7 +309,7 @@ def test_checkpoints_and_cache_files_honour_the_umask(reward_run, mask_cache):
     mask = os.umask(0o022)
     os.umask(mask)
     expected = 0o666 & ~mask
-    cache_files = list(Path(mask_cache).rglob("*.npz"))[:5]
+    cache_files = list(Path(mask_cache).rglob(f"*{ENTRY_SUFFIX}"))[:5]
     for path in [exp_dir / REWARD_NET_CHECKPOINT, exp_dir / REWARD_NET_PREVIOUS, *cache_files]:
         assert stat.S_IMODE(path.stat().st_mode) == expected, path
 
@@ -321,15 +321,15 @@ def test_damaged_cache_entries_are_deleted_recomputed_and_counted(tmp_path, mask
     model = load_embedded()
     first = CachedSegmenter(model, tmp_path / "cache")
     truth = [first.predict(s, template) for s in samples]
-    paths = sorted((tmp_path / "cache").rglob("*.npz"))
+    paths = sorted((tmp_path / "cache").rglob(f"*{ENTRY_SUFFIX}"))
     assert len(paths) == 4
     marker = tmp_path / "marker"
+    header = paths[3].read_bytes()[:12]
     _truncate(paths[0])                                       # a full disk or a copy cut short
-    paths[1].write_bytes(b"no zip at all")
+    paths[1].write_bytes(b"no mask at all")
     with paths[2].open("wb") as handle:                       # a planted pickle
         np.savez(handle, bits=np.array([Payload(marker)], dtype=object), shape=np.array([4, 4]))
-    with paths[3].open("wb") as handle:                       # bytes that are no mask of the size it says
-        np.savez(handle, bits=np.zeros(3, np.uint8), shape=np.array([64, 64]))
+    paths[3].write_bytes(header + b"\0" * 3)                  # bytes that are no mask of the size it says
     second = CachedSegmenter(model, tmp_path / "cache")
     again = [second.predict(s, template) for s in samples]
     assert (second.damaged, second.model_calls, second.disk_hits) == (4, 4, 0)
@@ -349,10 +349,10 @@ def test_a_damaged_cache_entry_is_counted_in_the_run_summary(prompt_run, tmp_pat
     fresh = tmp_path / "fresh"
     sample = load_split(config.dataset, "train")[0]
     CachedSegmenter(load_embedded(), fresh).predict(sample, config.backend.prompts[config.backend.default_prompt])
-    (entry,) = [path.relative_to(fresh) for path in fresh.rglob("*.npz")]
+    (entry,) = [path.relative_to(fresh) for path in fresh.rglob(f"*{ENTRY_SUFFIX}")]
     _truncate(cache / entry)
     config = config.model_copy(deep=True)
     config.backend.cache_dir = cache
     summary = prompt_rl.run(_context(config, "prompt_rl", tmp_path / "prompt_rl"))
     assert summary["cache_damaged"] == 1 and summary["model_calls"] == 1
-    assert np.load(cache / entry)["bits"].size > 0  # computed again in its place
+    assert _read_entry(cache / entry)[0].size > 0  # computed again in its place

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from experiments.backends.cache import CachedSegmenter
+from experiments.backends.cache import ENTRY_SUFFIX, CachedSegmenter
 from experiments.backends.embedded import load_embedded
 from experiments.datasets import load_split
 from sa2va_contract.config import BUILTIN_PROMPTS, DatasetConfig
@@ -79,7 +79,7 @@ def test_two_processes_filling_at_once_leave_no_torn_file(tmp_path, samples, mod
     with ctx.Pool(2) as pool:
         calls = pool.starmap(_fill, [(str(tmp_path), 6), (str(tmp_path), 6)])
     assert sum(calls) >= 18
-    files = sorted(tmp_path.rglob("*.npz"))
+    files = sorted(tmp_path.rglob(f"*{ENTRY_SUFFIX}"))
     assert len(files) == 18
     assert not list(tmp_path.rglob(".*.tmp"))
     reader = CachedSegmenter(model, tmp_path)

@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 import time
 
-import numpy as np
 import pytest
 
 from conftest import SMALL_RUN
+from experiments.backends.cache import ENTRY_SUFFIX, _read_entry
 from sa2va_contract import events
 from sa2va_contract.layout import RUN_FILE
 from supervision import make_config, run_to_end, supervise
@@ -53,7 +53,7 @@ def test_two_experiments_cost_one_call_per_pair_and_a_warm_run_none(cold_run, tm
     assert all(s.state == "finished" for s in supervisor.states().values())
     assert figures["mask_stage"]["state"] == "finished"
     files = cache_files(tmp_path / "cache")
-    assert len(files) == figures["distinct_pairs"] and all(f.suffix == ".npz" for f in files)
+    assert len(files) == figures["distinct_pairs"] and all(f.suffix == ENTRY_SUFFIX for f in files)
 
     # Warm: one experiment is enough to show that nothing is computed again.
     warm, rec = run_to_end(make_config(cold_run, experiments=("postprocess_rl",)), timeout=150)
@@ -89,10 +89,9 @@ def test_stop_during_the_stage_leaves_only_whole_cache_files(cold_run, tmp_path)
         supervisor.shutdown()
     assert stopped_in < 10
     files = cache_files(tmp_path / "cache")
-    assert all(f.suffix == ".npz" for f in files), [f.name for f in files if f.suffix != ".npz"]
+    assert all(f.suffix == ENTRY_SUFFIX for f in files), [f.name for f in files if f.suffix != ENTRY_SUFFIX]
     for f in files:
-        with np.load(f) as data:
-            assert {"bits", "shape"} <= set(data.files)
+        _read_entry(f)  # raises on a file cut short
     figures = json.loads((supervisor.run_dir / RUN_FILE).read_text())
     assert figures["mask_stage"]["state"] == "stopped"
     assert supervisor.states()["prompt_rl"].state == "finished"

@@ -114,7 +114,7 @@ def test_a_memoised_split_reads_back_as_generated_and_is_generated_once(tmp_path
     generated = builtin_split(config, "val")
     first = builtin_split(config, "val", memo_dir=tmp_path)
     files = list(tmp_path.glob("*.npz"))
-    assert len(files) == 1 and "per_image-val-6" in files[0].name
+    assert len(files) == 1 and "per_image-val-0-6" in files[0].name
     assert [_fields(s) for s in first] == [_fields(s) for s in generated]
     calls = []
     again = memo.memoised(files[0], 6, lambda: calls.append(1) or generated)
@@ -161,3 +161,35 @@ def test_workers_asking_at_once_generate_a_split_once(tmp_path):
         thread.join()
     assert len(calls) == 1
     assert all([_fields(s) for s in got] == [_fields(s) for s in samples] for got in results)
+
+
+def test_a_split_is_shared_out_in_parts_and_a_part_left_by_its_holder_is_drawn_again(tmp_path, monkeypatch):
+    """While another process holds part 0 (generating it), an asker draws the parts
+    nobody holds; when the holder goes without writing, the asker draws part 0 itself."""
+    import fcntl
+    import os
+    import threading
+
+    from experiments.datasets import memo
+
+    monkeypatch.setattr(memo, "PART", 2)
+    config = DatasetConfig(limit=5)
+    paths = [memo.part_path(tmp_path, config.seed, config.image_size, config.expressions, "val", a, b)
+             for a, b in ((0, 2), (2, 4), (4, 5))]
+    held = os.open(paths[0].with_name(paths[0].name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    got = []
+    asker = threading.Thread(target=lambda: got.append(builtin_split(config, "val", memo_dir=tmp_path)))
+    asker.start()
+    try:
+        for _ in range(200):
+            if paths[1].is_file() and paths[2].is_file():
+                break
+            asker.join(0.05)
+        assert paths[1].is_file() and paths[2].is_file() and not paths[0].is_file()
+        assert asker.is_alive(), "it waits for the part another holds"
+    finally:
+        os.close(held)  # the holder goes, as a killed worker's lock does
+    asker.join(30)
+    assert [_fields(s) for s in got[0]] == [_fields(s) for s in builtin_split(config, "val")]
+    assert paths[0].is_file()

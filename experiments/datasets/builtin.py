@@ -94,14 +94,14 @@ def builtin_split(config: DatasetConfig, split: str, memo_dir: Path | None = Non
     if config.limit is not None:
         count = min(count, config.limit)
 
-    def draw() -> list[Sample]:
-        return [builtin_sample(config, split, index) for index in range(count)]
+    def draw(start: int, stop: int) -> list[Sample]:
+        return [builtin_sample(config, split, index) for index in range(start, stop)]
 
     if memo_dir is None or count == 0:
-        return draw()
-    from experiments.datasets.memo import memo_path, memoised
+        return draw(0, count)
+    from experiments.datasets.memo import memoised_split
 
-    return memoised(memo_path(memo_dir, config.seed, config.image_size, config.expressions, split, count), count, draw)
+    return memoised_split(memo_dir, config.seed, config.image_size, config.expressions, split, count, draw)
 
 
 def builtin_sample(config: DatasetConfig, split: str, index: int) -> Sample:

@@ -239,3 +239,33 @@ def test_the_sa2va_stage_loads_one_model_per_replica_and_computes_each_pair_once
     assert summary["distinct_pairs"] == 8 and summary["model_calls"] == 8  # train and val, the default prompt
     assert cache_files(tmp_path / "cache") and len(cache_files(tmp_path / "cache")) == 8
     assert [e.ready_for for e in sink.of_type(events.PairsReady)] == ["postprocess_rl"]
+
+
+def test_on_a_cpu_the_stage_s_replicas_yield_to_training_and_its_own_thread_does_not(tmp_path, monkeypatch):
+    """The embedded stage's replica threads compute at a lower priority; the thread
+    that hears pause and stop keeps its own. (A spy on the real model's `segment`
+    reads the priority of the thread that calls it.)"""
+    import os
+    import threading
+
+    from experiments import mask_stage
+    from experiments.backends.embedded import EmbeddedSegmenter
+    from experiments.harness import Control, ListSink
+    from sa2va_contract.config import load_config
+
+    from conftest import QUICK_CONFIG
+
+    def priority() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    seen, segment = [], EmbeddedSegmenter.segment
+    monkeypatch.setattr(EmbeddedSegmenter, "segment", lambda self, *a: seen.append(priority()) or segment(self, *a))
+    mine = priority()
+    config = load_config(QUICK_CONFIG, ["dataset.limit=4", f"backend.cache_dir={tmp_path / 'cache'}",
+                                        "prompt_rl.enabled=false", "reward_net.enabled=false"])
+    ctx = mask_stage.stage_context(config, exp_dir=tmp_path / "stage", sink=ListSink(), control=Control(),
+                                   needs_of=("postprocess_rl",))
+    summary = mask_stage.run(ctx)
+    assert summary["model_calls"] == 8
+    assert seen and set(seen) == {min(19, mine + mask_stage.CPU_REPLICA_NICENESS)}
+    assert priority() == mine

@@ -128,7 +128,7 @@ def finetune_step_seconds(samples) -> dict[str, tuple[float, float]]:
     from experiments.backends.embedded import load_embedded
     from experiments.datasets import render_prompt
     from experiments.reward.network import RewardNet, consensus_map
-    from experiments.reward.parted import CPU_PARTS, PartedGradients
+    from experiments.reward.parted import CPU_PARTS, BatchParts
     from experiments.reward_net import finetune_loss
     from sa2va_contract.config import RewardNetConfig
 
@@ -146,16 +146,16 @@ def finetune_step_seconds(samples) -> dict[str, tuple[float, float]]:
         with torch.no_grad():
             anchors = {s.id: torch.sigmoid(model.mask_logits([s.image], [render_prompt(template, s)]))[0] for s in batch}
         optimiser = torch.optim.Adam(model.trainable_parameters(), lr=cfg.finetune.learning_rate)
-        gradients = PartedGradients(model.trainable_parameters(), CPU_PARTS if in_parts else 1, threads)
-        closers.append(gradients.close)
+        parts = BatchParts(model.trainable_parameters(), CPU_PARTS if in_parts else 1, threads)
+        closers.append(parts.close)
 
-        def step(form=form, anchors=anchors, optimiser=optimiser, gradients=gradients) -> None:
+        def step(form=form, anchors=anchors, optimiser=optimiser, parts=parts) -> None:
             def batch_loss(part: slice):
                 return finetune_loss(form, reward_net, batch[part], template, consensus, anchors, cfg.reward.input_size,
                                      cfg.finetune.anchor_weight, "cpu")
 
             optimiser.zero_grad(set_to_none=True)
-            gradients.compute(batch_loss, len(batch))
+            parts.gradients(batch_loss, len(batch))
             optimiser.step()
 
         step()  # warm-up

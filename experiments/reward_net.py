@@ -43,7 +43,7 @@ from experiments.reward.network import (
     reward_net_state,
     save_atomic,
 )
-from experiments.reward.parted import parted_gradients
+from experiments.reward.parted import BatchParts, batch_parts
 from experiments.reward.quality import QualitySet, build_quality_set, pearson, pick_best_accuracy, spearman
 from sa2va_contract.layout import (
     BEST_REWARD_NET,
@@ -81,17 +81,22 @@ def _candidate_masks(ctx: WorkerContext, segmenter, samples: Sequence[Sample]) -
     return {s.id: [segmenter.predict(s, t).mask for t in templates] for s in samples}
 
 
-def _predict(net: RewardNet, data: QualitySet, batch_size: int, device: str) -> np.ndarray:
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(data), batch_size):
-            out.append(net(*data.inputs(slice(start, start + batch_size), device)).cpu().numpy())
+def _predict(net: RewardNet, data: QualitySet, batch_size: int, device: str, parts: BatchParts) -> np.ndarray:
+    def predict(rows: slice) -> list[np.ndarray]:
+        out = []
+        with torch.no_grad():  # grad mode is the calling thread's own
+            for start in range(rows.start, rows.stop, batch_size):
+                out.append(net(*data.inputs(slice(start, min(start + batch_size, rows.stop)), device)).cpu().numpy())
+        return out
+
+    out = [batch for part in parts.side_by_side(predict, len(data)) for batch in part]
     return np.concatenate(out) if out else np.zeros(0)
 
 
-def _evaluate(net: RewardNet, data: QualitySet, batch_size: int, device: str) -> dict[str, float]:
+def _evaluate(net: RewardNet, data: QualitySet, batch_size: int, device: str,
+              parts: BatchParts) -> dict[str, float]:
     net.eval()
-    predicted = _predict(net, data, batch_size, device)
+    predicted = _predict(net, data, batch_size, device, parts)
     truth = data.labels.numpy()
     candidates = data.candidate
     return {
@@ -165,7 +170,7 @@ def run(ctx: WorkerContext) -> dict[str, Any]:
         start_epoch, best, progress.step = int(resume["epoch"]), dict(resume["best"]), int(resume["step"])
 
     writer = _tensorboard(ctx.exp_dir)
-    reward_gradients = parted_gradients(net.parameters(), device)
+    reward_parts = batch_parts(net.parameters(), device)
     try:
         ctx.phase("training")
         generator = torch.Generator().manual_seed(exp.seed)
@@ -184,10 +189,11 @@ def run(ctx: WorkerContext) -> dict[str, Any]:
                                        train_set.labels[rows[part]].to(device)),)
 
                 optimiser.zero_grad(set_to_none=True)
-                loss, = reward_gradients.compute(batch_loss, len(rows))
+                loss, = reward_parts.gradients(batch_loss, len(rows))
                 optimiser.step()
                 losses.append(loss)
-            values = {"reward/train_loss": float(np.mean(losses)), **_evaluate(net, val_set, batch_size, device), "reward/epoch": epoch + 1}
+            values = {"reward/train_loss": float(np.mean(losses)),
+                      **_evaluate(net, val_set, batch_size, device, reward_parts), "reward/epoch": epoch + 1}
             ctx.metrics(progress.step, values)
             for key, value in values.items():
                 writer.add_scalar(key, value, progress.step)
@@ -220,7 +226,7 @@ def run(ctx: WorkerContext) -> dict[str, Any]:
         # Closed on every way out, a stop's included: the worker then skips the
         # interpreter's teardown, which would otherwise flush it.
         writer.close()
-        reward_gradients.close()
+        reward_parts.close()
 
 
 def record_peak_gpu_memory(peaks: dict[str, float], phase: str) -> None:
@@ -249,16 +255,37 @@ def finetune(
     path (see `Sa2VAMaskDecoder`)."""
     from experiments.backends import make_trainable
 
+    model = make_trainable(ctx.config, ctx.device, base=base)
+    # Its threads also measure Dice and make the anchors, image by image, side by side.
+    parts = batch_parts(model.trainable_parameters(), ctx.device, model.threads_at_once)
+    try:
+        return _finetune_with(ctx, model, parts, reward_net, train, report, consensus, batch_size, progress,
+                              writer, resume)
+    finally:
+        parts.close()
+
+
+def _finetune_with(ctx: WorkerContext, model, parts: BatchParts, reward_net: RewardNet,
+                   train: Sequence[Sample], report: Sequence[Sample], consensus: dict[str, torch.Tensor],
+                   batch_size: int, progress: _Progress, writer, resume: dict | None) -> dict[str, float]:
     config, cfg = ctx.config, ctx.experiment.finetune
     device = ctx.device
     template = config.backend.prompts[config.backend.default_prompt]
-    model = make_trainable(config, device, base=base)
+
+    def dice_per_image() -> np.ndarray:
+        return np.concatenate(parts.side_by_side(lambda rows: _dice_per_image(model, report[rows], template),
+                                                     len(report)))
+
+    def anchors_of(rows: slice) -> dict[str, torch.Tensor]:
+        with torch.no_grad():  # grad mode is the calling thread's own
+            return {s.id: torch.sigmoid(model.mask_logits([s.image], [render_prompt(template, s)]))[0]
+                    for s in train[rows]}
+
     # Measured before any step, and before a resumed run's weights are loaded, so that
     # they describe the starting model.
-    before = _dice_per_image(model, report, template)
+    before = dice_per_image()
     initial = [p.detach().clone() for p in model.trainable_parameters()]
-    with torch.no_grad():
-        anchors = {s.id: torch.sigmoid(model.mask_logits([s.image], [render_prompt(template, s)]))[0] for s in train}
+    anchors = {key: value for part in parts.side_by_side(anchors_of, len(train)) for key, value in part.items()}
     optimiser = torch.optim.Adam(model.trainable_parameters(), lr=cfg.learning_rate)
     first_step = 0
     if resume is not None and resume["stage"] == "finetune":
@@ -276,38 +303,34 @@ def finetune(
                               "segmenter": model.state_dict(), "optimiser": optimiser.state_dict()},
                         progress.step)
 
-    gradients = parted_gradients(model.trainable_parameters(), device, model.threads_at_once)
-    try:
-        for step in range(first_step, cfg.steps):
-            try:
-                progress.advance()
-            except StopRequested:
-                save_finetune_checkpoint(step)  # stop saves first; a reward-net epoch is too short to need that
-                raise
-            batch = [train[i] for i in rng.choice(len(train), size=min(batch_size, len(train)), replace=False)]
+    for step in range(first_step, cfg.steps):
+        try:
+            progress.advance()
+        except StopRequested:
+            save_finetune_checkpoint(step)  # stop saves first; a reward-net epoch is too short to need that
+            raise
+        batch = [train[i] for i in rng.choice(len(train), size=min(batch_size, len(train)), replace=False)]
 
-            def batch_loss(part: slice, batch=batch) -> tuple[torch.Tensor, ...]:
-                return finetune_loss(model, reward_net, batch[part], template, consensus, anchors, size,
-                                     cfg.anchor_weight, device)
+        def batch_loss(part: slice, batch=batch) -> tuple[torch.Tensor, ...]:
+            return finetune_loss(model, reward_net, batch[part], template, consensus, anchors, size,
+                                 cfg.anchor_weight, device)
 
-            optimiser.zero_grad(set_to_none=True)
-            loss, reward, anchor = gradients.compute(batch_loss, len(batch))
-            optimiser.step()
-            last = {"finetune/reward": reward, "finetune/anchor": anchor, "finetune/loss": loss}
-            finished = step + 1 == cfg.steps
-            if (step + 1) % 10 == 0 or finished:
-                ctx.metrics(progress.step, last)
-                for key, value in last.items():
-                    writer.add_scalar(key, value, progress.step)
-            if (step + 1) % FINETUNE_CHECKPOINT_EVERY == 0 or finished:
-                save_finetune_checkpoint(step + 1)
-    finally:
-        gradients.close()
+        optimiser.zero_grad(set_to_none=True)
+        loss, reward, anchor = parts.gradients(batch_loss, len(batch))
+        optimiser.step()
+        last = {"finetune/reward": reward, "finetune/anchor": anchor, "finetune/loss": loss}
+        finished = step + 1 == cfg.steps
+        if (step + 1) % 10 == 0 or finished:
+            ctx.metrics(progress.step, last)
+            for key, value in last.items():
+                writer.add_scalar(key, value, progress.step)
+        if (step + 1) % FINETUNE_CHECKPOINT_EVERY == 0 or finished:
+            save_finetune_checkpoint(step + 1)
     model.save(ctx.exp_dir / FINETUNED_SEGMENTER)
     change = torch.sqrt(sum(((p.detach() - q) ** 2).sum() for p, q in zip(model.trainable_parameters(), initial)))
     scale = torch.sqrt(sum((q**2).sum() for q in initial))
     ctx.phase("evaluating")
-    after = _dice_per_image(model, report, template)
+    after = dice_per_image()
     gain = delta_interval([after - before])
     split, _ = reported_split(config.dataset)
     summary = {

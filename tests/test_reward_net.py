@@ -168,7 +168,7 @@ def test_a_batch_in_parts_gives_the_same_bits_on_one_thread_or_two_and_the_whole
     from experiments.datasets import render_prompt
     from sa2va_contract.config import DatasetConfig
     from experiments.reward.network import RewardNet, consensus_map
-    from experiments.reward.parted import CPU_PARTS, PartedGradients, part_rows
+    from experiments.reward.parted import CPU_PARTS, BatchParts, part_rows
     from experiments.reward_net import finetune_loss
 
     assert [(r.start, r.stop) for r in part_rows(5, 2)] == [(0, 3), (3, 5)]
@@ -184,9 +184,9 @@ def test_a_batch_in_parts_gives_the_same_bits_on_one_thread_or_two_and_the_whole
 
     def gradients(parts: int, threads: int) -> tuple[list[float], list[torch.Tensor]]:
         model.net.zero_grad(set_to_none=True)
-        parted = PartedGradients(model.trainable_parameters(), parts, threads)
+        parted = BatchParts(model.trainable_parameters(), parts, threads)
         try:
-            values = parted.compute(lambda rows: finetune_loss(model, reward_net, batch[rows], template, consensus,
+            values = parted.gradients(lambda rows: finetune_loss(model, reward_net, batch[rows], template, consensus,
                                                                anchors, 32, 1.0, "cpu"), len(batch))
         finally:
             parted.close()

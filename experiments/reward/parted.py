@@ -1,15 +1,18 @@
-"""A batch's gradient as the sum of its parts' gradients, the parts computed side by side.
+"""A batch in fixed parts, side by side on threads: its gradient as the sum of the
+parts' gradients, and inference over the same parts.
 
 Workers run torch on one thread: two intra-op threads spin against the other workers
-on a busy machine. But reward_net's fine-tuning is nearly always the last work of a
-run, and one thread would leave every other core idle for its whole length. So on a
-CPU its batches (and the reward network's) are cut into `CPU_PARTS` fixed parts, each
-part's forward and backward pass on a Python thread of its own (torch releases the GIL
-inside its kernels), and the parts' gradients are summed in order. The parts do not
-depend on how many threads run them, so one thread or several give the same bits;
-where the cores are busy the operating system shares them, and nothing spins. A part
-is also faster per image than the whole batch on one thread (its activations stay in
-the caches): `python -m benchmarks backend` measures both.
+on a busy machine. But reward_net is the longest chain of the default run, and for
+much of it the only work left to run, so one thread would leave the other core idle.
+So on a CPU its batches (the reward network's and fine-tuning's) are cut into
+`CPU_PARTS` fixed parts, each part's forward and backward pass on a Python thread of
+its own (torch releases the GIL inside its kernels), and the parts' gradients are
+summed in order; its evaluations (Dice before and after, the anchors, the reward
+network's val scores) go over the same parts. The parts do not depend on how many
+threads run them, so one thread or several give the same bits; where the cores are
+busy the operating system shares them, and nothing spins. A part is also faster per
+image than the whole batch on one thread (its activations stay in the caches):
+`python -m benchmarks backend` measures both.
 
 The gradient is that of the whole batch's mean loss, up to float rounding: each part's
 mean is weighted by its share of the rows. On a GPU a batch stays whole (the device is
@@ -20,13 +23,15 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TypeVar
 
 import torch
 
 #: Parts of a batch on a CPU. Fixed, not the number of cores, so that a run gives the
 #: same result on every machine.
 CPU_PARTS = 2
+
+T = TypeVar("T")
 
 #: A part's losses: `rows` -> (the loss to minimise, then any values to report), each a
 #: mean over the part's rows.
@@ -54,27 +59,25 @@ def cpu_threads_for_parts() -> int:
     return max(1, min(CPU_PARTS, cores))
 
 
-class PartedGradients:
-    """Sets `.grad` of `parameters` to the gradient of a batch's mean loss, computed in
-    `parts` on `threads` (see the module's docstring). `close()` ends its threads."""
+class BatchParts:
+    """A batch's rows in `parts` on `threads` (see the module's docstring): `gradients`
+    sets `.grad` of `parameters` to the gradient of the batch's mean loss, and
+    `side_by_side` runs other work (inference) over the same parts. `close()` ends its
+    threads."""
 
     def __init__(self, parameters: Sequence[torch.nn.Parameter], parts: int, threads: int) -> None:
         self.parameters = list(parameters)
         self.parts = parts
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="grad-part") if parts > 1 and threads > 1 else None
 
-    def compute(self, loss_of: PartLoss, size: int) -> list[float]:
+    def gradients(self, loss_of: PartLoss, size: int) -> list[float]:
         """Fill the gradients for a batch of `size` rows; the batch's loss and reported
         values, as floats."""
-        rows = part_rows(size, self.parts)
-        if len(rows) == 1:
-            values = loss_of(rows[0])
+        if self.parts == 1 or size <= 1:
+            values = loss_of(slice(0, size))
             values[0].backward()
             return [float(v.detach()) for v in values]
-        if self._pool is None:
-            results = [self._part(loss_of, r, size) for r in rows]
-        else:
-            results = list(self._pool.map(lambda r: self._part(loss_of, r, size), rows))
+        results = self.side_by_side(lambda rows: self._part(loss_of, rows, size), size)
         for i, parameter in enumerate(self.parameters):
             grads = [grads[i] for grads, _ in results if grads[i] is not None]
             total = None
@@ -82,6 +85,14 @@ class PartedGradients:
                 total = grad if total is None else total + grad
             parameter.grad = total
         return [sum(values[k] for _, values in results) for k in range(len(results[0][1]))]
+
+    def side_by_side(self, work: Callable[[slice], T], size: int) -> list[T]:
+        """`work` on each part of `size` rows, on the threads, the results in the parts'
+        order. `work` must be safe to run on several threads at once."""
+        rows = part_rows(size, self.parts)
+        if self._pool is None or len(rows) == 1:
+            return [work(r) for r in rows]
+        return list(self._pool.map(work, rows))
 
     def _part(self, loss_of: PartLoss, rows: slice, size: int) -> tuple[tuple, list[float]]:
         share = (rows.stop - rows.start) / size
@@ -95,10 +106,10 @@ class PartedGradients:
             self._pool = None
 
 
-def parted_gradients(parameters: Sequence[torch.nn.Parameter], device: str | torch.device,
-                     threads_at_once: bool = True) -> PartedGradients:
+def batch_parts(parameters: Sequence[torch.nn.Parameter], device: str | torch.device,
+                     threads_at_once: bool = True) -> BatchParts:
     """`CPU_PARTS` parts on a CPU, one thread per part as far as the cores go, where the
     model may run on several threads at once; else the whole batch."""
     if torch.device(device).type == "cpu" and threads_at_once:
-        return PartedGradients(parameters, CPU_PARTS, cpu_threads_for_parts())
-    return PartedGradients(parameters, 1, 1)
+        return BatchParts(parameters, CPU_PARTS, cpu_threads_for_parts())
+    return BatchParts(parameters, 1, 1)

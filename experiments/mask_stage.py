@@ -17,6 +17,7 @@ half-written file and costs at most one batch.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from typing import Any, Callable, Sequence
 from experiments.harness import StopRequested, WorkerContext
 from experiments.mask_needs import Pairs, Splits, all_pairs, pairs_of
 from sa2va_contract import events
+from sa2va_contract.worker import usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -166,8 +168,6 @@ class ReplicaPool:
 
     def _work(self, replica) -> None:
         if self.niceness:
-            import os
-
             try:  # this thread only: Linux takes a thread's id for PRIO_PROCESS
                 thread = threading.get_native_id()
                 os.setpriority(os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + self.niceness))
@@ -208,7 +208,7 @@ def replicas_for(config, ctx: WorkerContext, most: int) -> tuple[list, list[str]
         import torch
 
         torch.set_num_threads(1)
-        cores = min(most, stage_cores())
+        cores = min(most, usable_cores())
         return [make_segmenter(config, "cpu") for _ in range(cores)], [f"cpu ×{cores}"]
     layout = tuple(getattr(ctx, "replica_gpus", ()))[:most]
     if not layout:
@@ -219,15 +219,6 @@ def replicas_for(config, ctx: WorkerContext, most: int) -> tuple[list, list[str]
     local = {gpu: i for i, gpu in enumerate(dict.fromkeys(layout))}
     replicas = [load_sa2va(config.backend, local[gpu]) for gpu in layout]
     return replicas, [f"gpu {gpu} ×{n}" if n > 1 else f"gpu {gpu}" for gpu, n in Counter(layout).items()]
-
-
-def stage_cores() -> int:
-    import os
-
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
 
 
 def run(ctx: WorkerContext) -> dict[str, Any]:

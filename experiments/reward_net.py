@@ -274,7 +274,7 @@ def _finetune_with(ctx: WorkerContext, model, parts: BatchParts, reward_net: Rew
 
     def dice_per_image() -> np.ndarray:
         return np.concatenate(parts.side_by_side(lambda rows: _dice_per_image(model, report[rows], template),
-                                                     len(report)))
+                                                 len(report)))
 
     def anchors_of(rows: slice) -> dict[str, torch.Tensor]:
         with torch.no_grad():  # grad mode is the calling thread's own

@@ -8,11 +8,21 @@ entry point as a "module:function" string, and only the new process imports it.
 from __future__ import annotations
 
 import importlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sa2va_contract.config import Config
+
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity): the run's CPU slots, the embedded
+    stage's replicas, the threads a batch's parts get."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # no sched_getaffinity (macOS)
+        return max(1, os.cpu_count() or 1)
+
 
 #: The engine's side of a worker process: `worker_main(spec, connection)`.
 WORKER_MAIN = "experiments.worker:worker_main"

@@ -27,7 +27,7 @@ from sa2va_contract.gpus import GpuInfo, GpuSnapshot, choose_gpu
 from sa2va_contract.events import MASK_STAGE
 from sa2va_contract.kinds import MASK_STAGE_ENTRY, kind_of, resolve_entry
 from sa2va_contract.recovery import START, RestartPlan, classify_exit, plan_restart
-from sa2va_contract.worker import WorkerSpec
+from sa2va_contract.worker import WorkerSpec, usable_cores
 from sa2va_tui.gpus import GpuWatch
 from sa2va_tui.placement import LaunchError, PlacementBackend, WorkerHandle
 from sa2va_tui.runstate import StateBook
@@ -112,14 +112,6 @@ class Occupant:
     idle: bool = False
 
 
-def cpu_slots() -> int:
-    """Cores this process may use: one CPU worker each."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # no sched_getaffinity (macOS)
-        return os.cpu_count() or 1
-
-
 def wants_gpu(experiment: ExperimentConfig, gpus: GpuSnapshot) -> bool:
     return experiment.device == "cuda" or (experiment.device == "auto" and gpus.available and bool(gpus.gpus))
 
@@ -188,7 +180,7 @@ class Launcher:
         self.experiments = config.experiments()
         self._store, self._backend, self._book, self._gpus = store, backend, book, gpus
         self._attempts, self._dispatch, self._entry_points = attempts, dispatch, entry_points
-        self._cores = cores or cpu_slots()
+        self._cores = cores or usable_cores()  # one CPU worker each
         self.line: list[Waiting] = []
 
     def request(self, name: str, owed: Owed | None = None, first: bool = False) -> None:

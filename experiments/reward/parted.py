@@ -21,11 +21,12 @@ the parallelism) and takes the plain `backward()`.
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence, TypeVar
 
 import torch
+
+from sa2va_contract.worker import usable_cores
 
 #: Parts of a batch on a CPU. Fixed, not the number of cores, so that a run gives the
 #: same result on every machine.
@@ -50,15 +51,6 @@ def part_rows(size: int, parts: int) -> list[slice]:
     return bounds
 
 
-def cpu_threads_for_parts() -> int:
-    """Threads to run the parts on: one per part, as far as this process's cores go."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(CPU_PARTS, cores))
-
-
 class BatchParts:
     """A batch's rows in `parts` on `threads` (see the module's docstring): `gradients`
     sets `.grad` of `parameters` to the gradient of the batch's mean loss, and
@@ -68,7 +60,7 @@ class BatchParts:
     def __init__(self, parameters: Sequence[torch.nn.Parameter], parts: int, threads: int) -> None:
         self.parameters = list(parameters)
         self.parts = parts
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="grad-part") if parts > 1 and threads > 1 else None
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="batch-part") if parts > 1 and threads > 1 else None
 
     def gradients(self, loss_of: PartLoss, size: int) -> list[float]:
         """Fill the gradients for a batch of `size` rows; the batch's loss and reported
@@ -107,9 +99,9 @@ class BatchParts:
 
 
 def batch_parts(parameters: Sequence[torch.nn.Parameter], device: str | torch.device,
-                     threads_at_once: bool = True) -> BatchParts:
+                threads_at_once: bool = True) -> BatchParts:
     """`CPU_PARTS` parts on a CPU, one thread per part as far as the cores go, where the
     model may run on several threads at once; else the whole batch."""
     if torch.device(device).type == "cpu" and threads_at_once:
-        return BatchParts(parameters, CPU_PARTS, cpu_threads_for_parts())
+        return BatchParts(parameters, CPU_PARTS, min(CPU_PARTS, usable_cores()))
     return BatchParts(parameters, 1, 1)

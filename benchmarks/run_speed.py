@@ -6,9 +6,11 @@ the mask stage measured in the same run, divided by its replicas) and the ratio 
 two; time to the first PPO update; model calls against distinct pairs; the warm run's
 model calls; the seconds from quit (SIGINT, what Ctrl+C sends) to no worker left, per
 phase; and which replica layout fills the cache faster on this CPU (N replicas of one
-torch thread, or one replica of N threads). Issue 15's targets: cold <= 180 s and <=
-1.5 x the model work, first update <= 60 s, model calls = distinct pairs cold and 0
-warm, quit <= 2 s.
+torch thread, or one replica of N threads). Also each run's CPU time, in all and per
+worker: divided by the cores, it is the shortest wall time this code and config could
+take with no core ever idle, so it bounds the ratio from below in the same run. Issue
+15's targets: cold <= 180 s and <= 1.5 x the model work, first update <= 60 s, model
+calls = distinct pairs cold and 0 warm, quit <= 2 s.
 
 `python -m benchmarks run` runs it all (minutes); `SA2VA_BENCH_SET` adds `--set`
 overrides (space-separated), for a shorter run.
@@ -18,10 +20,12 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -60,12 +64,50 @@ def _events(run_dir: Path) -> list[dict]:
     return out
 
 
+class WorkerCpu(threading.Thread):
+    """CPU seconds (user + system) of each worker of the run under `root`, by name, read
+    from /proc until stopped: a worker's last reading before it exits stands for it, so
+    each figure is short by at most one interval of that worker's work."""
+
+    INTERVAL_S = 0.2
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(name="worker-cpu", daemon=True)
+        self.root, self.seconds = root, {}
+        self._stop_asked = threading.Event()
+        self._tick = os.sysconf("SC_CLK_TCK")
+
+    def run(self) -> None:
+        while not self._stop_asked.wait(self.INTERVAL_S):
+            run_dir = _run_dir(self.root)
+            for name, pid in _named_worker_pids(run_dir).items() if run_dir else ():
+                fields = _stat(pid)
+                if fields is not None:  # utime and stime, the 14th and 15th fields of stat
+                    used = (int(fields[11]) + int(fields[12])) / self._tick
+                    self.seconds[name] = max(self.seconds.get(name, 0.0), used)
+
+    def stop(self) -> dict[str, float]:
+        self._stop_asked.set()
+        self.join()
+        return dict(self.seconds)
+
+
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def whole_run(root: Path, cache: Path, extra: list[str]) -> dict:
-    """One headless run to its end: its figures from the run folder."""
+    """One headless run to its end: its figures from the run folder, and its CPU time (in
+    all: every process the run started and reaped; and per worker)."""
+    cpu_before = _children_cpu_s()
+    sampler = WorkerCpu(root)
+    sampler.start()
     began = time.time()
     process = _launch(root, cache, extra)
     process.wait()
     wall = time.time() - began
+    cpu_by_worker = sampler.stop()
     run_dir = _run_dir(root)
     if process.returncode != 0 or run_dir is None:
         raise SystemExit(f"the run failed (exit {process.returncode}); see {run_dir or root}")
@@ -77,17 +119,23 @@ def whole_run(root: Path, cache: Path, extra: list[str]) -> dict:
             "model_calls": state.get("model_calls"), "distinct_pairs": state.get("distinct_pairs"),
             "cache_hits": state.get("cache_hits"), "fastest_s_per_pair": stage.get("fastest_s_per_pair"),
             "replicas": stage.get("replicas"), "run_dir": str(run_dir),
-            "states": {n: s["state"] for n, s in state["experiments"].items()}}
+            "states": {n: s["state"] for n, s in state["experiments"].items()},
+            "cpu_s": _children_cpu_s() - cpu_before, "cpu_s_by_worker": cpu_by_worker}
 
 
-def _worker_pids(run_dir: Path) -> set[int]:
+def _named_worker_pids(run_dir: Path) -> dict[str, int]:
+    """Each worker's pid by name ("mask stage" for the stage), as run.json has them now."""
     try:
         state = json.loads((run_dir / "run.json").read_text())
     except (OSError, ValueError):
-        return set()
-    found = {s.get("pid") for s in state.get("experiments", {}).values()}
-    found.add((state.get("mask_stage") or {}).get("pid"))
-    return {p for p in found if p}
+        return {}
+    found = {name: s.get("pid") for name, s in state.get("experiments", {}).items()}
+    found["mask stage"] = (state.get("mask_stage") or {}).get("pid")
+    return {name: pid for name, pid in found.items() if pid}
+
+
+def _worker_pids(run_dir: Path) -> set[int]:
+    return set(_named_worker_pids(run_dir).values())
 
 
 def _stat(pid: int) -> list[str] | None:
@@ -207,6 +255,7 @@ def main() -> None:
         if work:
             print(f"  model work alone: {pairs} pairs x {fastest * 1000:.2f} ms / {replicas} replicas = {work:.1f} s; "
                   f"wall / model work = {cold['wall_s'] / work:.2f} (target <= 1.5)")
+        print("  " + cpu_line(cold, cores, work))
         first = cold["first_update_s"]
         print(f"  first PPO update {first:.1f} s after launch (target <= 60 s)" if first is not None
               else "  no PPO update recorded")
@@ -216,7 +265,20 @@ def main() -> None:
         warm = whole_run(tmp / "warm", tmp / "cache", extra)
         print(f"warm run: wall {warm['wall_s']:.1f} s; model calls {warm['model_calls']} (target 0); "
               f"cache hits {warm['cache_hits']}")
+        print("  " + cpu_line(warm, cores, None))
         quits(tmp, extra, warm_cache=tmp / "cache")
+
+
+def cpu_line(run: dict, cores: int, work: float | None) -> str:
+    """The run's CPU time per worker and in all, and the wall time it implies with no
+    core ever idle (and that floor's ratio to the model work)."""
+    total, by_worker = run["cpu_s"], run["cpu_s_by_worker"]
+    parts = ", ".join(f"{name} {seconds:.0f}" for name, seconds in sorted(by_worker.items()))
+    rest = total - sum(by_worker.values())
+    floor = total / cores
+    line = (f"CPU time {total:.0f} s ({parts}, supervisor and the rest {rest:.0f}), {total / run['wall_s']:.2f} "
+            f"of {cores} cores busy on average; with no core idle the run takes >= {floor:.1f} s")
+    return line + (f", wall / model work >= {floor / work:.2f}" if work else "")
 
 
 def quits(tmp: Path, extra: list[str], warm_cache: Path | None = None) -> None:

@@ -5,15 +5,23 @@
    restarting it by itself at half the batch, which then fits;
 2. NVML's readings (what `sa2va-tui gpus` and the app show) next to `nvidia-smi`'s;
 3. placement on the freest GPU: with two GPUs or more this script first fills GPU 0 from
-   its own process, so the worker must land elsewhere.
+   its own process, so the worker must land elsewhere;
+4. the mask stage of a Sa2VA run on the GPUs: two replicas, each given room for 1/2.5 of
+   the freest GPU's free memory (so both fit on it), dealt out as the launcher deals
+   them (on the two freest GPUs, or both on one), each loaded onto its GPU by the number
+   the stage's worker sees it under, and each pair computed once among them. The model is the suite's stand-in for Sa2VA's released code
+   (tests/sa2va_standin.py, bf16, through the loader seam): no weights can be fetched on
+   these machines, so this checks the stage's placement and device handling, not
+   Sa2VA's kernels.
 
-    .venv/bin/python scripts/gpu_check.py          # about a minute; exit 0 when every check passed
+    .venv/bin/python scripts/gpu_check.py          # a minute or two; exit 0 when every check passed
 
 Without an NVIDIA GPU (or with a CPU build of torch) it says so in one line and exits 2.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -145,9 +153,55 @@ def main() -> int:
     return run_checks()
 
 
-def run_checks(nvml=None, entry: str = "gpu_check:hog", smi_reader=nvidia_smi) -> int:
-    """The three checks through the real supervisor. `nvml`, `entry` and `smi_reader`
-    are the real NVML, the GPU workload and nvidia-smi unless a test hands stand-ins."""
+def check_stage_replicas(report: Report, nvml=None) -> None:
+    """Check 4: a Sa2VA run's mask stage through the real supervisor, on the GPUs NVML
+    shows (the real ones unless a test hands a stand-in)."""
+    sys.path.insert(0, str(ROOT / "tests"))  # the stand-in, for this process and the workers it spawns
+    from sa2va_standin import write_checkpoint
+
+    from experiments.backends.sa2va_families import LOADER_ENV
+    from sa2va_contract.config import load_config
+    from sa2va_tui.gpus import read_gpus
+    from sa2va_tui.launching import mask_stage_gpus
+    from sa2va_tui.runstore import RunStore
+    from sa2va_tui.supervisor import Supervisor
+
+    os.environ[LOADER_ENV] = "sa2va_standin:load_standin"
+    logs = Path(tempfile.mkdtemp(prefix="gpu_check-stage-"))
+    checkpoint = write_checkpoint(logs / "standin-checkpoint", "internvl3")
+    free = max((g.memory_free or 0) for g in read_gpus(nvml).gpus)
+    config = load_config(ROOT / "configs" / "quick.yaml", [
+        f"run.logs_dir={logs}", "run.name=gpu-check-stage", "prompt_rl.enabled=false", "reward_net.enabled=false",
+        "backend.kind=sa2va", f"backend.model_path={checkpoint}", f"backend.cache_dir={logs / 'cache'}",
+        f"backend.replica_memory_gb={free / 2.5 / 2**30:.3f}", "backend.max_replicas=2", "backend.batch_size=1",
+        "dataset.limit=6",
+    ])
+    expected, _ = mask_stage_gpus(config, read_gpus(nvml))
+    store = RunStore.create(config)
+    supervisor = Supervisor(config, store, nvml=nvml)
+    supervisor.start()
+    try:
+        ended = supervisor.wait(300)
+    finally:
+        supervisor.shutdown()
+    state = json.loads((store.path / "run.json").read_text())
+    stage = state.get("mask_stage") or {}
+    summary = stage.get("summary") or {}
+    states = {name: s["state"] for name, s in state["experiments"].items()}
+    report.check(ended and stage.get("state") == "finished" and set(states.values()) == {"finished"},
+                 f"a Sa2VA run with a mask stage finished: stage {stage.get('state')}, experiments {states}")
+    report.check(summary.get("replicas") == len(expected) == 2,
+                 f"the stage ran {summary.get('replicas')} replicas on {summary.get('devices')}, as NVML's free "
+                 f"memory gives room for ({len(expected)}: GPUs {list(expected)})")
+    report.check(state.get("distinct_pairs") and state.get("model_calls") == state.get("distinct_pairs"),
+                 f"each pair computed once among them: {state.get('model_calls')} model calls for "
+                 f"{state.get('distinct_pairs')} distinct pairs (run folder {store.path})")
+
+
+def run_checks(nvml=None, entry: str = "gpu_check:hog", smi_reader=nvidia_smi, stage: bool = True) -> int:
+    """The checks through the real supervisor (the fourth, the mask stage, where `stage`).
+    `nvml`, `entry` and `smi_reader` are the real NVML, the GPU workload and nvidia-smi
+    unless a test hands stand-ins."""
     from sa2va_contract.config import load_config
     from sa2va_contract.events import Change, Failed, Finished, Progress, Restarting, Started
     from sa2va_contract.gpus import choose_gpu
@@ -194,6 +248,8 @@ def run_checks(nvml=None, entry: str = "gpu_check:hog", smi_reader=nvidia_smi) -
                      f"it held its memory at batch {BATCH // 2}: {getattr(finished, 'summary', None)}")
     finally:
         supervisor.shutdown()
+    if stage:
+        check_stage_replicas(report, nvml)
     print(f"gpu_check: {report.checks - report.failures} of {report.checks} checks passed (run folder {logs})")
     return 0 if report.failures == 0 else 1
 

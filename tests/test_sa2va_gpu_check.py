@@ -2,7 +2,8 @@
 so in one line. Its orchestration (the real supervisor, the OOM restart at half the
 batch, the comparison with nvidia-smi, the placement check) is run here with what a GPU
 would give stood in for: NVML (tests/fake_nvml.py), nvidia-smi's numbers, and a workload
-that raises torch's own OutOfMemoryError where the GPU would run out."""
+that raises torch's own OutOfMemoryError where the GPU would run out; the mask stage's
+check with its Sa2VA stand-in's replicas on the CPU."""
 
 import importlib.util
 import subprocess
@@ -58,7 +59,11 @@ def test_the_checks_pass_where_the_gpu_behaves(capsys):
     assert "ok    the supervisor restarted it at half the batch: " in out and "'batch_size': [16, 8]" in out
     assert "ok    it held its memory at batch 8" in out
     assert "ok    GPU 0: used memory NVML 1024 MiB ~ nvidia-smi 1024 MiB" in out
-    assert "FAIL" not in out and "checks passed" in out
+    # The stage check, its Sa2VA stand-in on the CPU here: 11 GiB free holds two replicas.
+    assert "ok    a Sa2VA run with a mask stage finished: stage finished, experiments {'postprocess_rl': 'finished'}" in out
+    assert "ok    the stage ran 2 replicas on ['gpu 0 ×2'], as NVML's free memory gives room for (2: GPUs [0, 0])" in out
+    assert "ok    each pair computed once among them: 12 model calls for 12 distinct pairs" in out
+    assert "FAIL" not in out and "10 of 10 checks passed" in out
 
 
 def test_a_disagreeing_nvidia_smi_fails_the_check(capsys):
@@ -68,5 +73,15 @@ def test_a_disagreeing_nvidia_smi_fails_the_check(capsys):
     def smi():
         return {0: {"used": 9000, "total": 12 * 1024, "util": "0"}}, {}
 
-    assert script.run_checks(nvml=nvml, entry="test_sa2va_gpu_check:cpu_hog", smi_reader=smi) == 1
+    assert script.run_checks(nvml=nvml, entry="test_sa2va_gpu_check:cpu_hog", smi_reader=smi, stage=False) == 1
     assert "FAIL  GPU 0: used memory NVML 1024 MiB ~ nvidia-smi 9000 MiB" in capsys.readouterr().out
+
+
+def test_the_stage_check_spreads_its_replicas_over_two_gpus(capsys):
+    script = load_script()
+    report = script.Report()
+    nvml = FakeNvml([FakeGpu(total=12 * GiB, used=6 * GiB), FakeGpu(total=12 * GiB, used=1 * GiB)])
+    script.check_stage_replicas(report, nvml)
+    out = capsys.readouterr().out
+    assert "ok    the stage ran 2 replicas on ['gpu 1', 'gpu 0'], as NVML's free memory gives room for (2: GPUs [1, 0])" in out
+    assert report.checks == 3 and report.failures == 0, out

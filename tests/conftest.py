@@ -31,6 +31,15 @@ ENDLESS = 10_000_000
 OOM_AT_STEP = 150
 
 
+def foreground_cli(*args: str) -> list[str]:
+    """The console command as a terminal's foreground job runs it, for tests that send it
+    SIGINT: with SIGINT's default action, whatever the tests inherited (a shell script's
+    background job starts with SIGINT ignored, the command keeps it ignored as it should,
+    and Ctrl+C would then never reach it)."""
+    return [sys.executable, "-c", "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "runpy.run_module('sa2va_tui.cli', run_name='__main__', alter_sys=True)", *args]
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     """The real console command in a fresh interpreter, as a researcher runs it."""
     return subprocess.run(

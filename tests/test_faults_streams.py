@@ -20,19 +20,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ENDLESS, QUICK_CONFIG, ROOT
+from conftest import ENDLESS, QUICK_CONFIG, ROOT, foreground_cli
 from supervision import wait_for_steps
 from sa2va_contract import events
 from sa2va_contract.config import EXPERIMENT_KINDS, load_config
 from sa2va_tui.runstate import ExperimentState
 from sa2va_tui.runstore import RunStore, load_run, pid_alive, read_events
 from test_report_commands import _free_port, _listening_addresses
-
-# The command as a terminal's foreground job runs it: SIGINT has its default action,
-# whatever the tests inherited (see test_ctrl_c_stops_every_worker_gracefully).
-FOREGROUND = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
-              "runpy.run_module('sa2va_tui.cli', run_name='__main__', alter_sys=True)")
-
 
 def _only(real_run: list[str], kind: str, *settings: str) -> list[str]:
     """`--set` flags for a small real run of one experiment kind."""
@@ -49,7 +43,7 @@ def _start(args: list[str], stdout=subprocess.PIPE, file_size_limit: int | None 
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit get EFBIG instead of a kill
         resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
 
-    return subprocess.Popen([*command, sys.executable, "-c", FOREGROUND, *args], stdout=stdout,
+    return subprocess.Popen([*command, *foreground_cli(*args)], stdout=stdout,
                             stderr=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True,
                             env={**os.environ, "PYTHONFAULTHANDLER": "1"}, preexec_fn=limit_file_size if file_size_limit else None)
 

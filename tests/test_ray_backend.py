@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import ENDLESS, QUICK_CONFIG
+from conftest import ENDLESS, QUICK_CONFIG, foreground_cli
 from fake_nvml import GiB, FakeGpu, FakeNvml
 from sa2va_contract.events import (
     Checkpoint,
@@ -326,9 +326,7 @@ def test_ctrl_c_stops_every_actor_gracefully(ray_cluster, real_run, tmp_path):
     for setting in [*real_run, *ray_cluster.settings(), *(f"{k}.total_timesteps={ENDLESS}" for k in ALL[:2]),
                     *(f"{k}.checkpoint_every={ENDLESS}" for k in ALL[:2])]:
         args += ["--set", setting]
-    foreground = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
-                  "runpy.run_module('sa2va_tui.cli', run_name='__main__', alter_sys=True)")
-    proc = subprocess.Popen([sys.executable, "-c", foreground, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(foreground_cli(*args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, cwd=HERE.parent, start_new_session=True)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, foreground_cli, run_cli
 from reports import EXPERIMENTS, report_section, report_text
 from sa2va_contract.layout import RUN_FILE
 from sa2va_tui.report import render_markdown
@@ -132,8 +132,8 @@ def _listening_addresses(port: int) -> set[str]:
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads the listening sockets from /proc")
 def test_tensorboard_serves_every_experiment_on_localhost_only(run):
     port = _free_port()
-    process = subprocess.Popen([sys.executable, "-m", "sa2va_tui.cli", "tensorboard", str(run["dir"]), "--port",
-                                str(port)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(foreground_cli("tensorboard", str(run["dir"]), "--port", str(port)), cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = process.stdout.readline()  # printed once TensorBoard answers; empty if the command ended
         assert line.startswith(f"TensorBoard at http://127.0.0.1:{port}/ with runs prompt_rl, postprocess_rl, "

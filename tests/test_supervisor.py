@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import ENDLESS, QUICK_CONFIG
+from conftest import ENDLESS, QUICK_CONFIG, foreground_cli
 from fake_nvml import GiB, FakeGpu, FakeNvml
 from sa2va_contract.config import EXPERIMENT_KINDS, load_config
 from sa2va_contract.events import (
@@ -311,13 +311,10 @@ def test_ctrl_c_stops_every_worker_gracefully(real_run, tmp_path):
         args += ["--set", setting]
     for kind in ("prompt_rl", "postprocess_rl"):
         args += ["--set", f"{kind}.total_timesteps={ENDLESS}", "--set", f"{kind}.checkpoint_every={ENDLESS}"]
-    # Its own process group, as a terminal's foreground job: Ctrl+C reaches every process
-    # in it. A foreground job has SIGINT's default action, whatever the tests inherited (a
-    # shell script's background job starts with SIGINT ignored, and so would the command).
+    # Its own process group, as a terminal's foreground job (`foreground_cli`): Ctrl+C
+    # reaches every process in it.
     # PYTHONFAULTHANDLER: should it ever hang, SIGABRT shows where (see below).
-    foreground = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
-                  "runpy.run_module('sa2va_tui.cli', run_name='__main__', alter_sys=True)")
-    proc = subprocess.Popen([sys.executable, "-c", foreground, *args], stdout=subprocess.PIPE,
+    proc = subprocess.Popen(foreground_cli(*args), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, cwd=HERE.parent, start_new_session=True,
                             env={**os.environ, "PYTHONFAULTHANDLER": "1"})
     lines: list[str] = []

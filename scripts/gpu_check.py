@@ -9,10 +9,10 @@
 4. the mask stage of a Sa2VA run on the GPUs: two replicas, each given room for 1/2.5 of
    the freest GPU's free memory (so both fit on it), dealt out as the launcher deals
    them (on the two freest GPUs, or both on one), each loaded onto its GPU by the number
-   the stage's worker sees it under, and each pair computed once among them. The model is the suite's stand-in for Sa2VA's released code
-   (tests/sa2va_standin.py, bf16, through the loader seam): no weights can be fetched on
-   these machines, so this checks the stage's placement and device handling, not
-   Sa2VA's kernels.
+   the stage's worker sees it under, and each pair computed once among them. The model
+   is the suite's stand-in for Sa2VA's released code (tests/sa2va_standin.py, bf16,
+   through the loader seam): no weights can be fetched on these machines, so this
+   checks the stage's placement and device handling, not Sa2VA's kernels.
 
     .venv/bin/python scripts/gpu_check.py          # a minute or two; exit 0 when every check passed
 
@@ -166,7 +166,6 @@ def check_stage_replicas(report: Report, nvml=None) -> None:
     from sa2va_tui.runstore import RunStore
     from sa2va_tui.supervisor import Supervisor
 
-    os.environ[LOADER_ENV] = "sa2va_standin:load_standin"
     logs = Path(tempfile.mkdtemp(prefix="gpu_check-stage-"))
     checkpoint = write_checkpoint(logs / "standin-checkpoint", "internvl3")
     free = max((g.memory_free or 0) for g in read_gpus(nvml).gpus)
@@ -178,12 +177,19 @@ def check_stage_replicas(report: Report, nvml=None) -> None:
     ])
     expected, _ = mask_stage_gpus(config, read_gpus(nvml))
     store = RunStore.create(config)
+    # Only the workers spawned now load through the seam (a test runs this in its own process).
+    before = os.environ.get(LOADER_ENV)
+    os.environ[LOADER_ENV] = "sa2va_standin:load_standin"
     supervisor = Supervisor(config, store, nvml=nvml)
-    supervisor.start()
     try:
+        supervisor.start()
         ended = supervisor.wait(300)
     finally:
         supervisor.shutdown()
+        if before is None:
+            os.environ.pop(LOADER_ENV)
+        else:
+            os.environ[LOADER_ENV] = before
     state = json.loads((store.path / "run.json").read_text())
     stage = state.get("mask_stage") or {}
     summary = stage.get("summary") or {}

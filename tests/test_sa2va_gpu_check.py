@@ -6,6 +6,7 @@ that raises torch's own OutOfMemoryError where the GPU would run out; the mask s
 check with its Sa2VA stand-in's replicas on the CPU."""
 
 import importlib.util
+import os
 import subprocess
 import sys
 import time
@@ -13,6 +14,7 @@ import time
 import torch
 
 from conftest import ROOT
+from experiments.backends.sa2va_families import LOADER_ENV
 from fake_nvml import FakeGpu, FakeNvml, GiB
 
 SCRIPT = ROOT / "scripts" / "gpu_check.py"
@@ -85,3 +87,4 @@ def test_the_stage_check_spreads_its_replicas_over_two_gpus(capsys):
     out = capsys.readouterr().out
     assert "ok    the stage ran 2 replicas on ['gpu 1', 'gpu 0'], as NVML's free memory gives room for (2: GPUs [1, 0])" in out
     assert report.checks == 3 and report.failures == 0, out
+    assert LOADER_ENV not in os.environ  # only the check's workers loaded through the seam

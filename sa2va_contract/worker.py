@@ -15,6 +15,7 @@ from typing import Any
 
 from sa2va_contract.config import Config
 
+
 def usable_cores() -> int:
     """Cores this process may run on (its affinity): the run's CPU slots, the embedded
     stage's replicas, the threads a batch's parts get."""

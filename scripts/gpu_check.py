@@ -156,7 +156,8 @@ def main() -> int:
 def check_stage_replicas(report: Report, nvml=None) -> None:
     """Check 4: a Sa2VA run's mask stage through the real supervisor, on the GPUs NVML
     shows (the real ones unless a test hands a stand-in)."""
-    sys.path.insert(0, str(ROOT / "tests"))  # the stand-in, for this process and the workers it spawns
+    if str(ROOT / "tests") not in sys.path:  # the stand-in, for this process and the workers it spawns
+        sys.path.insert(0, str(ROOT / "tests"))
     from sa2va_standin import write_checkpoint
 
     from experiments.backends.sa2va_families import LOADER_ENV
@@ -168,14 +169,15 @@ def check_stage_replicas(report: Report, nvml=None) -> None:
 
     logs = Path(tempfile.mkdtemp(prefix="gpu_check-stage-"))
     checkpoint = write_checkpoint(logs / "standin-checkpoint", "internvl3")
-    free = max((g.memory_free or 0) for g in read_gpus(nvml).gpus)
+    gpus = read_gpus(nvml)
+    free = max((g.memory_free or 0) for g in gpus.gpus)
     config = load_config(ROOT / "configs" / "quick.yaml", [
         f"run.logs_dir={logs}", "run.name=gpu-check-stage", "prompt_rl.enabled=false", "reward_net.enabled=false",
         "backend.kind=sa2va", f"backend.model_path={checkpoint}", f"backend.cache_dir={logs / 'cache'}",
         f"backend.replica_memory_gb={free / 2.5 / 2**30:.3f}", "backend.max_replicas=2", "backend.batch_size=1",
         "dataset.limit=6",
     ])
-    expected, _ = mask_stage_gpus(config, read_gpus(nvml))
+    expected, _ = mask_stage_gpus(config, gpus)
     store = RunStore.create(config)
     # Only the workers spawned now load through the seam (a test runs this in its own process).
     before = os.environ.get(LOADER_ENV)
